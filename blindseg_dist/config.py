@@ -1,0 +1,356 @@
+"""One typed configuration tree: defaults here, YAML files override them, ``key=value`` overrides last.
+
+Every field carries a one-line description (the comment under it). Loading validates keys and
+values and names the bad key, its value and what is allowed. The resolved config is written next
+to every run (``DIR/config.yaml``) and can be passed back with ``--config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    """torchvision resnet18|resnet34|resnet50|resnet101, or timm:<name> (features_only)."""
+    output_stride: int = 16
+    """8 or 16 (torchvision ResNets); timm hierarchical backbones keep their native stride."""
+    num_classes: int = 19
+    """Number of classes (19 Cityscapes trainIds)."""
+    pretrained: str | None = None
+    """Local path of ImageNet weights for the backbone (never downloaded); null trains from scratch."""
+    channels_last: bool = False
+    """Use the channels_last memory format (faster convolutions on recent GPUs)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of the backbone stages (large backbones on small GPUs)."""
+
+
+@dataclass
+class LossConfig:
+    two_view: bool = True
+    """Forward the augmented view x_a too; CE becomes 0.5 [CE(x) + CE(x_a)]. False = baseline."""
+    aux: float = 0.4
+    """Weight of the auxiliary CE on layer3 (original view only); 0 switches the aux head off."""
+    cml: float = 0.2
+    """Weight of the covariance matching loss (CML)."""
+    ccl: float = 0.2
+    """Weight of the cross-covariance loss (CCL)."""
+    cwcl: float = 0.3
+    """Weight of the class-wise contrastive loss (CWCL)."""
+    sdcl: float = 0.3
+    """Weight of the semantic disentanglement contrastive loss (SDCL)."""
+    ce_scope: str = "reference"
+    """CE normalization: reference (per-rank mean) | exact (sum / global valid-pixel count)."""
+    covariance_scope: str = "image"
+    """CML/CCL statistics: image (per image, reference) | batch (pooled over the global batch)."""
+    contrastive_scope: str = "image"
+    """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
+    cwcl_negatives: str = "reference"
+    """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
+    tau: float = 0.07
+    """Temperature of both contrastive losses."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data_shards/gta5-train"
+    """Training shard directory (with manifest.json) written by `blindseg shard`."""
+    crop_size: int = 768
+    """Square crop of both views."""
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    """Random scale range of the full image before cropping."""
+    class_uniform: float = 0.5
+    """Fraction of crops centred on a centroid of a uniformly drawn class."""
+    batch_size: int = 4
+    """Images per process (the global batch is batch_size x processes)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    on_corrupt: str = "warn"
+    """A corrupt or truncated shard: warn (skip it, count it) | fail (stop the run)."""
+
+
+@dataclass
+class EvalConfig:
+    targets: dict[str, str] = field(default_factory=dict)
+    """Evaluation targets: name -> shard directory or dataset folder."""
+    every: int = 0
+    """Evaluate every N optimizer steps during training (0: only at the end)."""
+    at_end: bool = True
+    """Evaluate all targets when training ends."""
+    max_images: int = 0
+    """Evaluate at most N images per target (0: all); for quick checks only."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    """Base learning rate (SGD, one parameter group)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    poly_power: float = 0.9
+    """Poly decay power, stepped once per optimizer step, no warm-up."""
+    max_steps: int = 40000
+    """Optimizer steps."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: off)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 304
+    """Run seed (model init, data stream, loss sampling)."""
+    output_dir: str = "runs/blindnet"
+    """Run directory: config.yaml, TensorBoard events, checkpoints/, eval.json."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (covariance and contrastive math stay float32)."""
+    log_every: int = 10
+    """Log scalars every N optimizer steps."""
+    checkpoint_every: int = 1000
+    """Checkpoint every N optimizer steps (the final step is always saved)."""
+    keep_last: int = 3
+    """Keep the last N checkpoints."""
+    image_every: int = 0
+    """Log input / augmented / ground truth / prediction images every N steps (0: off)."""
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait for a dead or hung rank before the run stops with an error."""
+    max_nonfinite: int = 5
+    """Non-finite losses in a row that stop the run (each one skips its step)."""
+    threads: int = 0
+    """torch intra-op threads per process (0: leave torch's default)."""
+
+
+@dataclass
+class DemoConfig:
+    domains: int = 4
+    """`blindseg demo`: rendering domains generated (domain 0 is the source)."""
+    images_per_domain: int = 120
+    """`blindseg demo`: images generated per domain."""
+    size: list[int] = field(default_factory=lambda: [192, 384])
+    """`blindseg demo`: generated image size [H, W]."""
+    source_val_fraction: float = 0.15
+    """`blindseg demo`: fraction of source frames held out for the in-domain evaluation."""
+    samples_per_shard: int = 16
+    """`blindseg demo`: samples per shard."""
+    seed: int = 0
+    """`blindseg demo`: seed of the scene generator."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights and scopes."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data stream."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation targets."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run-level settings."""
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    """Data generation of `blindseg demo` (ignored by training)."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.ce_scope": ("reference", "exact"),
+    "loss.covariance_scope": ("image", "batch"),
+    "loss.contrastive_scope": ("image", "global"),
+    "loss.cwcl_negatives": ("reference", "paper"),
+    "data.on_corrupt": ("warn", "fail"),
+    "run.mixed_precision": ("no", "bf16", "fp16"),
+    "model.output_stride": (8, 16),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(path, value, args[0])
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            (item,) = typing.get_args(tp)
+            return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            _, vt = typing.get_args(tp)
+            return {str(k): _coerce(f"{path}.{k}", v, vt) for k, v in value.items()}
+        return value
+    except ConfigError:
+        raise
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key '{path}': value {value!r} is not a valid {_type_name(tp)}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    types_ = _field_types(type(obj))
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(
+                f"unknown config key '{path}'; allowed keys here: {', '.join(sorted(types_))}"
+            )
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, key), value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, tp))
+
+
+def validate(cfg: Config) -> Config:
+    """Check values whose type is right but whose meaning is not; raise ConfigError naming the key."""
+    for path, allowed in CHOICES.items():
+        value = get_value(cfg, path)
+        if value not in allowed:
+            raise ConfigError(f"config key '{path}': value {value!r} is not allowed; choose one of {list(allowed)}")
+
+    def positive(path: str, strict: bool = True) -> None:
+        v = get_value(cfg, path)
+        if v < 0 or (strict and v == 0):
+            raise ConfigError(f"config key '{path}': value {v!r} must be {'> 0' if strict else '>= 0'}")
+
+    for p in ("data.crop_size", "data.batch_size", "optim.max_steps", "optim.grad_accum", "model.num_classes",
+              "optim.lr", "loss.tau", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
+              "run.max_nonfinite"):
+        positive(p)
+    for p in ("loss.aux", "loss.cml", "loss.ccl", "loss.cwcl", "loss.sdcl", "data.num_workers", "eval.every",
+              "eval.max_images", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
+              "run.threads"):
+        positive(p, strict=False)
+    lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
+    if lo is None or not (0 < lo <= hi):
+        raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
+    if not 0.0 <= cfg.data.class_uniform <= 1.0:
+        raise ConfigError(f"config key 'data.class_uniform': value {cfg.data.class_uniform!r} must be in [0, 1]")
+    if not cfg.loss.two_view:
+        used = [k for k in ("cml", "ccl", "cwcl", "sdcl") if getattr(cfg.loss, k) > 0]
+        if used:
+            raise ConfigError(
+                f"config key 'loss.two_view': value False, but the two-view losses {used} have weights > 0; "
+                "set loss.two_view=true or their weights to 0 (baseline)"
+            )
+    return cfg
+
+
+def get_value(cfg: Config, path: str) -> Any:
+    obj: Any = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=0.1", "loss.cml=0"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value (e.g. optim.lr=0.02)")
+        key, raw = pair.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with the bad key."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        _merge(cfg, data)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """Arguments of model.build_model for this config (heads only where a loss uses them)."""
+    return dict(
+        backbone=cfg.model.backbone,
+        num_classes=cfg.model.num_classes,
+        output_stride=cfg.model.output_stride,
+        pretrained=cfg.model.pretrained,
+        aux=cfg.loss.aux > 0,
+        proj_heads=cfg.loss.two_view and (cfg.loss.cwcl > 0 or cfg.loss.sdcl > 0),
+        channels_last=cfg.model.channels_last,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+    )

@@ -1,0 +1,293 @@
+"""Write a dataset split as WebDataset tar shards plus ``manifest.json`` (schema:
+INTERFACES.md "Shards", data_shards/README.md).
+
+Samples are assigned to shards deterministically (sorted items, ``samples_per_shard`` per
+chunk), every shard is written to a temporary name and renamed when complete, and a small
+sidecar ``<shard>.json`` (written atomically after the tar) records what the shard holds. A
+rerun therefore finds the completed shards (sidecar + size + sha256 verified), keeps them and
+writes only what is missing; ``manifest.json`` is written last, atomically. Tars are byte-
+deterministic (fixed mtimes/owners, sorted JSON), so a rewritten shard has the same sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .. import __version__
+from .labels import NUM_CLASSES
+from .sources.base import Item, SampleError, Source
+
+FORMAT = "blindseg-shards/1"
+TILE = 1024  # RobustNet class-uniform tile size
+DEFAULT_MIN_SHARDS = 16  # ranks x workers of a typical launch (8 GPUs x 2 workers)
+JPEG_QUALITY = 95
+PNG_COMPRESSION = 3
+
+
+def shard_prefix(source: Source) -> str:
+    """Shard file prefix from dataset and split, e.g. ``cityscapes-val``."""
+    def clean(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_]+", "_", s)
+
+    return f"{clean(source.name)}-{clean(source.split)}"
+
+
+def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
+    """(class_pixels, centroids) of a trainId label; centroids per ``tile`` x ``tile`` tile.
+
+    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer centroid of class c
+    in every tile that contains it, absolute image coordinates, tiles in row-major order.
+    """
+    h, w = label.shape
+    counts = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
+    pixels = {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
+    cents: dict[str, list[list[int]]] = {k: [] for k in pixels}
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            t = label[y0:y0 + tile, x0:x0 + tile]
+            th, tw = t.shape
+            flat = t.ravel()
+            n = np.bincount(flat, minlength=256)[:NUM_CLASSES]
+            rows = np.repeat(np.arange(th, dtype=np.float64), tw)  # (th*tw,)
+            cols = np.tile(np.arange(tw, dtype=np.float64), th)
+            sy = np.bincount(flat, weights=rows, minlength=256)[:NUM_CLASSES].astype(np.int64)
+            sx = np.bincount(flat, weights=cols, minlength=256)[:NUM_CLASSES].astype(np.int64)
+            for c in np.flatnonzero(n):
+                cents[str(c)].append([int(y0 + sy[c] // n[c]), int(x0 + sx[c] // n[c])])
+    return pixels, cents
+
+
+def _encode(source: Source, item: Item, image_format: str) -> tuple[dict[str, bytes], dict]:
+    """Decode one pair and encode the tar members; raises SampleError to skip it."""
+    image, label, unknown = source.decode(item)
+    if unknown:
+        raise SampleError(f"label ids outside the {source.label_map_name} table: "
+                          f"{unknown[:10]} in {item.label_path}")
+    if image_format == "jpg" and item.image_path.lower().endswith((".jpg", ".jpeg")):
+        img_bytes = Path(item.image_path).read_bytes()  # already JPEG: keep the original bytes
+    else:
+        if image_format == "png":
+            ext, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
+        else:
+            ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        ok, buf = cv2.imencode(ext, image[..., ::-1], params)
+        if not ok:
+            raise SampleError(f"could not encode image of {item.key}")
+        img_bytes = buf.tobytes()
+    ok, lab = cv2.imencode(".png", label, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise SampleError(f"could not encode label of {item.key}")
+    pixels, cents = class_stats(label)
+    meta = {"key": item.key, "size": [int(label.shape[0]), int(label.shape[1])],
+            "class_pixels": pixels, "centroids": cents}
+    files = {f"{item.key}.image.{image_format}": img_bytes, f"{item.key}.label.png": lab.tobytes(),
+             f"{item.key}.meta.json": json.dumps(meta, sort_keys=True).encode()}
+    return files, meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_shard(task: tuple) -> dict:
+    """Write one whole shard (tar, then sidecar); return the sidecar record."""
+    source, out_dir, name, items, image_format = task
+    cv2.setNumThreads(1)
+    out_dir = Path(out_dir)
+    samples, skipped = [], []
+    tar_path = out_dir / f"{name}.tar"
+    tmp = out_dir / f"{name}.tar.tmp-{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        for item in items:
+            try:
+                files, meta = _encode(source, item, image_format)
+            except SampleError as e:
+                skipped.append({"key": item.key, "reason": str(e)})
+                continue
+            except OSError as e:
+                skipped.append({"key": item.key, "reason": f"unreadable: {e}"})
+                continue
+            for member, data in files.items():
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+            samples.append({**meta, "shard": f"{name}.tar"})
+    record = {"name": f"{name}.tar", "keys": [it.key for it in items],
+              "image_format": image_format, "label_map": source.label_map_name,
+              "count": len(samples), "samples": samples, "skipped": skipped}
+    if samples:
+        os.replace(tmp, tar_path)
+        record.update(bytes=tar_path.stat().st_size, sha256=_sha256(tar_path))
+    else:  # every pair skipped: no empty tar
+        tmp.unlink()
+        record.update(bytes=0, sha256="")
+    _atomic_json(out_dir / f"{name}.json", record)
+    return record
+
+
+def _completed(out_dir: Path, name: str, keys: list[str], image_format: str,
+               label_map: str) -> dict | None:
+    """The sidecar of a finished shard matching this plan, or None (then it is rewritten)."""
+    side = out_dir / f"{name}.json"
+    try:
+        rec = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if (rec.get("keys") != keys or rec.get("image_format") != image_format
+            or rec.get("label_map") != label_map):
+        return None
+    tar_path = out_dir / f"{name}.tar"
+    if rec.get("count", 0) == 0:
+        return rec if not tar_path.exists() else None
+    if not tar_path.is_file() or tar_path.stat().st_size != rec.get("bytes"):
+        return None
+    return rec if _sha256(tar_path) == rec.get("sha256") else None
+
+
+def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shard: int = 64,
+                 image_format: str = "png", workers: int = 1, progress: bool = True,
+                 min_shards: int = DEFAULT_MIN_SHARDS) -> dict:
+    """Write ``source`` as WebDataset shards in ``out_dir`` and return the manifest.
+
+    Resumable: completed shards are verified and kept. Pairs with mismatched sizes, unreadable
+    files or ids outside the dataset's table are skipped and listed under ``skipped``.
+    ``min_shards``: warn when fewer shards are written (ranks x loader workers of the launch).
+    """
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' (lossless) or 'jpg', got {image_format!r}")
+    if samples_per_shard < 1 or workers < 1:
+        raise ValueError(f"samples_per_shard and workers must be >= 1, got "
+                         f"{samples_per_shard}, {workers}")
+    from tqdm import tqdm
+
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = shard_prefix(source)
+    items = sorted(source.items, key=lambda it: it.key)
+    chunks = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    names = [f"{prefix}-{i:06d}" for i in range(len(chunks))]
+
+    # Interrupted runs leave temp files; shards of an older plan (other samples_per_shard) are
+    # stale. Both carry our prefix and are removed.
+    expected = {f"{n}{ext}" for n in names for ext in (".tar", ".json")}
+    for p in out.glob(f"{prefix}-*"):
+        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.(tar|json)(\.tmp-\d+)?", p.name) \
+                and p.name not in expected:
+            p.unlink()
+
+    records: dict[int, dict] = {}
+    todo = []
+    for i, (name, chunk) in enumerate(zip(names, chunks)):
+        rec = _completed(out, name, [it.key for it in chunk], image_format,
+                         source.label_map_name)
+        if rec is None:
+            todo.append((i, (source, str(out), name, chunk, image_format)))
+        else:
+            records[i] = rec
+    reused = len(records)
+    bar = tqdm(total=len(items), desc=f"shard {prefix}", unit="img", disable=not progress)
+    bar.update(sum(len(chunks[i]) for i in records))
+    if workers == 1 or len(todo) <= 1:
+        for i, task in todo:
+            records[i] = _write_shard(task)
+            bar.update(len(chunks[i]))
+    else:
+        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            index = {task[2]: i for i, task in todo}
+            for rec in pool.imap_unordered(_write_shard, [t for _, t in todo]):
+                i = index[rec["name"][:-4]]
+                records[i] = rec
+                bar.update(len(chunks[i]))
+    bar.close()
+
+    ordered = [records[i] for i in range(len(chunks))]
+    shards = [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]}
+              for r in ordered if r["count"]]
+    samples = [{k: s[k] for k in ("key", "shard", "size", "class_pixels", "centroids")}
+               for r in ordered for s in r["samples"]]
+    skipped = list(source.skipped) + [s for r in ordered for s in r["skipped"]]
+    warnings = list(source.warnings)
+    if len(shards) < min_shards:
+        warnings.append(f"only {len(shards)} shards (< {min_shards} = ranks x loader workers of a "
+                        f"typical launch, e.g. 8 GPUs x 2 workers): some loader workers would "
+                        f"get no shard of their own; lower samples_per_shard "
+                        f"(now {samples_per_shard})")
+    if skipped:
+        warnings.append(f"{len(skipped)} pairs skipped (see 'skipped')")
+    manifest = {"format": FORMAT, "tool_version": __version__, "dataset": source.name,
+                "split": source.split, "label_map": source.label_map_name,
+                "image_format": image_format, "samples_per_shard": samples_per_shard,
+                "num_samples": len(samples), "shards": shards, "samples": samples,
+                "skipped": skipped, "warnings": warnings}
+    _atomic_json(out / "manifest.json", manifest)
+    if progress:
+        total = sum(s["bytes"] for s in shards)
+        print(f"shards: {len(samples)} samples in {len(shards)} shards "
+              f"({len(todo)} written, {reused} reused), {len(skipped)} skipped, "
+              f"{total / 1e6:.1f} MB, {time.time() - start:.1f}s -> {out}")
+        for s in skipped[:5]:
+            print(f"  skipped {s['key']}: {s['reason']}")
+        for w in warnings:
+            print(f"  warning: {w}")
+    return manifest
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict:
+    """Read ``<shard_dir>/manifest.json``; clear error when missing or not ours."""
+    path = Path(shard_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {shard_dir}: this is not a finished shard "
+                                f"folder. Write it with data.shards.write_shards (a rerun "
+                                f"resumes an interrupted run).")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rerun write_shards to rewrite it") \
+            from None
+    if not str(manifest.get("format", "")).startswith("blindseg-shards/"):
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not blindseg-shards; "
+                         f"was this folder written by another tool?")
+    return manifest
+
+
+def verify_shards(shard_dir: str | os.PathLike) -> dict:
+    """Re-hash every shard against the manifest -> {"ok", "checked", "bad": [{name, reason}]}."""
+    manifest = load_manifest(shard_dir)
+    bad = []
+    for s in manifest["shards"]:
+        path = Path(shard_dir) / s["name"]
+        if not path.is_file():
+            bad.append({"name": s["name"], "reason": "missing"})
+        elif path.stat().st_size != s["bytes"]:
+            bad.append({"name": s["name"], "reason": f"size {path.stat().st_size} != {s['bytes']}"})
+        elif _sha256(path) != s["sha256"]:
+            bad.append({"name": s["name"], "reason": "sha256 mismatch"})
+        else:
+            with tarfile.open(path) as tar:
+                keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+            if len(keys) != s["count"]:
+                bad.append({"name": s["name"], "reason": f"{len(keys)} samples != {s['count']}"})
+    return {"ok": not bad, "checked": len(manifest["shards"]), "bad": bad}

@@ -1,0 +1,33 @@
+"""Readers for the datasets as users download them; ``get_source(name, root, split)``."""
+from __future__ import annotations
+
+import os
+
+from .base import Decoded, Item, LayoutError, SampleError, Source, read_rgb
+from .bdd100k import open_bdd100k
+from .cityscapes import open_cityscapes
+from .gta5 import open_gta5
+from .mapillary import open_mapillary
+from .synthia import open_synthia
+
+OPENERS = {"gta5": open_gta5, "cityscapes": open_cityscapes, "bdd100k": open_bdd100k,
+           "mapillary": open_mapillary, "synthia": open_synthia}
+DEFAULT_SPLITS = {"gta5": "all", "cityscapes": "val", "bdd100k": "val", "mapillary": "val",
+                  "synthia": "train"}
+
+
+def get_source(name: str, root: str, split: str | None = None, **opts) -> Source:
+    """Open dataset ``name`` at ``root``; ``split`` defaults per dataset (see DEFAULT_SPLITS).
+
+    ``opts``: ``label_map`` ("robustnet" | "openseg") for mapillary.
+    """
+    if name not in OPENERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(OPENERS)}")
+    if not os.path.isdir(root):
+        raise LayoutError(f"{name}: root folder {root!r} does not exist; pass the folder that "
+                          f"holds the dataset as downloaded")
+    return OPENERS[name](str(root), split or DEFAULT_SPLITS[name], **opts)
+
+
+__all__ = ["get_source", "Source", "Item", "Decoded", "SampleError", "LayoutError", "read_rgb",
+           "OPENERS", "DEFAULT_SPLITS"]

@@ -1,0 +1,227 @@
+"""Every torch.distributed call of blindseg_dist lives here.
+
+Each function has a single-process path that issues no collective (torch.distributed not
+initialised, or a world of size 1), so the same loss code runs in a notebook.
+
+Collectives with gradient use torch's functional collectives, whose autograd rules already
+carry the cross-rank sum: all_reduce's backward is an all_reduce(sum) of the incoming
+gradients, all_gather's backward is a reduce_scatter(sum). Do not replace them with
+dist.all_reduce / dist.all_gather on tensors that need a gradient: those have no backward,
+so the other ranks' share of the gradient is lost and, after DDP's averaging, the gradient
+is 1/W too small (DISTRIBUTED.md, "Gradient bookkeeping"). Proven by
+tests/losses/test_dist_scopes.py (per-rank gradients == W x the 1-process gradient).
+
+Rules for callers (a rank that skips a collective hangs the others):
+- call every collective on every rank, in the same order, even with nothing to contribute
+  (a count of 0, a tensor with 0 rows);
+- branch around a collective only on values that are identical on every rank (reduced
+  counts, gathered sizes);
+- a tensor returned by an autograd collective must reach the loss on every rank (add
+  `t.sum() * 0` when it is otherwise unused), or that rank skips the backward collective.
+
+Byte counter: every collective adds the bytes this rank hands to it (for the autograd ones
+also the bytes of the backward collective, counted when the forward runs) to a per-tag
+counter; `comm_stats()` reads it, `reset_comm_stats()` clears it (the trainer does both once
+per step). Single-process paths count nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+__all__ = [
+    "rank",
+    "world_size",
+    "is_distributed",
+    "barrier",
+    "all_reduce_sum",
+    "all_reduce_count",
+    "gather_sizes",
+    "all_gather",
+    "all_gather_detached",
+    "global_mean",
+    "comm_stats",
+    "reset_comm_stats",
+]
+
+_BYTES: dict[str, int] = defaultdict(int)
+
+
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def comm_stats() -> dict[str, int]:
+    """Bytes handed to collectives per tag since the last reset_comm_stats()."""
+    return dict(_BYTES)
+
+
+def reset_comm_stats() -> None:
+    """Clear the per-tag byte counter (once per training step)."""
+    _BYTES.clear()
+
+
+def _count(tag: str, nbytes: int) -> None:
+    _BYTES[tag] += int(nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _comm_device(like: torch.Tensor | None = None) -> torch.device:
+    """Device for small bookkeeping tensors: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    if like is not None:
+        return like.device
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    """Turn a functional collective's AsyncCollectiveTensor into a plain tensor (keeps autograd)."""
+    if isinstance(t, funcol.AsyncCollectiveTensor):
+        return t.trigger_wait()
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, *, tag: str) -> torch.Tensor:
+    """Sum of `t` over all ranks, returned as a new tensor (input untouched).
+
+    With gradient: functional all_reduce, whose backward all-reduces (sums) the gradient,
+    so each rank's input receives the sum over ranks of d(L_r)/d(sum). Used with a loss that
+    is identical on every rank, that is W x the 1-process gradient, which DDP's 1/W
+    averaging turns into the exact 1-process gradient.
+    """
+    if not is_distributed():
+        return t
+    if _needs_grad(t):
+        _count(tag, 2 * _nbytes(t))  # forward + backward all_reduce of the same size
+        return _wait(funcol.all_reduce(t.contiguous(), "sum", dist.group.WORLD))
+    out = t.detach().clone().contiguous()
+    _count(tag, _nbytes(out))
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_count(counts: int | Sequence[int] | torch.Tensor, *, tag: str,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """Global sum of integer counts (int64 tensor, no gradient). Join with 0 when empty."""
+    t = torch.as_tensor(counts, dtype=torch.int64)
+    if not is_distributed():
+        return t.to(device) if device is not None else t
+    t = t.to(device if device is not None else _comm_device()).clone()
+    _count(tag, _nbytes(t))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_sizes(n: int, *, tag: str, device: torch.device | None = None) -> list[int]:
+    """Every rank's `n`, in rank order ([n] in a single process)."""
+    if not is_distributed():
+        return [int(n)]
+    t = torch.tensor([int(n)], dtype=torch.int64,
+                     device=device if device is not None else _comm_device())
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    _count(tag, _nbytes(t))
+    dist.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def _pad_rows(t: torch.Tensor, m: int) -> torch.Tensor:
+    if t.shape[0] == m:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros((m - t.shape[0], *t.shape[1:]))], dim=0)
+
+
+def _unpad(g: torch.Tensor, sizes: list[int], m: int) -> torch.Tensor:
+    blocks = [g[r * m: r * m + s] for r, s in enumerate(sizes)]
+    return torch.cat(blocks, dim=0)
+
+
+def all_gather(t: torch.Tensor, *, tag: str, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0 (rank order); first-dim sizes may differ.
+
+    Autograd-aware when `t` needs a gradient: the backward reduce-scatters (sums) the
+    gradient of the gathered tensor over ranks, so this rank's rows receive the gradient
+    every rank's loss sends them. Sizes are exchanged first (pass `sizes` from
+    gather_sizes to skip that), rows are zero-padded to the largest size, gathered, and the
+    padding removed. All ranks must call it, even with 0 rows.
+    """
+    if not is_distributed():
+        return t
+    if sizes is None:
+        sizes = gather_sizes(t.shape[0], tag=tag, device=t.device)
+    m = max(sizes)
+    if m == 0:  # identical decision on every rank: nobody has rows
+        return t[:0]
+    padded = _pad_rows(t, m)  # (m, ...)
+    if _needs_grad(t):
+        # forward all_gather + backward reduce_scatter of the (W*m, ...) gradient
+        _count(tag, _nbytes(padded) * (1 + world_size()))
+        g = _wait(funcol.all_gather_single(padded, 0, dist.group.WORLD))  # (W*m, ...)
+    else:
+        _count(tag, _nbytes(padded))
+        parts = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.all_gather(parts, padded.detach())
+        g = torch.cat(parts, dim=0)
+    return _unpad(g, sizes, m)
+
+
+def all_gather_detached(t: torch.Tensor, *, tag: str,
+                        sizes: list[int] | None = None) -> torch.Tensor:
+    """all_gather of `t.detach()` (no gradient; for keys, ids, sort keys)."""
+    with torch.no_grad():
+        return all_gather(t.detach(), tag=tag, sizes=sizes)
+
+
+def global_mean(local_sum: torch.Tensor, global_count: int | torch.Tensor) -> torch.Tensor:
+    """The one place that owns the world-size factor: W * local_sum / global_count.
+
+    Contract (DISTRIBUTED.md): on W ranks, rank r returns L_r with mean_r L_r == L, the
+    1-process loss on the concatenated batch, and d L_r / d x_r == W * dL/dx_r for its own
+    inputs x_r, so DDP's gradient averaging (1/W sum over ranks) yields dL/dtheta exactly.
+
+    Derivation. L = (sum over all items of l_i) / n, with n the global item count (reduced
+    beforehand, a constant for autograd). With L_r = W * S_r / n, S_r the sum over this
+    rank's items:
+      mean_r L_r = (1/W) * sum_r W * S_r / n = (sum_r S_r) / n = L;
+      d L_r / d x_r = W * dS_r/dx_r / n = W * dL/dx_r   (x_r enters only S_r);
+      DDP: (1/W) sum_r dL_r/dtheta = sum_r dL/dx_r . dx_r/dtheta = dL/dtheta.
+    This holds for uneven splits (2+1+1) because n is the global count; "DDP mean of
+    local means" (L_r = S_r / n_r) is exact only when every n_r is equal.
+    Only for items whose loss reads local inputs and detached / no-grad remote data; a loss
+    built on autograd collectives that is identical on every rank must NOT be scaled (its
+    backward collective already sums the W ranks' gradients).
+    A zero global count returns local_sum * 0 (callers keep it connected to their inputs).
+    """
+    count = float(global_count)
+    if count == 0:
+        return local_sum * 0.0
+    return local_sum * (world_size() / count)

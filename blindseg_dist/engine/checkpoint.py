@@ -1,0 +1,112 @@
+"""Checkpoints: DIR/checkpoints/<step>/ with model.safetensors, state.pt (optimizer, scheduler, step,
+counters), rng-<rank>.pt (every rank's RNG states) and config.yaml.
+
+A checkpoint is written into a temporary folder and renamed when complete, so a folder named by a
+step number is always whole; the last ``keep_last`` are kept. Only rank 0 writes shared files;
+every rank writes its own RNG file; barriers order the steps.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import dist
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are not listed)."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    config_yaml: str | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint ``step`` atomically (collective: every rank must call it)."""
+    root = checkpoint_dir(output_dir)
+    final = root / str(step)
+    tmp = root / f".tmp-{step}"
+    if dist.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    if dist.rank() == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
+    dist.barrier()
+    if dist.rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a checkpoint folder or a .safetensors file, with a clear error if absent."""
+    p = Path(path)
+    f = p / MODEL_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(
+            f"no model weights at {str(f)!r}: pass a checkpoint folder (runs/<name>/checkpoints/<step>) "
+            f"or its {MODEL_FILE}"
+        )
+    return load_file(str(f))
+
+
+def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(training state, this rank's RNG state or None if the checkpoint came from fewer ranks)."""
+    p = Path(path)
+    state = torch.load(p / STATE_FILE, map_location="cpu", weights_only=False)
+    rng_file = p / f"rng-{dist.rank()}.pt"
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    return state, rng

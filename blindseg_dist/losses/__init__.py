@@ -1,0 +1,25 @@
+"""BlindNet losses (METHOD.md 3) with their distributed scopes (DISTRIBUTED.md 1).
+
+Every loss returns, on each of W ranks, a value whose mean over ranks equals the 1-process
+loss on the concatenated global batch, with gradients that DDP's averaging turns into the
+1-process gradients (see blindseg_dist.dist.global_mean).
+"""
+
+from blindseg_dist.losses.contrastive import (
+    class_wise_contrastive_loss,
+    sample_class_anchors,
+    sample_seeds,
+    semantic_disentanglement_loss,
+)
+from blindseg_dist.losses.covariance import covariance_matching_loss, cross_covariance_loss
+from blindseg_dist.losses.segmentation import segmentation_loss
+
+__all__ = [
+    "covariance_matching_loss",
+    "cross_covariance_loss",
+    "class_wise_contrastive_loss",
+    "semantic_disentanglement_loss",
+    "segmentation_loss",
+    "sample_seeds",
+    "sample_class_anchors",
+]

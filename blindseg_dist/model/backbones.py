@@ -1,0 +1,309 @@
+"""Backbones with three affine-free InstanceNorm points (METHOD.md section 1).
+
+Every backbone maps an image (B, 3, H, W) to ``(feats, in_feats)``:
+  feats:    four stage outputs [low-level (1/4), mid, aux source, high (1/output_stride)];
+  in_feats: the three InstanceNorm outputs recorded for CML/CCL.
+
+Two families behind one registry (``build_backbone``):
+  "resnet18" | "resnet34" | "resnet50" | "resnet101": torchvision ResNets, the exact BlindNet
+      encoder. IN replaces the stem BN (before ReLU and max-pool) and sits in the last block of
+      layer1 and layer2 after the residual add, before the final ReLU. The recorded IN outputs are
+      pre-ReLU: 64 ch at 1/2, 256 ch at 1/4 and 512 ch at 1/8 for ResNet-50.
+  "timm:<name>": any timm model with a ``features_only`` feature list (ResNet, ConvNeXt, Swin,
+      PVT-v2, ...). IN is applied to the outputs of the first three of its last four stages and
+      feeds the next stage; channel counts come from ``feature_info``. Output stride: ``output_stride``
+      other than 32 is passed to timm (ResNets and ConvNeXt support 8/16); models without dilation
+      (Swin, PVT-v2) need ``output_stride=32``, their native stride.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.models import resnet as tv_resnet
+
+__all__ = [
+    "Backbone",
+    "ResNetBackbone",
+    "TimmBackbone",
+    "build_backbone",
+    "instance_norm",
+    "load_state_dict_file",
+    "BACKBONES",
+]
+
+_log = logging.getLogger(__name__)
+
+_TORCHVISION_RESNETS: dict[str, Callable[..., tv_resnet.ResNet]] = {
+    "resnet18": tv_resnet.resnet18,
+    "resnet34": tv_resnet.resnet34,
+    "resnet50": tv_resnet.resnet50,
+    "resnet101": tv_resnet.resnet101,
+}
+BACKBONES: tuple[str, ...] = (*_TORCHVISION_RESNETS, "timm:<name>")
+"""Names accepted by ``build_backbone``."""
+
+
+def instance_norm(channels: int) -> nn.InstanceNorm2d:
+    """The BlindNet IN layer: no affine parameters, no running statistics, eps 1e-5."""
+    return nn.InstanceNorm2d(channels, eps=1e-5, affine=False, track_running_stats=False)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from a local .pth/.pt (torch.save) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights not found: {path}. Give the path of a local ImageNet state dict "
+            f"(.pth/.pt or .safetensors); nothing is downloaded. Use pretrained=None for random init."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path} is not a flat state dict of tensors (parameter name -> tensor); "
+            f"save one with torch.save(model.state_dict(), path)."
+        )
+    return state
+
+
+@contextmanager
+def _frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
+    """BN layers in ``module`` normalize with batch statistics but leave running stats unchanged."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+class Backbone(nn.Module):
+    """Interface of every backbone; ``forward(x) -> (feats, in_feats)`` as in the module doc."""
+
+    channels: tuple[int, int, int, int]
+    """Channels of the four stage outputs (low-level, mid, aux source, high)."""
+    in_channels: tuple[int, int, int]
+    """Channels of the three recorded IN outputs."""
+    output_stride: int
+    """Input size / size of the last stage output."""
+    grad_checkpointing: bool
+    """Recompute the stages in backward (torch.utils.checkpoint) to save activation memory."""
+
+    def _stage(self, fn: Callable[[Tensor], Any], x: Tensor, module: nn.Module) -> Any:
+        """Run one stage ``fn`` (whose weights are ``module``), checkpointed when enabled and a
+        backward pass will follow. The recomputation leaves BN running statistics alone, so each
+        forward updates them once, as without checkpointing."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, x, use_reentrant=False,
+                              context_fn=lambda: (nullcontext(), _frozen_bn_statistics(module)))
+        return fn(x)
+
+
+def _residual_sum(block: nn.Module, x: Tensor) -> Tensor:
+    """A torchvision residual block up to the residual add (its final ReLU not applied)."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, tv_resnet.Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:  # BasicBlock
+        out = block.bn2(block.conv2(out))
+    return out + identity
+
+
+def _dilate(layer: nn.Sequential, dilation: int, previous: int) -> None:
+    """Trade a ResNet stage's stride 2 for dilation, as torchvision's replace_stride_with_dilation
+    does for Bottleneck (BasicBlock refuses it): every conv gets stride 1; the 3x3 convs of the first
+    block keep the previous dilation, those of the later blocks use ``dilation``."""
+    for i, block in enumerate(layer):
+        d = previous if i == 0 else dilation
+        for m in block.modules():
+            if isinstance(m, nn.Conv2d):
+                m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation, m.padding = (d, d), (d, d)
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet with IN at the stem and after the last residual add of layer1/layer2.
+
+    Parameter names equal torchvision's (``conv1.weight``, ``layer1.0.conv1.weight``, ...) minus
+    the replaced stem BN (``bn1.*``) and the classifier (``fc.*``), so ImageNet state dicts load.
+    """
+
+    def __init__(self, name: str, output_stride: int = 16, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32 for {name}, got {output_stride}")
+        net = _TORCHVISION_RESNETS[name](weights=None)
+        if output_stride <= 16:
+            _dilate(net.layer4, dilation=32 // output_stride, previous=16 // output_stride)
+        if output_stride == 8:
+            _dilate(net.layer3, dilation=2, previous=1)
+        self.conv1, self.maxpool = net.conv1, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        # A stage's last block has no downsample: its input width is the stage's output width.
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        self.channels = tuple(layer[-1].conv1.in_channels for layer in layers)
+        self.in_channels = (net.conv1.out_channels, self.channels[0], self.channels[1])
+        # IN points: stem (replaces bn1), last block of layer1, last block of layer2.
+        self.in_norms = nn.ModuleList(instance_norm(c) for c in self.in_channels)
+        self.output_stride = output_stride
+        self.grad_checkpointing = grad_checkpointing
+
+    def _stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.in_norms[0](self.conv1(x))
+        return self.maxpool(F.relu(pre)), pre
+
+    def _in_layer(self, index: int, layer: nn.Sequential) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        def run(x: Tensor) -> tuple[Tensor, Tensor]:
+            x = layer[:-1](x)
+            pre = self.in_norms[index](_residual_sum(layer[-1], x))
+            return F.relu(pre), pre  # not in place: pre is recorded
+
+        return run
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        x, in0 = self._stage(self._stem, x, self.conv1)
+        c1, in1 = self._stage(self._in_layer(1, self.layer1), x, self.layer1)
+        c2, in2 = self._stage(self._in_layer(2, self.layer2), c1, self.layer2)
+        c3 = self._stage(self.layer3, c2, self.layer3)
+        c4 = self._stage(self.layer4, c3, self.layer4)
+        return [c1, c2, c3, c4], [in0, in1, in2]
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a torchvision-style ImageNet state dict; the stem BN and fc are skipped."""
+        state = load_state_dict_file(path)
+        own = self.state_dict()
+        skipped = sorted(k for k in state if k.startswith(("bn1.", "fc.")))
+        unexpected = sorted(k for k in state if k not in own and k not in skipped)
+        missing = sorted(k for k in own if k not in state)
+        if len(missing) == len(own):
+            raise ValueError(
+                f"{path}: no key matches a torchvision ResNet (first keys: {list(state)[:3]}); "
+                f"expected names like 'conv1.weight', 'layer1.0.conv1.weight'."
+            )
+        bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+               for k in own if k in state and state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(f"{path}: shape mismatch (wrong ResNet depth?): " + "; ".join(bad[:5]))
+        self.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+        _log.info("loaded %d tensors from %s (skipped stem BN/fc: %d)", len(own) - len(missing), path, len(skipped))
+        if missing or unexpected:
+            _log.warning("%s: %d missing keys (left at random init): %s; %d unexpected keys (ignored): %s",
+                         path, len(missing), _preview(missing), len(unexpected), _preview(unexpected))
+
+
+def _preview(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "") if keys else "none"
+
+
+class _ChannelsLastIN(nn.Module):
+    """Affine-free IN on an NHWC tensor (timm stages that emit NHWC, e.g. Swin)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = instance_norm(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B,H,W,C) -> (B,C,H,W) -> (B,H,W,C)
+
+
+_TIMM_EXTRA_KWARGS: dict[str, dict[str, object]] = {
+    "swin_": {"strict_img_size": False},  # any input size (pads to the window; masks built per size)
+}
+
+
+class TimmBackbone(Backbone):
+    """A timm ``features_only`` model: the last four stages; IN on the outputs of the first three."""
+
+    def __init__(
+        self,
+        name: str,
+        output_stride: int = 16,
+        pretrained: str | Path | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        kwargs: dict[str, object] = {"features_only": True, "out_indices": (-4, -3, -2, -1)}
+        for prefix, extra in _TIMM_EXTRA_KWARGS.items():
+            if name.startswith(prefix):
+                kwargs.update(extra)
+        if output_stride != 32:
+            kwargs["output_stride"] = output_stride
+        if pretrained is not None:
+            path = Path(pretrained)
+            if not path.is_file():
+                load_state_dict_file(path)  # raises the clear "not found" error
+            # A local file only: clear every remote source so timm cannot download.
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path), "source": "", "url": "", "hf_hub_id": ""}
+        try:
+            body = timm.create_model(name, pretrained=pretrained is not None, **kwargs)
+        except TypeError as err:
+            if "output_stride" in str(err):
+                raise ValueError(
+                    f"timm model {name!r} has no output_stride option (no dilated stages); "
+                    f"set output_stride=32, its native stride."
+                ) from err
+            raise
+        if not hasattr(body, "return_layers"):
+            raise ValueError(f"timm model {name!r} has no stage-wise feature list; use a hierarchical CNN/ViT")
+        self.body = body
+        info = body.feature_info
+        self.channels = tuple(info.channels())
+        self.in_channels = self.channels[:3]
+        self.output_stride = info.reduction()[-1]
+        if self.output_stride != output_stride:
+            raise ValueError(f"timm model {name!r} gives output stride {self.output_stride}, asked {output_stride}")
+        self.nhwc = str(getattr(body, "output_fmt", "NCHW")).endswith("NHWC")
+        norm = _ChannelsLastIN if self.nhwc else instance_norm
+        self.in_norms = nn.ModuleList(norm(c) for c in self.in_channels)
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        feats: list[Tensor] = []
+        for name, module in self.body.items():
+            if name not in self.body.return_layers:
+                x = module(x)  # stem pieces, possibly in-place: never checkpointed
+                continue
+            x = self._stage(module, x, module)
+            if len(feats) < 3:
+                x = self.in_norms[len(feats)](x)  # the IN output feeds the next stage
+            feats.append(x.permute(0, 3, 1, 2) if self.nhwc else x)  # NHWC -> NCHW view
+        return feats, feats[:3]
+
+
+def build_backbone(
+    name: str,
+    *,
+    output_stride: int = 16,
+    pretrained: str | Path | None = None,
+    grad_checkpointing: bool = False,
+) -> Backbone:
+    """Build a backbone by name: "resnet18/34/50/101" (torchvision) or "timm:<model name>"."""
+    if name.startswith("timm:"):
+        return TimmBackbone(name[len("timm:"):], output_stride, pretrained, grad_checkpointing)
+    if name not in _TORCHVISION_RESNETS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    backbone = ResNetBackbone(name, output_stride, grad_checkpointing)
+    if pretrained is not None:
+        backbone.load_pretrained(pretrained)
+    return backbone

@@ -1,0 +1,124 @@
+"""SegNet: backbone with IN + DeepLabV3+ decoder, plus BlindNet's training-only heads.
+
+Nothing BlindNet adds runs at inference: in eval mode the network is a plain DeepLabV3+ with
+three affine-free IN layers. The two-view loss combination lives in the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import Backbone, build_backbone
+from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
+
+__all__ = ["SegNet", "build_model", "count_parameters"]
+
+
+class SegNet(nn.Module):
+    """DeepLabV3+ segmentation network; see ``forward`` for the eval / train outputs."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        aux: bool,
+        proj_heads: bool,
+        proj_dim: int,
+        channels_last: bool,
+    ) -> None:
+        super().__init__()
+        low, _, mid, high = backbone.channels
+        self.backbone = backbone
+        self.decoder = DeepLabV3PlusDecoder(low, high, num_classes, backbone.output_stride)
+        self.aux_head = AuxHead(mid, num_classes) if aux else None
+        # One head per decoder level j: 0 = last stage, 1 = dec0 (256 + 48 ch), 2 = dec1 (256 ch).
+        self.proj_heads = (
+            nn.ModuleList(ProjectionHead(c, proj_dim) for c in (high, 256 + 48, 256)) if proj_heads else None
+        )
+        self.channels_last = channels_last
+        for head in (self.decoder, self.aux_head, self.proj_heads):
+            if head is not None:
+                init_weights(head)
+
+    def inference_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters used by the eval-mode forward (backbone and decoder)."""
+        yield from self.backbone.parameters()
+        yield from self.decoder.parameters()
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor | list[Tensor] | None]:
+        """Eval: logits (B, C, H, W). Train: dict with
+
+        "logits" (B, C, H, W); "logits_q" (B, C, H/4, W/4); "aux" (B, C, H/os, W/os) from the third
+        stage, or None; "in_feats" the three IN outputs; "embeds" three L2-normalized (B, proj_dim, h, w)
+        projections of [last stage, dec0, dec1], or None.
+        """
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats, in_feats = self.backbone(x)
+        logits_q, dec0, dec1 = self.decoder(feats[0], feats[3])
+        logits = upsample(logits_q, x.shape[-2:])
+        if not self.training:
+            return logits
+        return {
+            "logits": logits,
+            "logits_q": logits_q,
+            "aux": self.aux_head(feats[2]) if self.aux_head is not None else None,
+            "in_feats": in_feats,
+            "embeds": (
+                [head(f) for head, f in zip(self.proj_heads, (feats[3], dec0, dec1))]
+                if self.proj_heads is not None
+                else None
+            ),
+        }
+
+
+def build_model(
+    backbone: str = "resnet50",
+    *,
+    num_classes: int = 19,
+    output_stride: int = 16,
+    pretrained: str | Path | None = None,
+    aux: bool = True,
+    proj_heads: bool = True,
+    proj_dim: int = 256,
+    channels_last: bool = False,
+    grad_checkpointing: bool = False,
+) -> SegNet:
+    """Build the BlindNet / DeepLabV3+ network (METHOD.md section 1).
+
+    backbone: "resnet18/34/50/101" (torchvision, exact IN placement) or "timm:<name>".
+    pretrained: local ImageNet state dict for the backbone (.pth/.pt/.safetensors); never downloads.
+    aux / proj_heads: build the training-only auxiliary head / the three projection heads.
+    channels_last: keep weights and activations in NHWC memory format.
+    grad_checkpointing: recompute backbone stages in backward to save memory.
+    """
+    net = SegNet(
+        build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
+                       grad_checkpointing=grad_checkpointing),
+        num_classes,
+        aux=aux,
+        proj_heads=proj_heads,
+        proj_dim=proj_dim,
+        channels_last=channels_last,
+    )
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def count_parameters(model: SegNet) -> dict[str, int]:
+    """Parameter counts: {"inference": backbone + decoder, "aux": aux head, "proj_heads": all three}."""
+
+    def total(params: Iterator[nn.Parameter] | None) -> int:
+        return sum(p.numel() for p in params) if params is not None else 0
+
+    return {
+        "inference": total(model.inference_parameters()),
+        "aux": total(model.aux_head.parameters() if model.aux_head is not None else None),
+        "proj_heads": total(model.proj_heads.parameters() if model.proj_heads is not None else None),
+    }

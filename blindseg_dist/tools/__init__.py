@@ -1,0 +1,1 @@
+"""Command-line tools built on top of the library (flops, reports, demos)."""

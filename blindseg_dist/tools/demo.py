@@ -1,0 +1,146 @@
+"""`blindseg demo`: synth -> shard -> train on the source domain with N CPU processes -> eval on the
+held-out source frames and every unseen domain -> a printed table and DIR/report.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import load_config
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def demo_config_path() -> Path:
+    path = REPO_CONFIGS / "demo.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"the demo config {path} is missing (run the demo from a clone of the repository)")
+    return path
+
+
+def launch_command(processes: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`python -m blindseg_dist ARGS`, under `accelerate launch` in CPU multi-process mode when N > 1."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if processes <= 1:
+        return [sys.executable, "-m", "blindseg_dist", *args], env
+    import torch
+
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # the launcher trap: --cpu would start one process
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "blindseg_dist", *args]
+    return cmd, env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
+    print(f"[demo] {what}: {' '.join(cmd[2:] if cmd[1] == '-m' else cmd)}", flush=True)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"[demo] {what} failed with exit code {proc.returncode}")
+
+
+def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
+             images_per_domain: int | None = None) -> dict:
+    from ..data.shards import write_shards
+    from ..data.sources import get_source
+    from ..data.synth import generate
+
+    t0 = time.perf_counter()
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    demo_yaml = yaml.safe_load(demo_config_path().read_text())
+    demo = load_config(demo_config_path()).demo
+    n_img = images_per_domain or demo.images_per_domain
+    size = tuple(demo.size)
+    domains = demo.domains
+    val_fraction = demo.source_val_fraction
+    timings: dict[str, float] = {}
+
+    # 1. data
+    t = time.perf_counter()
+    synth_dir = out / "synth"
+    summary = generate(synth_dir, domains=domains, images_per_domain=n_img, size=size, seed=demo.seed)
+    timings["synth_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    frames = sorted(p.name for p in (synth_dir / "gta5" / "images").glob("*.png"))
+    n_val = max(1, int(round(len(frames) * val_fraction)))
+    split_dir = out / "splits"
+    split_dir.mkdir(exist_ok=True)
+    (split_dir / "source_train.txt").write_text("\n".join(frames[:-n_val]) + "\n")
+    (split_dir / "source_val.txt").write_text("\n".join(frames[-n_val:]) + "\n")
+    shards = out / "shards"
+    spp = demo.samples_per_shard
+    write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_train.txt")),
+                 shards / "source-train", samples_per_shard=spp)
+    eval_data = {"source": str(shards / "source-val")}
+    write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
+                 shards / "source-val", samples_per_shard=spp)
+    for name in summary["domains"][1:]:
+        write_shards(get_source("cityscapes", synth_dir / name, split="val"), shards / name, samples_per_shard=spp)
+        eval_data[name] = str(shards / name)
+    timings["shard_s"] = time.perf_counter() - t
+
+    # 2. training (N processes), the resolved config is saved next to the run
+    run_dir = out / "run"
+    cfg_file = out / "demo_train.yaml"
+    demo_yaml.setdefault("data", {})["train"] = str(shards / "source-train")
+    demo_yaml.setdefault("run", {})["output_dir"] = str(run_dir)
+    if steps is not None:
+        demo_yaml.setdefault("optim", {})["max_steps"] = int(steps)
+    demo_yaml.setdefault("eval", {})["at_end"] = False  # evaluated below by `blindseg eval`
+    cfg_file.write_text(yaml.safe_dump(demo_yaml, sort_keys=False))
+    cfg = load_config(cfg_file)  # validate before starting processes
+    t = time.perf_counter()
+    cmd, env = launch_command(processes, ["train", "--config", str(cfg_file)])
+    _run(cmd, env, f"training on {processes} process(es)")
+    timings["train_s"] = time.perf_counter() - t
+    ckpt = run_dir / "checkpoints" / str(cfg.optim.max_steps)
+
+    # 3. evaluation on the held-out source frames and every unseen domain
+    t = time.perf_counter()
+    eval_json = out / "eval.json"
+    cmd, env = launch_command(processes, ["eval", "--checkpoint", str(ckpt), "--json", str(eval_json),
+                                          "--tb-dir", str(run_dir / "tb"), "--data",
+                                          *[f"{k}={v}" for k, v in eval_data.items()]])
+    _run(cmd, env, f"evaluation on {processes} process(es)")
+    timings["eval_s"] = time.perf_counter() - t
+
+    from .report import print_report
+
+    result = json.loads(eval_json.read_text())
+    timings["total_s"] = time.perf_counter() - t0
+    report = {
+        "world_size": result["world_size"],
+        "targets": result["targets"],
+        "checkpoint": str(ckpt),
+        "eval_data": eval_data,
+        "config": str(run_dir / "config.yaml"),
+        "tensorboard": str(run_dir / "tb"),
+        "timings": timings,
+        "source": "source",
+        "unseen": [k for k in eval_data if k != "source"],
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / "report.json")
+    print_report(report)
+    print(f"[demo] done in {timings['total_s']:.0f} s; report {out / 'report.json'}; "
+          f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return report

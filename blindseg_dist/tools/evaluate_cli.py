@@ -1,0 +1,49 @@
+"""`blindseg eval`: evaluate a checkpoint on named targets, across every process of the launch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import dist
+from ..config import ConfigError, load_config, model_kwargs
+from ..engine import checkpoint as ckpt
+from ..engine.evaluate import format_table
+from ..engine.logging import RunLogger
+from ..engine.trainer import make_accelerator, run_evaluation
+from ..model import build_model
+
+
+def find_run_config(checkpoint: str | Path) -> Path:
+    """The resolved config saved with a checkpoint (its folder, or the run folder above it)."""
+    p = Path(checkpoint)
+    folder = p if p.is_dir() else p.parent
+    for cand in (folder / "config.yaml", folder.parent / "config.yaml", folder.parent.parent / "config.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"no config.yaml next to checkpoint {str(p)!r} or in its run folder")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: str | Path, *,
+                        max_images: int = 0, tb_dir: str | Path | None = None) -> dict:
+    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir or folder); rank 0 writes ``json_out``."""
+    weights = ckpt.load_model_weights(checkpoint)
+    cfg = load_config(find_run_config(checkpoint), {"eval": {"targets": data, "max_images": max_images}})
+    acc = make_accelerator(cfg)
+    net = build_model(**model_kwargs(cfg))
+    net.load_state_dict(weights)
+    net.to(acc.device)
+    logger = RunLogger(tb_dir) if tb_dir else None
+    step = int(Path(checkpoint).name) if Path(checkpoint).name.isdigit() else 0
+    results = run_evaluation(net, cfg, acc.device, logger, step)
+    report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data}
+    if dist.rank() == 0:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(json_out) + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(json_out)
+        print(format_table(results))
+        print(f"[eval] world size {report['world_size']}; wrote {json_out}")
+    if logger is not None:
+        logger.close()
+    dist.barrier()
+    return report

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from blindseg_dist.config import Config, ConfigError, load_config, model_kwargs, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = load_config()
+    assert (cfg.loss.aux, cfg.loss.cml, cfg.loss.ccl, cfg.loss.cwcl, cfg.loss.sdcl) == (0.4, 0.2, 0.2, 0.3, 0.3)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.poly_power) == (0.01, 0.9, 5e-4, 0.9)
+    assert cfg.optim.max_steps == 40000 and cfg.run.seed == 304 and cfg.data.crop_size == 768
+    assert cfg.loss.cwcl_negatives == "reference" and cfg.loss.covariance_scope == "image"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "blindnet_r50_gta5.yaml", "baseline_r50_gta5.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_baseline_has_no_training_only_heads_but_same_network():
+    base = model_kwargs(load_config(REPO / "configs" / "baseline_r50_gta5.yaml"))
+    full = model_kwargs(load_config(REPO / "configs" / "blindnet_r50_gta5.yaml"))
+    assert base["proj_heads"] is False and full["proj_heads"] is True
+    assert {k: v for k, v in base.items() if k != "proj_heads"} == {k: v for k, v in full.items() if k != "proj_heads"}
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["optim.lr=0.02", "loss.cml=0", "data.scale_range=[0.75, 1.25]",
+                                 "eval.targets={a: /x}", "model.pretrained=null", "loss.two_view=true"])
+    assert cfg.optim.lr == 0.02 and cfg.loss.cml == 0.0 and cfg.data.scale_range == [0.75, 1.25]
+    assert cfg.eval.targets == {"a": "/x"} and cfg.model.pretrained is None
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lrr=1", ["optim.lrr", "allowed keys", "lr"]),
+        ("loss.ce_scope=foo", ["loss.ce_scope", "foo", "reference", "exact"]),
+        ("optim.max_steps=abc", ["optim.max_steps", "abc", "int"]),
+        ("optim.max_steps=0", ["optim.max_steps", "> 0"]),
+        ("data.class_uniform=2", ["data.class_uniform", "[0, 1]"]),
+        ("loss.two_view=false", ["loss.two_view", "cml"]),
+        ("run.mixed_precision=fp8", ["run.mixed_precision", "bf16"]),
+        ("nosection.x=1", ["nosection", "allowed keys"]),
+        ("optim", ["section.key=value"]),
+    ],
+)
+def test_bad_keys_and_values_name_key_value_and_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["optim.lr=0.03", "eval.targets={city: /data/c}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.03
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

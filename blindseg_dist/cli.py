@@ -19,6 +19,16 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 512,256)") from None
+    if len(vals) not in (2, 4) or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W (positive)")
+    return vals
+
+
 def _named_paths(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -67,11 +77,56 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _named_protocols(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"error: --protocol takes NAME=PROTOCOL pairs, got {pair!r}")
+        name, proto = pair.split("=", 1)
+        out[name] = proto
+    return out
+
+
 def cmd_eval(args) -> int:
     from .tools.evaluate_cli import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, _named_paths(args.data), args.json, max_images=args.max_images,
-                        tb_dir=args.tb_dir)
+    data = _named_paths(args.data)
+    protocols = _named_protocols(args.protocol)
+    unknown = sorted(set(protocols) - set(data))
+    if unknown:
+        raise SystemExit(f"error: --protocol names {unknown}, which are not --data targets ({', '.join(data)})")
+    evaluate_checkpoint(args.checkpoint, data, args.json, max_images=args.max_images,
+                        tb_dir=args.tb_dir, protocols=protocols, sliding_window=args.sliding_window)
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .tools.ablate import run_ablation
+
+    summary = run_ablation(args.config, args.seeds, grid=args.grid, output_dir=args.output_dir,
+                           overrides=args.overrides, processes=args.processes)
+    return 1 if summary["failed"] else 0
+
+
+def cmd_predict(args) -> int:
+    from .tools.predict import predict_folder
+
+    try:
+        predict_folder(args.checkpoint, args.images, args.out, alpha=args.alpha, sliding_window=args.sliding_window)
+    except ValueError as e:  # an unreadable image, a bad --alpha: the message names it
+        print(f"blindseg predict: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .tools.report import write_report
+
+    try:
+        write_report(args.run_dirs, args.out, flops_size=None if args.no_flops else args.flops_size)
+    except ValueError as e:  # a result file that is not an eval.json / report.json
+        print(f"blindseg report: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -133,7 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", required=True)
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")
+    s.add_argument("--protocol", nargs="+", default=None, metavar="NAME=PROTOCOL",
+                   help="per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia "
+                        "(default: from the run config, else inferred from the target's name / dataset)")
+    s.add_argument("--sliding-window", type=_ints, default=None, metavar="CROP,STRIDE",
+                   help="sliding-window inference: CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W px (default: whole image)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("ablate", help="loss ablation: train + evaluate a grid of configs over seeds, mean ± std table")
+    s.add_argument("--config", required=True, help="base training config (with eval.targets)")
+    s.add_argument("--seeds", type=int, required=True, help="seeds per grid entry (run.seed = base seed + i)")
+    s.add_argument("--grid", default="default", help="configs/ablation/<NAME>.yaml or a YAML path (default: default)")
+    s.add_argument("--output-dir", default="ablation")
+    s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    s.set_defaults(func=cmd_ablate)
+
+    s = sub.add_parser("predict", help="colour-coded masks and overlays for a folder of images")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--images", required=True, help="folder of .png/.jpg images (searched recursively)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask (default 0.5)")
+    s.add_argument("--sliding-window", type=_ints, default=None, metavar="CROP,STRIDE",
+                   help="sliding-window inference (default: whole image)")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("report", help="compare runs: table (md/csv), bar chart, params and GFLOPs")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders with eval.json or report.json")
+    s.add_argument("--out", default="report", help="output folder (default: ./report)")
+    s.add_argument("--flops-size", type=_size, default=(512, 1024), help="HxW of the FLOPs count (default 512x1024)")
+    s.add_argument("--no-flops", action="store_true", help="skip the fvcore count")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="synth -> shard -> 2-process training -> eval on unseen domains")
     s.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.yaml)")

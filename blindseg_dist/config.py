@@ -25,7 +25,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     """torchvision resnet18|resnet34|resnet50|resnet101, or timm:<name> (features_only)."""
     output_stride: int = 16
-    """8 or 16 (torchvision ResNets); timm hierarchical backbones keep their native stride."""
+    """8 or 16 (torchvision ResNets, ConvNeXt); 32 for backbones that cannot dilate (Swin)."""
     num_classes: int = 19
     """Number of classes (19 Cityscapes trainIds)."""
     pretrained: str | None = None
@@ -90,6 +90,11 @@ class EvalConfig:
     """Evaluate all targets when training ends."""
     max_images: int = 0
     """Evaluate at most N images per target (0: all); for quick checks only."""
+    protocols: dict[str, str] = field(default_factory=dict)
+    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
+    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    sliding_window: list[int] = field(default_factory=list)
+    """Sliding-window inference: [] = whole image; [crop, stride] or [crop_h, crop_w, stride_h, stride_w] px."""
 
 
 @dataclass
@@ -132,6 +137,8 @@ class RunConfig:
     """Non-finite losses in a row that stop the run (each one skips its step)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
+    record_stream: bool = False
+    """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
 
 
 @dataclass
@@ -175,7 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.cwcl_negatives": ("reference", "paper"),
     "data.on_corrupt": ("warn", "fail"),
     "run.mixed_precision": ("no", "bf16", "fp16"),
-    "model.output_stride": (8, 16),
+    "model.output_stride": (8, 16, 32),
 }
 
 
@@ -282,6 +289,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
     if not 0.0 <= cfg.data.class_uniform <= 1.0:
         raise ConfigError(f"config key 'data.class_uniform': value {cfg.data.class_uniform!r} must be in [0, 1]")
+    _validate_eval(cfg)
     if not cfg.loss.two_view:
         used = [k for k in ("cml", "ccl", "cwcl", "sdcl") if getattr(cfg.loss, k) > 0]
         if used:
@@ -290,6 +298,28 @@ def validate(cfg: Config) -> Config:
                 "set loss.two_view=true or their weights to 0 (baseline)"
             )
     return cfg
+
+
+EVAL_PROTOCOLS = ("full", "mapillary_1536", "mapillary_1024", "synthia")
+
+
+def _validate_eval(cfg: Config) -> None:
+    for name, proto in cfg.eval.protocols.items():
+        if proto not in EVAL_PROTOCOLS:
+            raise ConfigError(f"config key 'eval.protocols.{name}': value {proto!r} is not allowed; "
+                              f"choose one of {list(EVAL_PROTOCOLS)}")
+        if cfg.eval.targets and name not in cfg.eval.targets:
+            raise ConfigError(f"config key 'eval.protocols.{name}': no target {name!r} in eval.targets "
+                              f"({', '.join(cfg.eval.targets)}); name an evaluation target")
+    sw = cfg.eval.sliding_window
+    if sw:
+        if len(sw) not in (2, 4) or min(sw) <= 0:
+            raise ConfigError(f"config key 'eval.sliding_window': value {sw!r} must be [] (off), [crop, stride] "
+                              "or [crop_h, crop_w, stride_h, stride_w] with positive sizes")
+        crop, stride = (sw[:1] * 2, sw[1:] * 2) if len(sw) == 2 else (sw[:2], sw[2:])
+        if any(s > c for s, c in zip(stride, crop)):
+            raise ConfigError(f"config key 'eval.sliding_window': value {sw!r}: a stride larger than the crop "
+                              "would leave pixels without a prediction; use stride <= crop")
 
 
 def get_value(cfg: Config, path: str) -> Any:

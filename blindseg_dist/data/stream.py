@@ -23,6 +23,7 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import re
 import tarfile
@@ -123,7 +124,7 @@ def index_shard(path: str, expected: int | None = None):
                         samples.append((cur_key, cur))
                     cur_key, cur = key, {}
                 cur[ext] = (ti.offset_data, ti.size)
-            if cur_key is not None and _complete(cur) and error is None:
+            if cur_key is not None and _complete(cur):  # its members all lie inside the file
                 samples.append((cur_key, cur))
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"{type(e).__name__}: {e}"
@@ -348,5 +349,12 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     ds = ShardStream(paths, transform, batch_size=batch_size, epoch_batches=epoch_batches, seed=seed,
                      rank=rank, num_workers=num_workers, start_step=start_step, on_corrupt=on_corrupt,
                      expected_counts=counts, shuffle_buffer=shuffle_buffer)
-    kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+    kw = {}
+    if num_workers > 0:
+        # forkserver, not fork: OpenCV's thread pool does not survive fork (cv2.setNumThreads in a
+        # forked worker deadlocks once the parent has used cv2); the preloaded server keeps worker
+        # start-up cheap.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)

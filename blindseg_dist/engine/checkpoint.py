@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,8 +63,12 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str | None = None,
     keep_last: int = 3,
+    collective_save: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (collective: every rank must call it)."""
+    """Write checkpoint ``step`` atomically (collective: every rank must call it).
+
+    collective_save(tmp_dir), if given, runs on every rank inside the temporary folder (DeepSpeed's
+    engine.save_checkpoint: each rank writes its optimizer partition under tmp_dir/deepspeed)."""
     root = checkpoint_dir(output_dir)
     final = root / str(step)
     tmp = root / f".tmp-{step}"
@@ -75,6 +79,8 @@ def save_checkpoint(
         tmp.mkdir()
     dist.barrier()
     torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    if collective_save is not None:
+        collective_save(tmp)
     if dist.rank() == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         if config_yaml is not None:

@@ -1,8 +1,17 @@
-"""Evaluation (METHOD.md section 5): single scale, full resolution, one int64 confusion matrix per
-target summed across ranks, each image counted exactly once, IoU = TP / (TP + FP + FN), mIoU = nanmean.
+"""Evaluation (METHOD.md section 5): single scale, full resolution, logits bilinearly upsampled to the
+label size (align_corners=True, as the model), one int64 confusion matrix per target summed across
+ranks with each image counted exactly once, IoU = TP / (TP + FP + FN), mIoU = nanmean.
+
+Protocols (``eval.protocols``, per target): ``full`` (the image as stored), ``mapillary_1536`` /
+``mapillary_1024`` (resize to that height, centre crop, pad with ignore; applied by the dataset),
+``synthia`` (mIoU over 19 classes, and over 16 without terrain, truck, train as ``miou16``).
+A target without an entry gets its protocol from its name or its shard manifest's dataset.
 """
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,7 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import dist
+from ..config import EVAL_PROTOCOLS as PROTOCOLS
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
+
+SYNTHIA_MISSING = (9, 14, 16)  # terrain, truck, train: absent from SYNTHIA, excluded from mIoU16
+SYNTHIA16 = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_MISSING)
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -36,6 +49,10 @@ def iou_from_confusion(cm: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float
     return iou, miou
 
 
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 @torch.no_grad()
 def predict_logits(net: nn.Module, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Eval-mode logits of one (1, 3, H, W) image, bilinearly upsampled to the label ``size``."""
@@ -43,6 +60,56 @@ def predict_logits(net: nn.Module, image: torch.Tensor, size: Sequence[int]) -> 
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
     return logits
+
+
+def _window_starts(n: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``crop`` px every ``stride`` px; the last one ends at ``n``."""
+    starts = list(range(0, n - crop + 1, stride))
+    if starts[-1] != n - crop:
+        starts.append(n - crop)
+    return starts
+
+
+@torch.no_grad()
+def sliding_window_logits(net: nn.Module, image: torch.Tensor, size: Sequence[int], *,
+                          crop: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+    """Logits of one (1, 3, H, W) image from windows of ``crop`` (h, w) every ``stride`` (h, w) px.
+
+    Each window's logits (the model's own output size = the window) are summed into place and
+    divided by the number of windows covering each pixel. A side shorter than the crop is taken
+    whole; the last window of a row/column is shifted to end at the border. With a window as large
+    as the image this is exactly ``predict_logits`` (tests/engine/test_eval_protocols.py).
+    """
+    _, _, h, w = image.shape
+    ch, cw = min(int(crop[0]), h), min(int(crop[1]), w)
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, h, w, dtype=image.dtype, device=image.device)
+    for y in _window_starts(h, ch, int(stride[0])):
+        for x in _window_starts(w, cw, int(stride[1])):
+            out = net(image[..., y:y + ch, x:x + cw])  # (1, C, ch, cw)
+            if tuple(out.shape[-2:]) != (ch, cw):
+                out = F.interpolate(out, size=(ch, cw), mode="bilinear", align_corners=True)
+            if total is None:
+                total = out.new_zeros(1, out.shape[1], h, w)
+            total[..., y:y + ch, x:x + cw] += out
+            count[..., y:y + ch, x:x + cw] += 1
+    logits = total / count
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    return logits
+
+
+def make_predictor(sliding_window: Sequence[int] | None) -> Callable:
+    """``predict_logits``, or sliding-window inference for eval.sliding_window = [crop, stride] or
+    [crop_h, crop_w, stride_h, stride_w]."""
+    sw = list(sliding_window or [])
+    if not sw:
+        return predict_logits
+    if len(sw) == 2:
+        sw = [sw[0], sw[0], sw[1], sw[1]]
+    if len(sw) != 4:
+        raise ValueError(f"sliding_window {sliding_window!r}: give [crop, stride] or [crop_h, crop_w, stride_h, stride_w]")
+    return functools.partial(sliding_window_logits, crop=sw[:2], stride=sw[2:])
 
 
 @torch.no_grad()
@@ -58,7 +125,8 @@ def evaluate_dataset(
 ) -> torch.Tensor:
     """Confusion matrix of ``dataset`` summed over all ranks; each rank runs its own contiguous slice.
 
-    The split (``shard_indices``) neither pads nor drops, so the W-rank matrix equals the 1-rank one.
+    The split (``shard_indices``) neither pads nor drops, so the W-rank matrix equals the 1-rank one
+    (tests/engine/test_eval_multiprocess.py).
     """
     from ..data.evalset import shard_indices
 
@@ -78,25 +146,110 @@ def evaluate_dataset(
     return dist.all_reduce_sum(cm, tag="eval")
 
 
-def target_result(cm: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """The JSON record of one target: miou, per_class_iou (name -> IoU or null), confusion_matrix."""
+def target_result(cm: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES, protocol: str = "full") -> dict:
+    """The JSON record of one target: miou, per_class_iou (name -> IoU or null), confusion_matrix,
+    protocol; with protocol ``synthia`` also miou16 (nanmean without terrain, truck, train)."""
     iou, miou = iou_from_confusion(cm)
-    return {
+    res = {
         "miou": miou,
+        "protocol": protocol,
         "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)},
         "confusion_matrix": cm.tolist(),
         "num_pixels": int(cm.sum()),
     }
+    if protocol == "synthia":
+        res["miou16"] = _nanmean(iou[list(SYNTHIA16)])
+    return res
+
+
+def _manifest_dataset(path: str | Path) -> str:
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return ""
+    try:
+        return str(json.loads(manifest.read_text()).get("dataset", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
+    """The protocol of target ``name``: eval.protocols[name], else from the target's name or its
+    shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536), else full."""
+    if protocols and name in protocols:
+        proto = protocols[name]
+        if proto not in PROTOCOLS:
+            raise ValueError(f"eval.protocols.{name}: {proto!r} is not a protocol; choose one of {list(PROTOCOLS)}")
+        return proto
+    hint = f"{name} {_manifest_dataset(path)}".lower()
+    if "synthia" in hint:
+        return "synthia"
+    if "mapillary" in hint:
+        return "mapillary_1536"
+    return "full"
+
+
+def build_eval_dataset(path: str | Path, protocol: str):
+    """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset."""
+    from ..data.evalset import EvalDataset
+
+    return EvalDataset(path, protocol=protocol if protocol.startswith("mapillary") else None)
+
+
+def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0) -> dict[str, dict]:
+    """Evaluate every target of ``eval_cfg`` (an EvalConfig) with its protocol; returns
+    {name: target_result}. Logs miou/<t>, miou16/<t> and iou/<t>/<class> scalars and a per-class
+    text table to ``logger`` (a RunLogger) when given."""
+    predict = make_predictor(eval_cfg.sliding_window)
+    results = {}
+    for name, path in eval_cfg.targets.items():
+        protocol = resolve_protocol(name, path, eval_cfg.protocols)
+        ds = build_eval_dataset(path, protocol)
+        cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
+                              predict=predict)
+        results[name] = target_result(cm, protocol=protocol)
+    if logger is not None:
+        log_results(logger, results, step)
+    return results
+
+
+def log_results(logger, results: dict[str, dict], step: int) -> None:
+    """mIoU (and mIoU16) per target, IoU per class, and a per-class markdown table to TensorBoard."""
+    for name, res in results.items():
+        scalars = {f"miou/{name}": res["miou"]}
+        if "miou16" in res:
+            scalars[f"miou16/{name}"] = res["miou16"]
+        scalars.update({f"iou/{name}/{c}": v for c, v in res["per_class_iou"].items() if v is not None})
+        logger.scalars(scalars, step)
+    if results:
+        logger.text("eval/per_class_iou", per_class_markdown(results), step)
+
+
+def per_class_markdown(results: dict[str, dict]) -> str:
+    """IoU (%) per class (rows) and target (columns) as a markdown table; '-' where never seen."""
+    names = list(results)
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for c in CLASS_NAMES:
+        vals = [results[n]["per_class_iou"].get(c) for n in names]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"{100 * results[n]['miou']:.1f}" for n in names) + " |")
+    if any("miou16" in results[n] for n in names):
+        lines.append("| **mIoU16** | " + " | ".join(
+            f"{100 * results[n]['miou16']:.1f}" if "miou16" in results[n] else "-" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def format_table(targets: dict[str, dict], title: str = "mIoU (%)") -> str:
-    """A plain-text table: one row per target with mIoU, and the mean over targets."""
+    """A plain-text table: one row per target with mIoU (and mIoU16 for SYNTHIA), and the mean over
+    targets (of mIoU)."""
     if not targets:
         return "(no targets)"
     width = max(12, max(len(k) for k in targets) + 2)
-    lines = [title, f"{'target':<{width}}{'mIoU':>8}", "-" * (width + 8)]
+    has16 = any("miou16" in r for r in targets.values())
+    extra = f"{'mIoU16':>8}" if has16 else ""
+    lines = [title, f"{'target':<{width}}{'mIoU':>8}{extra}", "-" * (width + 8 + len(extra))]
     for name, res in targets.items():
-        lines.append(f"{name:<{width}}{100 * res['miou']:>8.2f}")
+        m16 = (f"{100 * res['miou16']:>8.2f}" if "miou16" in res else f"{'':>8}") if has16 else ""
+        lines.append(f"{name:<{width}}{100 * res['miou']:>8.2f}{m16}")
     mean = float(np.nanmean([res["miou"] for res in targets.values()]))
-    lines += ["-" * (width + 8), f"{'mean':<{width}}{100 * mean:>8.2f}"]
+    lines += ["-" * (width + 8 + len(extra)), f"{'mean':<{width}}{100 * mean:>8.2f}"]
     return "\n".join(lines)

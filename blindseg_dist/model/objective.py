@@ -119,5 +119,10 @@ class BlindNetObjective(nn.Module):
                     ]
                     terms["sdcl"] = torch.stack(vals).mean()
                     weighted["sdcl"] = w.sdcl * terms["sdcl"]
-        total = torch.stack([v.float() for v in weighted.values()]).sum()
+        # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total:
+        # v.float() rounded it to float32 (tests/engine/test_train_step_ddp.py runs in float64)
+        dtype = torch.float32
+        for v in weighted.values():
+            dtype = torch.promote_types(dtype, v.dtype)
+        total = torch.stack([v.to(dtype) for v in weighted.values()]).sum()
         return {"total": total, "terms": terms, "logits": out["logits"]}

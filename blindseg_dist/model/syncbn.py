@@ -22,7 +22,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_distributed()):
             return super().forward(x)
         c = x.shape[1]
-        xf = x.float()
+        # float32 at least (fp16/bf16 sums overflow), float64 stays float64: x.float() would
+        # silently round a float64 model's statistics to float32 (tests run in float64)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         count = torch.tensor([x.numel() / c], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])  # (2C + 1,)
         stats = dist.all_reduce_sum(stats, tag="syncbn")
@@ -53,14 +55,16 @@ def _convert(module: nn.Module) -> nn.Module:
     out = module
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
         out = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        # Take over the very Parameter / buffer objects (as torch's convert does), not copies into
+        # fresh float32 CPU tensors: a copy would turn a .double() / .half() / CUDA model's BN
+        # weights back into float32 CPU ones (found by tests/engine/test_train_step_ddp.py: fp32
+        # BN gradients in a float64 model) and orphan parameters an optimizer already holds.
         if module.affine:
-            with torch.no_grad():
-                out.weight.copy_(module.weight)
-                out.bias.copy_(module.bias)
+            out.weight, out.bias = module.weight, module.bias
         if module.track_running_stats:
-            out.running_mean.copy_(module.running_mean)
-            out.running_var.copy_(module.running_var)
-            out.num_batches_tracked.copy_(module.num_batches_tracked)
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
         out.train(module.training)
     for name, child in module.named_children():
         out.add_module(name, _convert(child))

@@ -92,8 +92,10 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     eval_data = {"source": str(shards / "source-val")}
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
                  shards / "source-val", samples_per_shard=spp)
-    for name in summary["domains"][1:]:
-        write_shards(get_source("cityscapes", synth_dir / name, split="val"), shards / name, samples_per_shard=spp)
+    for dom in summary["domains"][1:]:
+        name = dom["name"]
+        write_shards(get_source("cityscapes", synth_dir / dom["path"], split=dom["split"]), shards / name,
+                     samples_per_shard=spp)
         eval_data[name] = str(shards / name)
     timings["shard_s"] = time.perf_counter() - t
 

@@ -7,15 +7,17 @@ from pathlib import Path
 from .. import dist
 from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
-from ..engine.evaluate import format_table
+from ..engine.evaluate import evaluate_targets, format_table
 from ..engine.logging import RunLogger
-from ..engine.trainer import make_accelerator, run_evaluation
+from ..engine.trainer import make_accelerator
 from ..model import build_model
 
 
 def find_run_config(checkpoint: str | Path) -> Path:
     """The resolved config saved with a checkpoint (its folder, or the run folder above it)."""
     p = Path(checkpoint)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; pass RUN/checkpoints/<step>")
     folder = p if p.is_dir() else p.parent
     for cand in (folder / "config.yaml", folder.parent / "config.yaml", folder.parent.parent / "config.yaml"):
         if cand.is_file():
@@ -23,19 +25,37 @@ def find_run_config(checkpoint: str | Path) -> Path:
     raise ConfigError(f"no config.yaml next to checkpoint {str(p)!r} or in its run folder")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: str | Path, *,
-                        max_images: int = 0, tb_dir: str | Path | None = None) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir or folder); rank 0 writes ``json_out``."""
-    weights = ckpt.load_model_weights(checkpoint)
-    cfg = load_config(find_run_config(checkpoint), {"eval": {"targets": data, "max_images": max_images}})
-    acc = make_accelerator(cfg)
+def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None):
+    """(config, network with the checkpoint's weights) of a checkpoint folder."""
+    cfg = load_config(find_run_config(checkpoint), overrides)
     net = build_model(**model_kwargs(cfg))
-    net.load_state_dict(weights)
+    net.load_state_dict(ckpt.load_model_weights(checkpoint))
+    return cfg, net
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: str | Path, *,
+                        max_images: int = 0, tb_dir: str | Path | None = None,
+                        protocols: dict[str, str] | None = None,
+                        sliding_window: list[int] | None = None) -> dict:
+    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir or folder); rank 0 writes ``json_out``.
+
+    ``protocols`` (name -> protocol) add to the run config's eval.protocols of the same targets;
+    ``sliding_window`` replaces eval.sliding_window when given.
+    """
+    run_cfg = load_config(find_run_config(checkpoint))
+    merged = {k: v for k, v in run_cfg.eval.protocols.items() if k in data}
+    merged.update(protocols or {})
+    ev = {"targets": data, "max_images": max_images, "protocols": merged}
+    if sliding_window is not None:
+        ev["sliding_window"] = list(sliding_window)
+    cfg, net = load_checkpoint_model(checkpoint, {"eval": ev})
+    acc = make_accelerator(cfg)
     net.to(acc.device)
     logger = RunLogger(tb_dir) if tb_dir else None
     step = int(Path(checkpoint).name) if Path(checkpoint).name.isdigit() else 0
-    results = run_evaluation(net, cfg, acc.device, logger, step)
-    report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data}
+    results = evaluate_targets(net, cfg.eval, acc.device, logger, step)
+    report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
+              "sliding_window": cfg.eval.sliding_window}
     if dist.rank() == 0:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(json_out) + ".tmp")

@@ -1,0 +1,129 @@
+"""Map-style evaluation data over a shard directory or a raw folder (DISTRIBUTED.md 2).
+
+Items are full-resolution frames {"image": float32 (3,H,W) normalized, "label": int64 (H,W),
+"key": str}. A rank evaluates shard_indices(len(ds), rank, world): a contiguous split without
+padding or dropping, so summing the per-rank confusion matrices gives the 1-rank result exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
+from blindseg_dist.data.views import IGNORE, normalize, to_unit_float
+
+Protocol = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """The indices of `rank` out of range(n): contiguous blocks, the first n % world ranks one
+    longer; no padding, no dropping, every index exactly once over all ranks."""
+    if world < 1 or not 0 <= rank < world or n < 0:
+        raise ValueError(f"need n >= 0, world >= 1, 0 <= rank < world; got n={n}, rank={rank}, world={world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return list(range(start, start + base + (1 if rank < extra else 0)))
+
+
+def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
+    """Resize so the height is `height` (bicubic image, nearest label); then, with crop=True, a
+    centre crop height x height, padding narrow frames with 0 (image) and 255 = ignore (label)."""
+
+    def apply(image: np.ndarray, label: np.ndarray):
+        h, w = label.shape
+        nw = max(1, int(round(w * height / h)))
+        image = cv2.resize(image, (nw, height), interpolation=cv2.INTER_CUBIC)
+        label = cv2.resize(label, (nw, height), interpolation=cv2.INTER_NEAREST_EXACT)
+        if not crop:
+            return image, label
+        if nw >= height:
+            x0 = (nw - height) // 2
+            return image[:, x0:x0 + height], label[:, x0:x0 + height]
+        px = (height - nw) // 2
+        img_o = np.zeros((height, height, 3), np.uint8)
+        lab_o = np.full((height, height), IGNORE, np.uint8)
+        img_o[:, px:px + nw] = image
+        lab_o[:, px:px + nw] = label
+        return img_o, lab_o
+
+    apply.__name__ = f"mapillary_protocol_{height}{'_crop' if crop else ''}"
+    return apply
+
+
+class EvalDataset(Dataset):
+    """Evaluation frames from a shard directory (or tar list), or from a raw folder via `source`.
+
+    source: any object with an `items` list of (key, image_path, label_path) and
+    `load_pair(item) -> (image uint8 HxWx3 RGB, label uint8 HxW[, unknown_ids])` (data/sources).
+    protocol: optional (image, label) -> (image, label) on uint8 arrays, before normalization,
+    e.g. mapillary_protocol(1536).
+    """
+
+    def __init__(self, path=None, *, source=None, protocol: Protocol | None = None):
+        self.protocol = protocol
+        self.source = source
+        self._files = _Files()
+        if source is not None:
+            if not hasattr(source, "items") or not hasattr(source, "load_pair"):
+                raise TypeError(f"source must have `items` and `load_pair(item)`, got {type(source).__name__}")
+            self._items = list(source.items)
+            return
+        if path is None:
+            raise ValueError("EvalDataset needs a shard directory or tar list, or source=get_source(...)")
+        p = Path(path) if not isinstance(path, (list, tuple)) else None
+        if p is not None and p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
+            raise FileNotFoundError(f"{p} holds no shards (manifest.json or *.tar); for a raw dataset folder pass "
+                                    f"source=blindseg_dist.data.sources.get_source(name, root, split)")
+        paths, counts = resolve_shards(path)
+        self._items = []  # (shard path, key, members), indexed once from the tar headers
+        for sp in paths:
+            samples, error = index_shard(sp, counts.get(sp))
+            if error is not None:
+                raise RuntimeError(f"corrupt evaluation shard {sp}: {error}; rewrite it with the sharder "
+                                   f"(evaluation never skips samples)")
+            self._items.extend((sp, key, members) for key, members in samples)
+        keys = [it[1] for it in self._items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate sample keys in {path}; each shard set must hold every frame once")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def key(self, i: int) -> str:
+        return str(self._items[i][0]) if self.source is not None else self._items[i][1]
+
+    def load_raw(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """(image uint8 HxWx3 RGB, label uint8 HxW, key) before the protocol."""
+        item = self._items[i]
+        if self.source is not None:
+            out = self.source.load_pair(item)
+            return out[0], out[1], str(item[0])
+        sp, key, members = item
+        ext = next(e for e in _IMAGE_EXTS if e in members)
+        image = decode_image(self._files.read(sp, *members[ext]))
+        label = decode_label(self._files.read(sp, *members["label.png"]))
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{sp}: sample {key!r} has label {label.shape} and image {image.shape[:2]}")
+        return image, label, key
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self._items):
+            raise IndexError(f"index {i} out of range for {len(self._items)} samples")
+        image, label, key = self.load_raw(i)
+        if self.protocol is not None:
+            image, label = self.protocol(image, label)
+        return {"image": normalize(to_unit_float(image)),
+                "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+                "key": key}
+
+
+def read_manifest_keys(path) -> list[str]:
+    """Sample keys listed in a shard directory's manifest, in order (for cross-checks)."""
+    return [s["key"] for s in json.loads((Path(path) / "manifest.json").read_text())["samples"]]

@@ -1,0 +1,286 @@
+"""`blindseg ablate`: one training run per (grid entry, seed), each evaluated at its end, then a
+table of mean ± std over seeds per target.
+
+A grid is a YAML file (configs/ablation/<name>.yaml or any path) listing runs as config values on
+top of the base config. Each run is an ordinary `blindseg train` in its own process (under
+`accelerate launch` when processes > 1), so a crash stays inside its run; its output goes to
+RUN/train.log. Layout: DIR/runs/<entry>/seed<i>/ (config.yaml, tb/, checkpoints/, eval.json),
+DIR/ablation.md, DIR/ablation.csv (mean ± std per entry), DIR/ablation_runs.csv (one row per run).
+Rerunning skips every run whose eval.json exists and rebuilds the tables. Each run's TensorBoard
+folder gets the loss weights / scopes as hparams and the per-target mIoU as metrics, so
+`tensorboard --logdir DIR/runs` shows the ablation in the HParams dashboard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from ..config import ConfigError, load_config, parse_overrides
+
+GRID_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablation"
+
+
+@dataclass
+class GridEntry:
+    name: str
+    """Row label of the table (e.g. "+CML")."""
+    slug: str
+    """Folder name of the entry's runs."""
+    values: dict[str, Any]
+    """Dotted config key -> value set for this entry."""
+
+
+@dataclass
+class PlannedRun:
+    entry: GridEntry
+    seed_index: int
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+
+
+def slugify(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return slug or "run"
+
+
+def grid_path(grid: str | Path) -> Path:
+    p = Path(grid)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"ablation grid file {str(p)!r} does not exist")
+        return p
+    p = GRID_DIR / f"{grid}.yaml"
+    if not p.is_file():
+        known = sorted(q.stem for q in GRID_DIR.glob("*.yaml")) if GRID_DIR.is_dir() else []
+        raise ConfigError(f"unknown ablation grid {str(grid)!r}; choose one of {known} or pass a YAML path")
+    return p
+
+
+def load_grid(grid: str | Path) -> tuple[str, list[GridEntry]]:
+    """(description, entries) of a grid file: ``runs: [{name: str, set: {dotted.key: value}}, ...]``."""
+    path = grid_path(grid)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"ablation grid {str(path)!r} is not valid YAML: {e}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"ablation grid {str(path)!r}: needs a non-empty list 'runs' of {{name, set}} entries")
+    entries, slugs = [], set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str) or not isinstance(run.get("set", {}), dict):
+            raise ConfigError(f"ablation grid {str(path)!r}: runs[{i}] must be {{name: str, set: {{key: value}}}}")
+        slug = str(run.get("id") or slugify(run["name"]))
+        if slug in slugs:
+            raise ConfigError(f"ablation grid {str(path)!r}: two runs share the folder name {slug!r}; "
+                              "give one of them a distinct name or 'id'")
+        slugs.add(slug)
+        entries.append(GridEntry(run["name"], slug, dict(run.get("set") or {})))
+    return str(data.get("description", path.stem)), entries
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _flat_keys(nested: dict) -> list[str]:
+    """{"loss": {"cml": 0}} -> ["loss.cml"] (config keys are section.key)."""
+    return [f"{sec}.{k}" for sec, d in nested.items() for k in (d if isinstance(d, dict) else {"": 0})]
+
+
+def plan_runs(config: str | Path, entries: Sequence[GridEntry], seeds: int, output_dir: Path,
+              overrides: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every (entry, seed) run with its overrides, each validated by loading its config."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: need at least 1 seed")
+    base = load_config(config, list(overrides))
+    if not base.eval.targets:
+        raise ConfigError("the ablation evaluates every run at its end, but eval.targets is empty; "
+                          "set it in the config or as an override, e.g. 'eval.targets={night: DIR}'")
+    user_keys = set(_flat_keys(parse_overrides(list(overrides))))
+    plan = []
+    for entry in entries:
+        clash = sorted(user_keys & set(entry.values))
+        if clash:
+            raise ConfigError(f"override(s) {clash} clash with the grid entry {entry.name!r}, which sets them per run; "
+                              "drop them from the command line or edit the grid")
+        for i in range(seeds):
+            seed = base.run.seed + i
+            run_dir = output_dir / "runs" / entry.slug / f"seed{i}"
+            ovr = [*overrides, *(_override(k, v) for k, v in entry.values.items()),
+                   f"run.seed={seed}", "eval.at_end=true"]
+            try:
+                load_config(config, ovr)
+            except ConfigError as e:
+                raise ConfigError(f"grid entry {entry.name!r}: {e}") from None
+            plan.append(PlannedRun(entry, i, seed, run_dir, ovr))
+    return plan
+
+
+def hparams_of(run: PlannedRun, cfg_dict: dict) -> dict[str, Any]:
+    """The HParams of a run: entry, seed, every loss.* value (weights, scopes), steps, backbone."""
+    hp: dict[str, Any] = {"entry": run.entry.name, "seed": run.seed}
+    hp.update({f"loss.{k}": v for k, v in cfg_dict["loss"].items()})
+    hp["optim.max_steps"] = cfg_dict["optim"]["max_steps"]
+    hp["model.backbone"] = cfg_dict["model"]["backbone"]
+    return hp
+
+
+def metrics_of(targets: dict[str, dict]) -> dict[str, float]:
+    m = {f"hparam/miou/{t}": r["miou"] for t, r in targets.items()}
+    m.update({f"hparam/miou16/{t}": r["miou16"] for t, r in targets.items() if "miou16" in r})
+    m["hparam/miou/mean"] = float(np.nanmean([r["miou"] for r in targets.values()]))
+    return m
+
+
+def write_hparams(run: PlannedRun, targets: dict[str, dict]) -> None:
+    """add_hparams into RUN/tb once (RUN/hparams.json marks it done)."""
+    from ..engine.logging import RunLogger
+
+    marker = run.run_dir / "hparams.json"
+    if marker.is_file():
+        return
+    cfg_dict = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    hp, metrics = hparams_of(run, cfg_dict), metrics_of(targets)
+    logger = RunLogger(run.run_dir / "tb", enabled=True)
+    logger.hparams(hp, metrics)
+    logger.close()
+    marker.write_text(json.dumps({"hparams": hp, "metrics": metrics}, indent=1))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{100 * mean:.2f}" if math.isnan(std) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], results: dict[Path, dict],
+                 output_dir: Path, description: str = "") -> str:
+    """Write DIR/ablation.md, DIR/ablation.csv, DIR/ablation_runs.csv; return the markdown table."""
+    import csv
+
+    from .report import render
+
+    targets: list[str] = []
+    for res in results.values():
+        targets += [t for t in res if t not in targets]
+    cols16 = [t for t in targets if any("miou16" in res.get(t, {}) for res in results.values())]
+    metrics = [(t, "miou") for t in targets] + [(t, "miou16") for t in cols16]
+    names = [t if m == "miou" else f"{t} (16 cl.)" for t, m in metrics]
+    header = ["run", "seeds", *names, "mean"]
+    md_rows, csv_rows, per_run = [], [], []
+    for entry in entries:
+        runs = [r for r in plan if r.entry is entry and r.run_dir in results]
+        row, crow = [entry.name, str(len(runs))], [entry.name, len(runs)]
+        for t, m in metrics:
+            ms = _mean_std([results[r.run_dir][t][m] for r in runs if t in results[r.run_dir]
+                            and m in results[r.run_dir][t]])
+            row.append(_fmt(*ms))
+            crow += [f"{100 * v:.4f}" if not math.isnan(v) else "" for v in ms]
+        ms = _mean_std([float(np.nanmean([res["miou"] for res in results[r.run_dir].values()])) for r in runs])
+        row.append(_fmt(*ms))
+        crow += [f"{100 * v:.4f}" if not math.isnan(v) else "" for v in ms]
+        md_rows.append(row)
+        csv_rows.append(crow)
+        for r in runs:
+            res = results[r.run_dir]
+            per_run.append([entry.name, r.seed_index, r.seed, str(r.run_dir),
+                            *[f"{100 * res[t][m]:.4f}" if t in res and m in res[t] else "" for t, m in metrics],
+                            f"{100 * float(np.nanmean([v['miou'] for v in res.values()])):.4f}"])
+    table = render(header, md_rows, "markdown")
+    n_seeds = max((r.seed_index for r in plan), default=0) + 1
+    md = [f"# Ablation: {description}", "",
+          f"mIoU (%), mean ± sample std (ddof=1) over {n_seeds} seed(s); 'mean' = mean over the targets "
+          "per run, then over seeds. Each run: RUN/eval.json under runs/.", "", table, ""]
+    (output_dir / "ablation.md").write_text("\n".join(md))
+    with open(output_dir / "ablation.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "seeds", *[f"{n} {s}" for n in [*names, "mean"] for s in ("mean", "std")]])
+        w.writerows(csv_rows)
+    with open(output_dir / "ablation_runs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "seed_index", "seed", "run_dir", *names, "mean"])
+        w.writerows(per_run)
+    return table
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default", output_dir: str | Path = "ablation",
+                 overrides: Sequence[str] = (), processes: int = 1) -> dict:
+    """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
+    from tqdm import tqdm
+
+    from .demo import launch_command
+
+    if processes < 1:
+        raise ConfigError(f"--processes {processes}: need at least 1")
+    description, entries = load_grid(grid)
+    out = Path(output_dir).resolve()
+    config = str(Path(config).resolve()) if Path(config).is_file() else str(config)
+    plan = plan_runs(config, entries, seeds, out, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[Path, dict] = {}
+    status: dict[str, list[str]] = {"trained": [], "skipped": [], "failed": []}
+    n = len(plan)
+    bar = tqdm(total=n, desc="ablation", unit="run", dynamic_ncols=True)
+    for k, run in enumerate(plan, 1):
+        label = f"[{k}/{n}] {run.entry.name} seed {run.seed_index}"
+        eval_json = run.run_dir / "eval.json"
+        bar.set_description(f"{run.entry.name} seed {run.seed_index}")
+        if eval_json.is_file():
+            state, seconds = "skipped", 0.0
+        else:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            cmd, env = launch_command(processes, ["train", "--config", config, "--output-dir", str(run.run_dir),
+                                                  "--resume", *run.overrides])
+            t0 = time.perf_counter()
+            with open(run.run_dir / "train.log", "w") as log:
+                log.write("$ " + " ".join(cmd) + "\n")
+                log.flush()
+                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            seconds = time.perf_counter() - t0
+            state = "trained" if rc == 0 and eval_json.is_file() else "failed"
+            if state == "failed":
+                why = f"exit code {rc}" if rc else "no eval.json written"
+                bar.write(f"{label}: training ... FAILED ({why}, {seconds:.0f} s); log {run.run_dir / 'train.log'}:\n"
+                          + _tail(run.run_dir / "train.log"))
+        status[state].append(str(run.run_dir))
+        if state != "failed":
+            targets = json.loads(eval_json.read_text())["targets"]
+            results[run.run_dir] = targets
+            write_hparams(run, targets)
+            mean = 100 * float(np.nanmean([r["miou"] for r in targets.values()]))
+            what = "training ... done" if state == "trained" else "skipped (eval.json exists)"
+            extra = f" in {seconds:.0f} s" if state == "trained" else ""
+            bar.write(f"{label}: {what} {mean:.1f} mIoU{extra}")
+        bar.update(1)
+    bar.close()
+    table = build_tables(entries, plan, results, out, description)
+    print(table)
+    print(f"[ablate] {len(status['trained'])} trained, {len(status['skipped'])} skipped, "
+          f"{len(status['failed'])} failed; tables {out / 'ablation.md'}, {out / 'ablation.csv'}; "
+          f"TensorBoard HParams: tensorboard --logdir {out / 'runs'}")
+    return {"output_dir": str(out), "table": table, **status}

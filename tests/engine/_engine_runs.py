@@ -1,0 +1,78 @@
+"""Helpers for the engine tests: tiny shards and `blindseg train` runs under `accelerate launch`.
+
+Every run is a real launch (gloo on the CPU, 1 thread per process, resnet18, crop 64, batch 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+TINY = ["data.crop_size=64", "data.batch_size=2", "data.num_workers=0", "run.log_every=1", "run.threads=1",
+        "eval.at_end=false"]
+
+
+def tiny_shards(root: Path) -> Path:
+    """8 synthetic 64x128 frames in 4 shards of 2 (written once per folder)."""
+    out = root / "shards"
+    if not (out / "manifest.json").is_file():
+        from blindseg_dist.data.shards import write_shards
+        from blindseg_dist.data.sources import get_source
+        from blindseg_dist.data.synth import generate
+
+        generate(root / "synth", domains=2, images_per_domain=8, size=(64, 128), seed=0)
+        write_shards(get_source("gta5", root / "synth" / "gta5", split="all"), out, samples_per_shard=2, progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(cpu: bool = True, **extra: str) -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
+    if cpu:
+        e["ACCELERATE_USE_CPU"] = "1"
+    for k in [k for k in e if k.startswith("BLINDSEG_FAULT_")]:
+        if k not in extra:
+            del e[k]
+    return e
+
+
+def train_cmd(out: Path, shards: Path, steps: int, *overrides: str, processes: int = 2, machines: int = 1,
+              machine_rank: int = 0, port: int | None = None, config_file: Path | None = None,
+              resume: bool = False) -> list[str]:
+    launch = [PY, "-m", "accelerate.commands.launch", "--main_process_port", str(port or free_port())]
+    if config_file is not None:
+        launch += ["--config_file", str(config_file)]
+    else:
+        launch += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", str(machines),
+                   "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if machines > 1:
+            launch += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    cmd = launch + ["-m", "blindseg_dist", "train", "--config", str(ROOT / "configs/demo.yaml"),
+                    "--output-dir", str(out), "--max-steps", str(steps), f"data.train={shards}", *TINY, *overrides]
+    return cmd + (["--resume"] if resume else [])
+
+
+def run(cmd: list[str], e: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    res.seconds = time.perf_counter() - t  # type: ignore[attr-defined]
+    return res
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def tail(res: subprocess.CompletedProcess, n: int = 4000) -> str:
+    return f"rc={res.returncode}\n--- stdout\n{res.stdout[-n:]}\n--- stderr\n{res.stderr[-n:]}"

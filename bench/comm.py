@@ -140,11 +140,12 @@ def bn_channels_per_view(backbone: str = "resnet50") -> tuple[int, int]:
     return sum(m.num_features for m in bns), len(bns)
 
 
-def computed_bytes(world: int, sdcl_rows: int, sdcl_small: int) -> dict[str, dict[str, float]]:
+def computed_bytes(world: int, sdcl_rows: int, sdcl_small: list[int]) -> dict[str, dict[str, float]]:
     """Closed-form bytes per step and rank, with dist.py's counting convention.
 
     sdcl_rows: negative rows a rank gathers per level (<= 20 x classes present: 380 with all
-    19 classes); sdcl_small: anchor keys it sends for the global cap (<= cap).
+    19 classes); sdcl_small: per level, the anchor keys a rank sends for the global cap
+    (min(anchors before the cap, cap), the largest over ranks: the gather pads to it).
     Returns {tag: {"handed": bytes, "wire": ring bytes sent}}.
     """
     f4, i8 = 4, 8
@@ -157,10 +158,12 @@ def computed_bytes(world: int, sdcl_rows: int, sdcl_small: int) -> dict[str, dic
     out["cwcl"] = {"handed": 3 * (i8 + keys), "wire": 3 * (world - 1) * (i8 + keys)}
     counts = (1 + 256 + 256) * i8
     neg = sdcl_rows * D * f4
-    sdcl_handed = counts + i8 + sdcl_small * i8 + i8 + neg * (1 + world) + sdcl_rows * 2 * i8
-    sdcl_wire = (_ar(world) * counts + (world - 1) * (2 * i8 + sdcl_small * i8 + sdcl_rows * 2 * i8)
-                 + (world - 1) * neg * 2)  # gather forward + reduce-scatter backward
-    out["sdcl"] = {"handed": 3 * sdcl_handed, "wire": 3 * sdcl_wire}
+    sdcl_handed = sum(counts + i8 + small * i8 + i8 + neg * (1 + world) + sdcl_rows * 2 * i8
+                      for small in sdcl_small)
+    sdcl_wire = sum(_ar(world) * counts + (world - 1) * (2 * i8 + small * i8 + sdcl_rows * 2 * i8)
+                    + (world - 1) * neg * 2  # gather forward + reduce-scatter backward
+                    for small in sdcl_small)
+    out["sdcl"] = {"handed": sdcl_handed, "wire": sdcl_wire}
     out["seg"] = {"handed": 3 * i8, "wire": _ar(world) * 3 * i8}  # ce, aux, ce_aug counts
     ch, n_bn = bn_channels_per_view()
     sbn = 2 * 2 * (2 * ch + n_bn) * f4  # 2 views x (forward + backward) x (sum, sumsq, count)
@@ -206,7 +209,13 @@ def _bytes_worker(rank: int, world: int) -> dict:
             seeds=losses.sample_seeds(2, 0, gidx), return_details=True)
         loss.backward()
         out["sdcl"] += dist.comm_stats().get("sdcl", 0)
-        details["sdcl_anchors_local"].append(int((det["anchors"][0]).numel()))
+        yj = F.interpolate(label[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+        pj, paj = (F.interpolate(t[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
+                   for t in (pred, pred_aug))
+        # anchors before the cap (every class has >= 20 GT pixels here): keys sent for the cap
+        details["sdcl_anchors_local"].append(int(((pj == yj) & (paj != pj) & (yj != 255)).sum()))
+        details["sdcl_anchors_kept_local"] = details.get("sdcl_anchors_kept_local", []) + [
+            int(det["anchors"][0].numel())]
         details["sdcl_rows_local"].append(int(det["candidates"].numel()))
         del emb, emb_aug, loss, det
 
@@ -275,7 +284,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet18", help="for the step-time part")
     ap.add_argument("--crop", type=int, default=128, help="for the step-time part")
     ap.add_argument("--batch", type=int, default=2, help="images per process, step-time part")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default="bench/results/comm.json")
@@ -289,8 +298,8 @@ def main() -> None:
     t_bytes = time.perf_counter() - t0
     det = measured[0]["details"]
     rows_max = max(max(m["details"]["sdcl_rows_local"]) for m in measured)
-    small_max = max(min(a, SDCL_CAP * BATCH * 2) for m in measured
-                    for a in m["details"]["sdcl_anchors_local"])
+    small_max = [max(min(m["details"]["sdcl_anchors_local"][j], SDCL_CAP * BATCH * 2) for m in measured)
+                 for j in range(len(EMB_SHAPES))]  # per level: the padded gather size
     comp2 = computed_bytes(2, rows_max, small_max)
     comp16 = computed_bytes(16, rows_max, small_max)
     grad_wire = {w: _ar(w) * grad_bytes for w in (2, 16)}
@@ -320,8 +329,8 @@ def main() -> None:
     print(f"{'total':<10}{tot_comp / 1e6:>13.3f}{tot_meas / 1e6:>13.3f}{pct:>10.2f}%{tot_w2:>11.2f}%{tot_w16:>12.2f}%")
     goal_bytes = pct < 2.0
     print(f"goal: loss collectives < 2% of the gradient all-reduce bytes: {'PASS' if goal_bytes else 'FAIL'} "
-          f"({pct:.2f}%); SDCL local anchors per level {det['sdcl_anchors_local']}, gathered negative rows "
-          f"{det['sdcl_rows_local']}  [{t_bytes:.0f} s]")
+          f"({pct:.2f}%); SDCL rank 0, per level: anchors before the cap {det['sdcl_anchors_local']}, "
+          f"negative rows gathered {det['sdcl_rows_local']}  [{t_bytes:.0f} s]")
 
     result = {
         "bytes": {"config": {"backbone": "resnet50", "crop": CROP, "images_per_gpu": BATCH,
@@ -341,24 +350,29 @@ def main() -> None:
                             args.warmup)
             per_step = {n: [max(r["times"][n][i] for r in res) for i in range(args.steps)] for n in SCOPES}
             med = {n: statistics.median(v) for n, v in per_step.items()}
-            speed[world] = {"median_step_s": med, "all_step_s": per_step,
+            best = {n: min(v) for n, v in per_step.items()}  # least disturbed by other load
+            speed[world] = {"median_step_s": med, "min_step_s": best, "all_step_s": per_step,
+                            "global_over_image_min": best["global"] / best["image"],
                             "images_per_s": {n: world * args.batch / med[n] for n in SCOPES},
                             "global_over_image": med["global"] / med["image"],
                             "comm_bytes_rank0": res[0]["comm"]}
         print(f"\n2. step time (forward both views + backward + SGD), {args.backbone}, crop {args.crop}, "
               f"{args.batch} images/process, 1 thread/process, gloo, median of {args.steps} "
               f"(slowest rank per step), shared 2-core machine")
-        print(f"{'processes':<11}{'image s':>9}{'global s':>10}{'global/image':>14}{'img/s image':>13}{'img/s global':>14}")
+        print(f"{'processes':<11}{'image s':>9}{'global s':>10}{'global/image':>14}{'img/s image':>13}"
+              f"{'img/s global':>14}{'min: image s':>14}{'global s':>10}{'ratio':>7}")
         for world, s in speed.items():
-            m, ips = s["median_step_s"], s["images_per_s"]
+            m, ips, b = s["median_step_s"], s["images_per_s"], s["min_step_s"]
             print(f"{world:<11}{m['image']:>9.3f}{m['global']:>10.3f}{s['global_over_image']:>14.3f}"
-                  f"{ips['image']:>13.2f}{ips['global']:>14.2f}")
+                  f"{ips['image']:>13.2f}{ips['global']:>14.2f}{b['image']:>14.3f}{b['global']:>10.3f}"
+                  f"{s['global_over_image_min']:>7.3f}")
         scale = {n: speed[2]["images_per_s"][n] / speed[1]["images_per_s"][n] for n in SCOPES}
         overhead = speed[2]["global_over_image"] - 1
         goal_time = overhead < 0.05
         print(f"2 vs 1 process throughput: image x{scale['image']:.2f}, global x{scale['global']:.2f}")
-        print(f"goal: global scopes cost < 5% step time against image scopes (2 processes): "
-              f"{'PASS' if goal_time else 'FAIL'} ({100 * overhead:+.1f}%)")
+        print(f"goal: global scopes cost < 5% step time against image scopes (2 processes, medians): "
+              f"{'PASS' if goal_time else 'FAIL'} ({100 * overhead:+.1f}%; fastest steps: "
+              f"{100 * (speed[2]['global_over_image_min'] - 1):+.1f}%)")
         result["step_time"] = {"backbone": args.backbone, "crop": args.crop, "images_per_process": args.batch,
                                "steps": args.steps, "warmup": args.warmup, "threads_per_process": 1,
                                "by_processes": {str(k): v for k, v in speed.items()},

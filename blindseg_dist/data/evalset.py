@@ -7,7 +7,6 @@ padding or dropping, so summing the per-rank confusion matrices gives the 1-rank
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -57,17 +56,31 @@ def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
     return apply
 
 
+def resolve_protocol(protocol: str | Protocol | None) -> Protocol | None:
+    """A protocol callable, or a name: "mapillary_<height>" (e.g. mapillary_1536, mapillary_1024)
+    -> mapillary_protocol(height); "full", "synthia" and None -> no transform (full resolution)."""
+    if protocol is None or callable(protocol):
+        return protocol
+    name = str(protocol)
+    if name in ("full", "synthia"):
+        return None
+    if name.startswith("mapillary_") and name[len("mapillary_"):].isdigit():
+        return mapillary_protocol(int(name[len("mapillary_"):]))
+    raise ValueError(f"unknown evaluation protocol {name!r}; use full, synthia, mapillary_<height> "
+                     f"(e.g. mapillary_1536) or a callable (image, label) -> (image, label)")
+
+
 class EvalDataset(Dataset):
     """Evaluation frames from a shard directory (or tar list), or from a raw folder via `source`.
 
     source: any object with an `items` list of (key, image_path, label_path) and
     `load_pair(item) -> (image uint8 HxWx3 RGB, label uint8 HxW[, unknown_ids])` (data/sources).
     protocol: optional (image, label) -> (image, label) on uint8 arrays, before normalization,
-    e.g. mapillary_protocol(1536).
+    e.g. mapillary_protocol(1536), or its name (see resolve_protocol).
     """
 
-    def __init__(self, path=None, *, source=None, protocol: Protocol | None = None):
-        self.protocol = protocol
+    def __init__(self, path=None, *, source=None, protocol: str | Protocol | None = None):
+        self.protocol = resolve_protocol(protocol)
         self.source = source
         self._files = _Files()
         if source is not None:
@@ -122,8 +135,3 @@ class EvalDataset(Dataset):
         return {"image": normalize(to_unit_float(image)),
                 "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
                 "key": key}
-
-
-def read_manifest_keys(path) -> list[str]:
-    """Sample keys listed in a shard directory's manifest, in order (for cross-checks)."""
-    return [s["key"] for s in json.loads((Path(path) / "manifest.json").read_text())["samples"]]

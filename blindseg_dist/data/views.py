@@ -29,21 +29,12 @@ IGNORE = 255
 _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision rgb_to_grayscale weights
 
 
-def class_centroids(label: np.ndarray, tile: int = 1024, ignore: int = IGNORE) -> dict[str, list[list[int]]]:
-    """Class-uniform centroids (RobustNet convention): cut the label into tile x tile tiles; for
-    every tile holding class c, the integer centroid [y, x] (full-image coordinates) of its class-c
-    pixels. Returns {"<c>": [[y, x], ...]} with classes in increasing order."""
-    out: dict[str, list[list[int]]] = {}
-    h, w = label.shape
-    for ty in range(0, h, tile):
-        for tx in range(0, w, tile):
-            sub = label[ty:ty + tile, tx:tx + tile]
-            for c in np.unique(sub):
-                if c == ignore:
-                    continue
-                ys, xs = np.nonzero(sub == c)
-                out.setdefault(str(int(c)), []).append([int(ys.mean()) + ty, int(xs.mean()) + tx])
-    return {k: out[k] for k in sorted(out, key=int)}
+def class_centroids(label: np.ndarray, tile: int = 1024) -> dict[str, list[list[int]]]:
+    """Class-uniform centroids (RobustNet convention), as the sharder stores them in meta.json:
+    {"<c>": [[y, x], ...]}, the integer centroid of class c in every tile x tile tile holding it."""
+    from .shards import class_stats
+
+    return class_stats(label, tile)[1]
 
 
 def blur_ksize(sigma: float) -> int:
@@ -123,7 +114,8 @@ class TwoViewTransform:
     Geometry (shared): scale s ~ U[scale_range] of the full frame (bicubic image / nearest label),
     crop crop_size x crop_size (centred on a class centroid with probability class_uniform, else
     uniformly random), image padded with 0 and label with 255 where the scaled frame is smaller
-    (padding centred), horizontal flip with p=0.5.
+    (padding centred), horizontal flip with p=0.5. Centroids come from meta["centroids"] (written by
+    the sharder); a meta without them gets class_centroids(label, tile) computed on the fly.
     Photometry: see JITTER_ORIG / JITTER_ORIG_P / JITTER_AUG / BLUR_SIGMA; passing zeros disables
     an op (used by the tests to look at the geometry alone).
     """
@@ -148,7 +140,7 @@ class TwoViewTransform:
         self.crop_size = int(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.class_uniform = float(class_uniform)
-        self.tile = int(tile)  # the tile size the centroids in meta were computed with (documentation)
+        self.tile = int(tile)  # tile of the centroids computed here when meta holds none
         self.jitter_orig = tuple(jitter_orig)
         self.jitter_orig_p = float(jitter_orig_p)
         self.jitter_aug = tuple(jitter_aug)
@@ -216,6 +208,8 @@ class TwoViewTransform:
             raise ValueError(f"image must be uint8 HxWx3 RGB, got {image.dtype} {image.shape}")
         if label.ndim != 2 or label.shape != image.shape[:2]:
             raise ValueError(f"label must be HxW matching the image {image.shape[:2]}, got {label.shape}")
+        if self.class_uniform > 0 and "centroids" not in (meta or {}):
+            meta = {**(meta or {}), "centroids": class_centroids(label, self.tile)}  # not precomputed
         g = self.sample_geometry(label.shape, meta, rng)
         img_c, lab_c = self.apply_geometry(image, label, g)
         return img_c, lab_c, g

@@ -283,11 +283,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
     in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision) if deepspeed else None
     counters = {"nonfinite_skipped": 0, "corrupt_shards": 0}
-    start_step = 0
+    start_step, rng = 0, None
     if resume_from is not None:
-        start_step = _restore(acc, objective, optimizer, scheduler, counters, resume_from, deepspeed)
-    else:
-        torch.manual_seed(cfg.run.seed + 1000 * rank)  # per-rank stream for dropout
+        start_step, rng = _restore(acc, objective, optimizer, scheduler, counters, resume_from, deepspeed)
+    torch.manual_seed(cfg.run.seed + 1000 * rank)  # per-rank stream for dropout
 
     from ..data.stream import make_train_loader
 
@@ -315,7 +314,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         )
 
     global_batch = cfg.data.batch_size * world
-    data_iter = iter(loader)
+    data_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    elif resume_from is not None and acc.is_main_process:
+        print(f"[train] checkpoint {resume_from} has no RNG state for rank {rank}; continuing with fresh RNG")
     step, attempt = start_step, 0
     faults = _Faults(rank)
     streamed: list[list[str]] | None = [] if cfg.run.record_stream else None
@@ -481,8 +484,8 @@ def _log_images(logger: RunLogger, net, batch: dict, out: dict, step: int) -> No
         run_logging.log_images(logger, batch, out, step)
 
 
-def _restore(acc, objective, optimizer, scheduler, counters: dict, path: Path, deepspeed: bool) -> int:
-    """Load optimizer, scheduler, counters and this rank's RNG from checkpoint ``path``; returns its step."""
+def _restore(acc, objective, optimizer, scheduler, counters: dict, path: Path, deepspeed: bool):
+    """Load optimizer, scheduler and counters from checkpoint ``path``; returns (step, this rank's RNG or None)."""
     state, rng = ckpt.load_state(path)
     if deepspeed:  # partitioned optimizer state, one file per rank
         objective.load_checkpoint(str(path / "deepspeed"), tag="engine", load_optimizer_states=True,
@@ -491,13 +494,9 @@ def _restore(acc, objective, optimizer, scheduler, counters: dict, path: Path, d
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     counters.update(state.get("counters", {}))
-    if rng is not None:
-        ckpt.set_rng_state(rng)
-    elif acc.is_main_process:
-        print(f"[train] checkpoint {path} has no RNG state for rank {acc.process_index}; continuing with fresh RNG")
     if acc.is_main_process:
         print(f"[train] resumed from {path} at step {state['step']}")
-    return int(state["step"])
+    return int(state["step"]), rng
 
 
 def _save(acc, objective, optimizer, scheduler, step, counters, cfg: Config, config_yaml: str, deepspeed: bool) -> Path:

@@ -119,6 +119,9 @@ def test_class_uniform_crop_contains_chosen_centroid():
         assert 0 <= yy < 64 and 0 <= xx < 64
         assert (lab_c == cls).any()
     assert chosen == {11, 13}
+    # without precomputed centroids they are computed from the label (tile convention)
+    _, _, g = t.crop(image, label, None, np.random.default_rng(0))
+    assert g["chosen"][0] in (0, 6, 11, 13)
     # class_uniform=0 never uses a centroid
     assert TwoViewTransform(crop_size=64, class_uniform=0.0).sample_geometry((h, w), meta, np.random.default_rng(0))["chosen"] is None
 
@@ -130,3 +133,21 @@ def test_class_centroids_tile_convention():
     label[1, 4] = 5
     c = class_centroids(label, tile=4)
     assert c == {"3": [[0, 0], [2, 6]], "5": [[1, 4]]}
+
+
+def test_window_resampling_equals_full_resize_then_crop():
+    import cv2
+    image, label = make_frame(90, 150, 9)
+    image = cv2.GaussianBlur(image, (7, 7), 2)  # smooth content: cubic rounding only
+    t = TwoViewTransform(crop_size=64, class_uniform=0.5)
+    for seed in range(8):
+        ic, lc, g = t.crop(image, label, None, np.random.default_rng(seed))
+        hs, ws = g["scaled_hw"]
+        full = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_CUBIC)
+        full_l = cv2.resize(label, (ws, hs), interpolation=cv2.INTER_NEAREST_EXACT)
+        y0, x0, ch, cw, py, px = (g[k] for k in ("y0", "x0", "ch", "cw", "py", "px"))
+        ref, ref_l = full[y0:y0 + ch, x0:x0 + cw], full_l[y0:y0 + ch, x0:x0 + cw]
+        if g["flip"]:
+            ref, ref_l = ref[:, ::-1], ref_l[:, ::-1]
+        assert np.abs(ic[py:py + ch, px:px + cw].astype(int) - ref).max() <= 1
+        assert np.array_equal(lc[py:py + ch, px:px + cw], ref_l)

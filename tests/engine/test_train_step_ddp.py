@@ -27,7 +27,6 @@ back. One spawn per world size runs every check.
 
 from __future__ import annotations
 
-import copy
 import functools
 import sys
 from pathlib import Path

@@ -46,8 +46,8 @@ from ..model import build_model
 from ..model.objective import BlindNetObjective, LossWeights
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
-from .evaluate import evaluate_dataset, format_table, target_result
-from .logging import RunLogger
+from .evaluate import evaluate_targets, format_table
+from .logging import RunLogger, log_images
 
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
@@ -191,26 +191,6 @@ class _StopFlag:
 
 def _loss_weights(cfg: Config) -> LossWeights:
     return LossWeights(**asdict(cfg.loss))
-
-
-def build_eval_sets(cfg: Config) -> dict[str, Any]:
-    from ..data.evalset import EvalDataset
-
-    return {name: EvalDataset(path) for name, path in cfg.eval.targets.items()}
-
-
-def run_evaluation(net, cfg: Config, device, logger: RunLogger | None = None, step: int = 0) -> dict:
-    """Evaluate every target of cfg.eval.targets; returns {name: target_result}."""
-    results = {}
-    for name, ds in build_eval_sets(cfg).items():
-        cm = evaluate_dataset(net, ds, device=device, max_images=cfg.eval.max_images, desc=f"eval {name}")
-        results[name] = target_result(cm)
-        if logger is not None:
-            logger.scalars({f"miou/{name}": results[name]["miou"]}, step)
-            logger.scalars(
-                {f"iou/{name}/{c}": v for c, v in results[name]["per_class_iou"].items() if v is not None}, step
-            )
-    return results
 
 
 class _Faults:
@@ -424,14 +404,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{scalars['loss/total']:.3f}", ips=f"{scalars['images_per_s']:.1f}")
                     t_last, imgs_since, steps_since = now, 0, 0
                 if cfg.run.image_every and step % cfg.run.image_every == 0:
-                    _log_images(logger, acc.unwrap_model(objective).net, batch, out, step)
+                    log_images(logger, batch, out["logits"], step)  # rank 0 only (others: no writer)
                 if stop:
                     stop_reason = "stopped by signal"
                     break
                 if step % cfg.run.checkpoint_every == 0 and step < cfg.optim.max_steps:
                     last_ckpt = _save(acc, objective, optimizer, scheduler, step, counters, cfg, config_yaml, deepspeed)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.optim.max_steps:
-                    run_evaluation(acc.unwrap_model(objective).net, cfg, acc.device, logger, step)
+                    evaluate_targets(acc.unwrap_model(objective).net, cfg.eval, acc.device, logger, step)
             bar.close()
             last_ckpt = _save(acc, objective, optimizer, scheduler, step, counters, cfg, config_yaml, deepspeed)
         except RuntimeError as err:
@@ -460,7 +440,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         record = _stream_record(cfg, streamed, acc.unwrap_model(objective).net, rank)
         (out_dir / f"streamed-rank{rank}.json").write_text(json.dumps(record))
     if stop_reason == "finished" and cfg.eval.at_end and cfg.eval.targets:
-        results = run_evaluation(acc.unwrap_model(objective).net, cfg, acc.device, logger, step)
+        results = evaluate_targets(acc.unwrap_model(objective).net, cfg.eval, acc.device, logger, step)
         summary["eval"] = {"world_size": world, "targets": results}
         if acc.is_main_process:
             (out_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=1))
@@ -474,14 +454,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         print(f"[train] {stop_reason}; last checkpoint {last_ckpt}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_NONFINITE)
     return summary
-
-
-def _log_images(logger: RunLogger, net, batch: dict, out: dict, step: int) -> None:
-    """engine/logging.log_images, when that helper exists (rank 0 only)."""
-    from . import logging as run_logging
-
-    if dist.rank() == 0 and hasattr(run_logging, "log_images"):
-        run_logging.log_images(logger, batch, out, step)
 
 
 def _restore(acc, objective, optimizer, scheduler, counters: dict, path: Path, deepspeed: bool):

@@ -50,12 +50,14 @@ class SegNet(nn.Module):
         yield from self.backbone.parameters()
         yield from self.decoder.parameters()
 
-    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor | list[Tensor] | None]:
+    def forward(self, x: Tensor, *, with_aux: bool = True) -> Tensor | dict[str, Tensor | list[Tensor] | None]:
         """Eval: logits (B, C, H, W). Train: dict with
 
         "logits" (B, C, H, W); "logits_q" (B, C, H/4, W/4); "aux" (B, C, H/os, W/os) from the third
         stage, or None; "in_feats" the three IN outputs; "embeds" three L2-normalized (B, proj_dim, h, w)
-        projections of [last stage, dec0, dec1], or None.
+        projections of [last stage, dec0, dec1], or None. ``with_aux=False`` skips the aux head (the
+        augmented view: its aux logits are never used, and running it would also feed that view into
+        the aux head's BN statistics).
         """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -67,7 +69,7 @@ class SegNet(nn.Module):
         return {
             "logits": logits,
             "logits_q": logits_q,
-            "aux": self.aux_head(feats[2]) if self.aux_head is not None else None,
+            "aux": self.aux_head(feats[2]) if self.aux_head is not None and with_aux else None,
             "in_feats": in_feats,
             "embeds": (
                 [head(f) for head, f in zip(self.proj_heads, (feats[3], dec0, dec1))]

@@ -83,7 +83,7 @@ class BlindNetObjective(nn.Module):
         if w.two_view:
             if image_aug is None:
                 raise ValueError("loss.two_view is on but the batch has no augmented view ('image_aug')")
-            out_a = self.net(image_aug)
+            out_a = self.net(image_aug, with_aux=False)  # aux CE is on the original view only
             terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
             weighted["ce_aug"] = 0.5 * terms["ce_aug"]
             if w.cml > 0:

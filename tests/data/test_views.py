@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from blindseg_dist.data import views as V

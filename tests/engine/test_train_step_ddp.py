@@ -138,7 +138,8 @@ def references(tmp_path_factory) -> dict:
     torch.save({"refs": {n: {"grads": r["grads"], "buffers": r["buffers"]}
                          for n, r in refs.items()}, "concat": concat, "batch": make_batch()},
                path)
-    return {"refs": refs, "concat": concat, "path": str(path)}
+    yield {"refs": refs, "concat": concat, "path": str(path)}
+    path.unlink()  # ~300 MB; pytest keeps the last few temporary directories
 
 
 # ----------------------------------------------------------------------------- workers
@@ -176,7 +177,10 @@ def _ddp_case(rank: int, world: int, name: str, ref: dict, concat: dict, batch: 
     return {"total": total, "terms": terms, "missing_grads": missing, "grad_viol": grad_viol,
             "grad_err": grad_err,
             "buf_viol": buf_viol, "concat_diff": concat_diff, "comm": comm,
-            "nbt": sorted({int(b) for n, b in bufs.items() if n.endswith("num_batches_tracked")})}
+            "nbt": sorted({int(b) for n, b in bufs.items()
+                           if n.endswith("num_batches_tracked") and "aux_head" not in n}),
+            "nbt_aux": sorted({int(b) for n, b in bufs.items()
+                               if n.endswith("num_batches_tracked") and "aux_head" in n})}
 
 
 def _bn_data(total: int, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -291,6 +295,7 @@ def test_views_keep_separate_bn_statistics(references, world):
         for rank, r in enumerate(per_rank):
             res = r["ddp"][name]
             assert res["nbt"] == [2], "each BN layer must see two batches (one per view)"
+            assert res["nbt_aux"] == [1], "the aux head runs on the original view only"
             bad = {n: v for n, v in res["buf_viol"].items() if not v <= 1.0}
             assert not bad, f"{name}, W={world}, rank {rank}: running stats differ: {bad}"
             assert res["concat_diff"] > 1e-3, "running stats look like concatenated views"

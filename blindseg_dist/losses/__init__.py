@@ -7,8 +7,12 @@ loss on the concatenated global batch, with gradients that DDP's averaging turns
 
 from blindseg_dist.losses.contrastive import (
     class_wise_contrastive_loss,
+    cwcl_pixels,
+    cwcl_plan,
     sample_class_anchors,
     sample_seeds,
+    sdcl_pixels,
+    sdcl_plan,
     semantic_disentanglement_loss,
 )
 from blindseg_dist.losses.covariance import covariance_matching_loss, cross_covariance_loss
@@ -22,4 +26,8 @@ __all__ = [
     "segmentation_loss",
     "sample_seeds",
     "sample_class_anchors",
+    "cwcl_plan",
+    "cwcl_pixels",
+    "sdcl_plan",
+    "sdcl_pixels",
 ]

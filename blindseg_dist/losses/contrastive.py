@@ -205,12 +205,34 @@ def sample_class_anchors(labels: torch.Tensor, pred: torch.Tensor, *, max_classe
     return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
 
+def cwcl_plan(labels: torch.Tensor, pred: torch.Tensor, size: tuple[int, int], *,
+              max_classes: int = 15, pixels_per_class: int = 50,
+              generator: torch.Generator | None = None, seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CWCL's sampling at embedding resolution ``size`` = (h, w): (index, class_id), both (B, M).
+
+    Depends on labels, predictions and seeds only, so a caller can sample first and evaluate
+    the (per-pixel) projection heads at the sampled pixels alone (cwcl_pixels); passing the
+    plan back to class_wise_contrastive_loss then gives exactly the dense result.
+    """
+    b = labels.shape[0]
+    y = _ids_at(labels, size, "labels").view(b, *size)
+    p = _ids_at(pred, size, "pred").view(b, *size)
+    return sample_class_anchors(y, p, max_classes=max_classes, pixels_per_class=pixels_per_class,
+                                generator=generator, seeds=seeds)
+
+
+def cwcl_pixels(plan: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor:
+    """Flat indices into (B * h * w) of every pixel CWCL reads (same pixels in both views)."""
+    idx = plan[0]
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).flatten()
+
+
 def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
                                 pred: torch.Tensor, *, negatives: str = "reference",
                                 scope: str = "image", tau: float = 0.07, max_classes: int = 15,
                                 pixels_per_class: int = 50,
                                 generator: torch.Generator | None = None,
-                                seeds=None) -> torch.Tensor:
+                                seeds=None, plan=None) -> torch.Tensor:
     """CWCL for one level. Anchors z_a(p) (augmented view, with grad), positive z(p) and keys
     z(q) detached; loss = mean over the K*P anchors of every image of the global batch.
 
@@ -219,16 +241,16 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     negatives="paper": keys of other classes only (filler groups are their own classes).
     scope="image": keys of the anchor's own image; "global": keys of every image of every
     rank (plain no-grad gather: keys are detached), anchors stay local.
+    plan: the result of cwcl_plan for these inputs (then no sampling happens here).
     """
     _check_choice(negatives, NEGATIVES, "contrastive.negatives (class_wise_contrastive_loss)")
     _check_choice(scope, SCOPES, "contrastive.scope (class_wise_contrastive_loss)")
     _check_embeddings(emb_aug, emb, "class_wise_contrastive_loss")
     b, d, h, w = emb_aug.shape
-    y = _ids_at(labels, (h, w), "labels").view(b, h, w)
-    p = _ids_at(pred, (h, w), "pred").view(b, h, w)
-    idx, ids = sample_class_anchors(y, p, max_classes=max_classes,
-                                    pixels_per_class=pixels_per_class, generator=generator,
-                                    seeds=seeds)  # (B, M) each
+    if plan is None:
+        plan = cwcl_plan(labels, pred, (h, w), max_classes=max_classes,
+                         pixels_per_class=pixels_per_class, generator=generator, seeds=seeds)
+    idx, ids = plan  # (B, M) each
     m = idx.shape[1]
     with torch.autocast(device_type=emb_aug.device.type, enabled=False):
         dt = _math_dtype(emb_aug)
@@ -266,30 +288,20 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
 
 # ----------------------------------------------------------------------------- SDCL
 
-def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
-                                  labels: torch.Tensor, pred: torch.Tensor,
-                                  pred_aug: torch.Tensor, *, scope: str = "image",
-                                  num_negatives: int = 20, max_anchors_per_image: int = 1000,
-                                  tau: float = 0.07, generator: torch.Generator | None = None,
-                                  seeds=None, return_details: bool = False):
-    """SDCL for one level.
+def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
+              size: tuple[int, int], *, scope: str = "image", num_negatives: int = 20,
+              max_anchors_per_image: int = 1000, generator: torch.Generator | None = None,
+              seeds=None) -> dict:
+    """SDCL's sampling at embedding resolution ``size``: anchors, negatives and counts.
 
-    Correction map M = (pred == labels) & (pred_aug != pred) & (labels != 255). For each
-    class c that pred_aug predicts at M pixels with at least num_negatives ground-truth
-    pixels of c (in the image; "global": in the global batch; classes absent from the
-    ground truth are skipped too), anchors = M pixels with pred_aug == c (z_a, with grad),
-    positive z(p) detached, negatives = num_negatives random pixels of ground truth c taken
-    from z_a WITH gradient, shared by all anchors of c in the image ("global": drawn from the
-    class-c pixels of the whole global batch, gathered with the autograd all_gather).
-    Cap: more than max_anchors_per_image * B_global anchors -> keep that many at random
-    (smallest anchor keys over the global batch). Loss = mean over the kept anchors; no
-    anchors -> 0 still connected to emb_aug (and emb).
-    return_details=True also returns a dict of the sampled indices (for tests).
+    Index math and count collectives only (no embedding is read), so the projection heads can
+    be evaluated at sdcl_pixels(plan) alone; semantic_disentanglement_loss(plan=...) then
+    gives exactly the dense result.
     """
     _check_choice(scope, SCOPES, "contrastive.scope (semantic_disentanglement_loss)")
-    _check_embeddings(emb_aug, emb, "semantic_disentanglement_loss")
-    b, d, h, w = emb_aug.shape
-    n, dev = h * w, emb_aug.device
+    h, w = size
+    b = labels.shape[0]
+    n, dev = h * w, labels.device
     y = _ids_at(labels, (h, w), "labels")  # (B, N)
     p = _ids_at(pred, (h, w), "pred")
     pa = _ids_at(pred_aug, (h, w), "pred_aug")
@@ -333,6 +345,77 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
         keep, n_global = torch.ones_like(ak, dtype=torch.bool), gathered.numel()
     ab, ap = ab[keep], ap[keep]
     ac = pa[ab, ap]  # (A,) anchor class
+    plan = {"scope": scope, "size": (h, w), "batch": b, "num_negatives": num_negatives,
+            "anchors": (ab, ap), "anchor_class": ac, "num_anchors_global": n_global}
+    if scope == "image":
+        # groups (image, class) that keep anchors; 20 smallest negative keys of GT c in b
+        need = torch.unique(ab * _NUM_IDS + ac)  # (G,) ascending
+        need_mask = torch.zeros(b * _NUM_IDS, dtype=torch.bool, device=dev)
+        need_mask[need] = True
+        grp = img * _NUM_IDS + y  # (B, N); ignore pixels never needed (class_ok false)
+        cand = torch.nonzero(need_mask[grp.flatten()] & valid.flatten()).flatten()
+        order, rank = _rank_in_group(neg_keys.flatten()[cand], grp.flatten()[cand],
+                                     b * _NUM_IDS)
+        plan["negatives"] = cand[order[rank < num_negatives]].view(-1, num_negatives)  # (G, K)
+        plan["groups"] = need
+    else:
+        need_cls = torch.nonzero(class_ok & (anc_global > 0)).flatten()  # same on all ranks
+        need_mask = torch.zeros(_NUM_IDS, dtype=torch.bool, device=dev)
+        need_mask[need_cls] = True
+        yf = y.flatten()
+        cand = torch.nonzero(need_mask[yf] & valid.flatten()).flatten()
+        order, rank = _rank_in_group(neg_keys.flatten()[cand], yf[cand], _NUM_IDS)
+        local = cand[order[rank < num_negatives]]  # local smallest keys per class
+        plan["groups"] = need_cls
+        plan["candidates"] = local
+        plan["candidate_meta"] = torch.stack([neg_keys.flatten()[local], yf[local].double()], dim=1)
+    return plan
+
+
+def sdcl_pixels(plan: dict) -> torch.Tensor:
+    """Flat indices into (B * h * w) of every pixel SDCL reads (anchors: both views; negatives:
+    the augmented view; reading the union from both views is a harmless superset)."""
+    (ab, ap), n = plan["anchors"], plan["size"][0] * plan["size"][1]
+    neg = plan["negatives"].flatten() if plan["scope"] == "image" else plan["candidates"]
+    return torch.cat([ab * n + ap, neg])
+
+
+def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
+                                  labels: torch.Tensor, pred: torch.Tensor,
+                                  pred_aug: torch.Tensor, *, scope: str = "image",
+                                  num_negatives: int = 20, max_anchors_per_image: int = 1000,
+                                  tau: float = 0.07, generator: torch.Generator | None = None,
+                                  seeds=None, return_details: bool = False, plan=None):
+    """SDCL for one level.
+
+    Correction map M = (pred == labels) & (pred_aug != pred) & (labels != 255). For each
+    class c that pred_aug predicts at M pixels with at least num_negatives ground-truth
+    pixels of c (in the image; "global": in the global batch; classes absent from the
+    ground truth are skipped too), anchors = M pixels with pred_aug == c (z_a, with grad),
+    positive z(p) detached, negatives = num_negatives random pixels of ground truth c taken
+    from z_a WITH gradient, shared by all anchors of c in the image ("global": drawn from the
+    class-c pixels of the whole global batch, gathered with the autograd all_gather).
+    Cap: more than max_anchors_per_image * B_global anchors -> keep that many at random
+    (smallest anchor keys over the global batch). Loss = mean over the kept anchors; no
+    anchors -> 0 still connected to emb_aug (and emb).
+    plan: the result of sdcl_plan for these inputs (then no sampling happens here).
+    return_details=True also returns a dict of the sampled indices (for tests).
+    """
+    _check_choice(scope, SCOPES, "contrastive.scope (semantic_disentanglement_loss)")
+    _check_embeddings(emb_aug, emb, "semantic_disentanglement_loss")
+    b, d, h, w = emb_aug.shape
+    n, dev = h * w, emb_aug.device
+    if plan is None:
+        plan = sdcl_plan(labels, pred, pred_aug, (h, w), scope=scope, num_negatives=num_negatives,
+                         max_anchors_per_image=max_anchors_per_image, generator=generator,
+                         seeds=seeds)
+    elif plan["scope"] != scope or tuple(plan["size"]) != (h, w):
+        raise ValueError(f"semantic_disentanglement_loss: the plan is for scope {plan['scope']!r} at "
+                         f"{plan['size']}, the call for {scope!r} at {(h, w)}")
+    num_negatives = plan["num_negatives"]
+    ab, ap = plan["anchors"]
+    ac = plan["anchor_class"]
+    n_global = plan["num_anchors_global"]
 
     with torch.autocast(device_type=dev.type, enabled=False):
         dt = _math_dtype(emb_aug)
@@ -342,15 +425,7 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
         pos = (anc * z[ab, ap]).sum(-1)  # (A,)
         zero = _connected_zero(emb_aug, emb)
         if scope == "image":
-            # groups (image, class) that keep anchors; 20 smallest negative keys of GT c in b
-            need = torch.unique(ab * _NUM_IDS + ac)  # (G,) ascending
-            need_mask = torch.zeros(b * _NUM_IDS, dtype=torch.bool, device=dev)
-            need_mask[need] = True
-            grp = img * _NUM_IDS + y  # (B, N); ignore pixels never needed (class_ok false)
-            cand = torch.nonzero(need_mask[grp.flatten()] & valid.flatten()).flatten()
-            order, rank = _rank_in_group(neg_keys.flatten()[cand], grp.flatten()[cand],
-                                         b * _NUM_IDS)
-            bank_idx = cand[order[rank < num_negatives]].view(-1, num_negatives)  # (G, K)
+            need, bank_idx = plan["groups"], plan["negatives"]  # (G,), (G, K)
             bank = za.reshape(b * n, -1)[bank_idx]  # (G, K, D) with grad
             slot = torch.searchsorted(need, ab * _NUM_IDS + ac)  # (A,) group of each anchor
             bounds = torch.searchsorted(need, torch.arange(b + 1, device=dev) * _NUM_IDS)
@@ -364,18 +439,11 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
                 local_sum = local_sum + _info_nce(pos[a_i], neg, tau).sum()
             details = {"negatives": bank_idx, "groups": need}
         else:
-            need_cls = torch.nonzero(class_ok & (anc_global > 0)).flatten()  # same on all ranks
-            need_mask = torch.zeros(_NUM_IDS, dtype=torch.bool, device=dev)
-            need_mask[need_cls] = True
-            yf = y.flatten()
-            cand = torch.nonzero(need_mask[yf] & valid.flatten()).flatten()
-            order, rank = _rank_in_group(neg_keys.flatten()[cand], yf[cand], _NUM_IDS)
-            local = cand[order[rank < num_negatives]]  # local smallest keys per class
+            need_cls, local = plan["groups"], plan["candidates"]
             sizes = dist.gather_sizes(local.numel(), tag="sdcl", device=dev)
             # autograd gather: negatives carry gradient back to the rank that owns them
             g_emb = dist.all_gather(za.reshape(b * n, -1)[local], tag="sdcl", sizes=sizes)
-            meta = torch.stack([neg_keys.flatten()[local], yf[local].double()], dim=1)
-            g_meta = dist.all_gather_detached(meta, tag="sdcl", sizes=sizes)  # (n_g, 2)
+            g_meta = dist.all_gather_detached(plan["candidate_meta"], tag="sdcl", sizes=sizes)  # (n_g, 2)
             g_cls = g_meta[:, 1].long()
             order, rank = _rank_in_group(g_meta[:, 0], g_cls, _NUM_IDS)
             pick = order[rank < num_negatives]  # grouped by class ascending: (C*K,)

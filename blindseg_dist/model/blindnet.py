@@ -50,14 +50,23 @@ class SegNet(nn.Module):
         yield from self.backbone.parameters()
         yield from self.decoder.parameters()
 
-    def forward(self, x: Tensor, *, with_aux: bool = True) -> Tensor | dict[str, Tensor | list[Tensor] | None]:
+    def embed_rows(self, level: int, rows: Tensor) -> Tensor:
+        """Projection head ``level`` on feature rows (P, C) -> L2-normalized (P, proj_dim).
+
+        The heads are per-pixel (1x1 convs), so this equals the dense head at those pixels."""
+        return self.proj_heads[level](rows[:, :, None, None])[:, :, 0, 0]
+
+    def forward(
+        self, x: Tensor, *, with_aux: bool = True, dense_embeds: bool = True
+    ) -> Tensor | dict[str, Tensor | list[Tensor] | None]:
         """Eval: logits (B, C, H, W). Train: dict with
 
         "logits" (B, C, H, W); "logits_q" (B, C, H/4, W/4); "aux" (B, C, H/os, W/os) from the third
         stage, or None; "in_feats" the three IN outputs; "embeds" three L2-normalized (B, proj_dim, h, w)
         projections of [last stage, dec0, dec1], or None. ``with_aux=False`` skips the aux head (the
         augmented view: its aux logits are never used, and running it would also feed that view into
-        the aux head's BN statistics).
+        the aux head's BN statistics). ``dense_embeds=False`` returns the heads' inputs as
+        "proj_inputs" [last stage, dec0, dec1] instead of "embeds", for ``embed_rows``.
         """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -73,9 +82,10 @@ class SegNet(nn.Module):
             "in_feats": in_feats,
             "embeds": (
                 [head(f) for head, f in zip(self.proj_heads, (feats[3], dec0, dec1))]
-                if self.proj_heads is not None
+                if self.proj_heads is not None and dense_embeds
                 else None
             ),
+            "proj_inputs": [feats[3], dec0, dec1] if self.proj_heads is not None and not dense_embeds else None,
         }
 
 

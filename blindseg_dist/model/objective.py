@@ -16,7 +16,11 @@ from ..losses import (
     class_wise_contrastive_loss,
     covariance_matching_loss,
     cross_covariance_loss,
+    cwcl_pixels,
+    cwcl_plan,
     sample_seeds,
+    sdcl_pixels,
+    sdcl_plan,
     segmentation_loss,
     semantic_disentanglement_loss,
 )
@@ -53,11 +57,16 @@ class BlindNetObjective(nn.Module):
     (METHOD.md section 3). With two_view=False: L = CE(x) + w_aux aux (the baseline).
     """
 
-    def __init__(self, net: nn.Module, weights: LossWeights, run_seed: int = 0):
+    def __init__(self, net: nn.Module, weights: LossWeights, run_seed: int = 0, sparse_heads: bool = True):
         super().__init__()
         self.net = net
         self.w = weights
         self.run_seed = int(run_seed)
+        # The projection heads are per-pixel MLPs and the contrastive losses read only the pixels
+        # they sample (from labels and predictions alone), so sampling first and running the heads
+        # at those pixels gives the dense values and gradients exactly, at a fraction of the cost
+        # (tests/model/test_objective.py compares both; bench/step_overhead.py measures it).
+        self.sparse_heads = sparse_heads
 
     def forward(
         self,
@@ -70,7 +79,8 @@ class BlindNetObjective(nn.Module):
         w = self.w
         if global_index is None:
             global_index = torch.arange(image.shape[0])
-        out = self.net(image)
+        dense = not self.sparse_heads
+        out = self.net(image, dense_embeds=dense)
         terms: dict[str, torch.Tensor] = {}
         weighted: dict[str, torch.Tensor] = {}
         ce = segmentation_loss(out["logits"], label, scope=w.ce_scope)
@@ -83,7 +93,7 @@ class BlindNetObjective(nn.Module):
         if w.two_view:
             if image_aug is None:
                 raise ValueError("loss.two_view is on but the batch has no augmented view ('image_aug')")
-            out_a = self.net(image_aug, with_aux=False)  # aux CE is on the original view only
+            out_a = self.net(image_aug, with_aux=False, dense_embeds=dense)  # aux CE: original view only
             terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
             weighted["ce_aug"] = 0.5 * terms["ce_aug"]
             if w.cml > 0:
@@ -93,36 +103,62 @@ class BlindNetObjective(nn.Module):
                 terms["ccl"] = cross_covariance_loss(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope)
                 weighted["ccl"] = w.ccl * terms["ccl"]
             if w.cwcl > 0 or w.sdcl > 0:
-                with torch.no_grad():
-                    pred = out["logits_q"].argmax(1)  # (B, H/4, W/4)
-                    pred_aug = out_a["logits_q"].argmax(1)
-                levels = len(out["embeds"])
-                if w.cwcl > 0:
-                    vals = [
-                        class_wise_contrastive_loss(
-                            out_a["embeds"][j], out["embeds"][j], label, pred,
-                            negatives=w.cwcl_negatives, scope=w.contrastive_scope, tau=w.tau,
-                            seeds=sample_seeds(_stream_seed(self.run_seed, "cwcl", j), step, global_index),
-                        )
-                        for j in range(levels)
-                    ]
-                    terms["cwcl"] = torch.stack(vals).mean()
-                    weighted["cwcl"] = w.cwcl * terms["cwcl"]
-                if w.sdcl > 0:
-                    vals = [
-                        semantic_disentanglement_loss(
-                            out_a["embeds"][j], out["embeds"][j], label, pred, pred_aug,
-                            scope=w.contrastive_scope, tau=w.tau,
-                            seeds=sample_seeds(_stream_seed(self.run_seed, "sdcl", j), step, global_index),
-                        )
-                        for j in range(levels)
-                    ]
-                    terms["sdcl"] = torch.stack(vals).mean()
-                    weighted["sdcl"] = w.sdcl * terms["sdcl"]
-        # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total:
-        # v.float() rounded it to float32 (tests/engine/test_train_step_ddp.py runs in float64)
+                self._contrastive(out, out_a, label, step, global_index, terms, weighted)
+        # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total
+        # (tests/engine/test_train_step_ddp.py runs in float64)
         dtype = torch.float32
         for v in weighted.values():
             dtype = torch.promote_types(dtype, v.dtype)
         total = torch.stack([v.to(dtype) for v in weighted.values()]).sum()
         return {"total": total, "terms": terms, "logits": out["logits"]}
+
+    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted) -> None:
+        """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse)."""
+        w = self.w
+        with torch.no_grad():
+            pred = out["logits_q"].argmax(1)  # (B, H/4, W/4)
+            pred_aug = out_a["logits_q"].argmax(1)
+        cwcl_vals, sdcl_vals = [], []
+        levels = len(out["embeds"] if out["embeds"] is not None else out["proj_inputs"])
+        for j in range(levels):
+            cw_seeds = sample_seeds(_stream_seed(self.run_seed, "cwcl", j), step, global_index)
+            sd_seeds = sample_seeds(_stream_seed(self.run_seed, "sdcl", j), step, global_index)
+            if out["embeds"] is not None:
+                emb, emb_a = out["embeds"][j], out_a["embeds"][j]
+                cw_plan = sd_plan = None
+            else:
+                f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
+                size = tuple(f.shape[-2:])
+                cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds) if w.cwcl > 0 else None
+                sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
+                           if w.sdcl > 0 else None)
+                n = size[0] * size[1]
+                read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
+                read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
+                pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
+                emb_a = self._embed_at(j, f_a, pix)
+                with torch.no_grad():  # original-view embeddings are only used detached
+                    emb = self._embed_at(j, f, pix)
+            if w.cwcl > 0:
+                cwcl_vals.append(class_wise_contrastive_loss(
+                    emb_a, emb, label, pred, negatives=w.cwcl_negatives, scope=w.contrastive_scope, tau=w.tau,
+                    seeds=cw_seeds, plan=cw_plan))
+            if w.sdcl > 0:
+                sdcl_vals.append(semantic_disentanglement_loss(
+                    emb_a, emb, label, pred, pred_aug, scope=w.contrastive_scope, tau=w.tau,
+                    seeds=sd_seeds, plan=sd_plan))
+        if cwcl_vals:
+            terms["cwcl"] = torch.stack(cwcl_vals).mean()
+            weighted["cwcl"] = w.cwcl * terms["cwcl"]
+        if sdcl_vals:
+            terms["sdcl"] = torch.stack(sdcl_vals).mean()
+            weighted["sdcl"] = w.sdcl * terms["sdcl"]
+
+    def _embed_at(self, level: int, feats: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) embedding map holding the projection of ``feats`` at the flat pixels ``pix``
+        (zeros elsewhere: never read by the losses, whose plans chose ``pix``)."""
+        b, c, h, w = feats.shape
+        rows = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)[pix]  # (P, C)
+        z = self.net.embed_rows(level, rows)  # (P, D)
+        dense = z.new_zeros(b * h * w, z.shape[1]).index_copy(0, pix, z)  # (B*h*w, D)
+        return dense.view(b, h, w, -1).permute(0, 3, 1, 2)

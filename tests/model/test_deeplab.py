@@ -48,7 +48,8 @@ def test_eval_returns_logits_of_input_size(r18: SegNet) -> None:
 def test_train_outputs(r18: SegNet) -> None:
     r18.train()
     out = r18(torch.randn(2, 3, 64, 64))
-    assert set(out) == {"logits", "logits_q", "aux", "in_feats", "embeds"}
+    assert set(out) == {"logits", "logits_q", "aux", "in_feats", "embeds", "proj_inputs"}
+    assert out["proj_inputs"] is None  # dense embeddings by default
     assert out["logits"].shape == (2, 19, 64, 64) and out["logits_q"].shape == (2, 19, 16, 16)
     assert out["aux"].shape == (2, 19, 4, 4)
     assert [tuple(t.shape) for t in out["in_feats"]] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8)]

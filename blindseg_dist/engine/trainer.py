@@ -32,7 +32,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import yaml
 from .. import dist
 from ..config import Config, ConfigError, model_kwargs, save_config, to_dict
 from ..model import build_model
-from ..model.objective import BlindNetObjective, LossWeights
+from ..model.objective import BlindNetObjective
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
 from .evaluate import evaluate_targets, format_table
@@ -189,10 +188,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _loss_weights(cfg: Config) -> LossWeights:
-    return LossWeights(**asdict(cfg.loss))
-
-
 class _Faults:
     """The testing hooks of the module docstring (inactive unless their variables are set)."""
 
@@ -252,7 +247,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         net.load_state_dict(ckpt.load_model_weights(resume_from))
     if world > 1:
         net = convert_sync_batchnorm(net)  # before prepare() (DISTRIBUTED.md 4)
-    objective = BlindNetObjective(net, _loss_weights(cfg), run_seed=cfg.run.seed)
+    objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
     optimizer = torch.optim.SGD(
         objective.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
     )

@@ -6,12 +6,12 @@ and the two views are forwarded separately so that BN batch statistics stay per 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LossConfig
 from ..losses import (
     class_wise_contrastive_loss,
     covariance_matching_loss,
@@ -28,21 +28,8 @@ from ..losses import (
 TERMS = ("ce", "ce_aug", "aux", "cml", "ccl", "cwcl", "sdcl")
 
 
-@dataclass
-class LossWeights:
-    """Loss weights and scopes (a view of config.LossConfig, so the model never imports config)."""
-
-    two_view: bool = True
-    aux: float = 0.4
-    cml: float = 0.2
-    ccl: float = 0.2
-    cwcl: float = 0.3
-    sdcl: float = 0.3
-    ce_scope: str = "reference"
-    covariance_scope: str = "image"
-    contrastive_scope: str = "image"
-    cwcl_negatives: str = "reference"
-    tau: float = 0.07
+# The objective takes the config's loss section itself (weights and scopes): one definition.
+LossWeights = LossConfig
 
 
 def _stream_seed(run_seed: int, name: str, level: int) -> int:

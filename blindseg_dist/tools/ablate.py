@@ -185,7 +185,7 @@ def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], resul
     metrics = [(t, "miou") for t in targets] + [(t, "miou16") for t in cols16]
     names = [t if m == "miou" else f"{t} (16 cl.)" for t, m in metrics]
     header = ["run", "seeds", *names, "mean"]
-    md_rows, csv_rows, per_run = [], [], []
+    md_rows, csv_rows, per_run, bars = [], [], [], {}
     for entry in entries:
         runs = [r for r in plan if r.entry is entry and r.run_dir in results]
         row, crow = [entry.name, str(len(runs))], [entry.name, len(runs)]
@@ -194,9 +194,11 @@ def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], resul
                             and m in results[r.run_dir][t]])
             row.append(_fmt(*ms))
             crow += [f"{100 * v:.4f}" if not math.isnan(v) else "" for v in ms]
+            bars.setdefault(entry.name, []).append(ms)
         ms = _mean_std([float(np.nanmean([res["miou"] for res in results[r.run_dir].values()])) for r in runs])
         row.append(_fmt(*ms))
         crow += [f"{100 * v:.4f}" if not math.isnan(v) else "" for v in ms]
+        bars.setdefault(entry.name, []).append(ms)
         md_rows.append(row)
         csv_rows.append(crow)
         for r in runs:
@@ -218,7 +220,34 @@ def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], resul
         w = csv.writer(f)
         w.writerow(["run", "seed_index", "seed", "run_dir", *names, "mean"])
         w.writerows(per_run)
+    plot_ablation(bars, [*names, "mean"], output_dir / "ablation.png", description)
     return table
+
+
+def plot_ablation(bars: dict[str, list[tuple[float, float]]], columns: Sequence[str], path: Path,
+                  title: str = "") -> Path:
+    """Grouped bars of mIoU (%) per target and the mean, one bar per grid entry, ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(columns))
+    width = 0.8 / max(1, len(bars))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) * max(1, len(bars)) ** 0.5 + 2), 4.0))
+    for i, (name, vals) in enumerate(bars.items()):
+        mean = [100 * (0.0 if math.isnan(m) else m) for m, _ in vals]
+        std = [100 * (0.0 if math.isnan(s) else s) for _, s in vals]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, mean, width, yerr=std, capsize=2, label=name)
+    ax.set_xticks(x, list(columns), rotation=20, ha="right")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title or "ablation")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _tail(path: Path, n: int = 15) -> str:

@@ -58,6 +58,8 @@ def test_ablation_tiny_grid_two_seeds_and_resume(tmp_path):
         assert float(rows[entry]["mean mean"]) == pytest.approx(np.mean(vals), abs=1e-3)  # one target
     md = (out / "ablation.md").read_text()
     assert "| baseline | 2 |" in md and "±" in md and "| all four | 2 |" in md
+    png = (out / "ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000  # the bar chart with error bars
     # the seeds really differ (run.seed = base + i) and the grid values reached the runs
     import yaml
     cfg = {k: yaml.safe_load((d / "config.yaml").read_text()) for k, d in runs.items()}

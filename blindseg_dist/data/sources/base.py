@@ -155,3 +155,16 @@ def check_not_empty(src: Source, where: str) -> Source:
                           f"({len(src.skipped)} skipped: "
                           f"{src.skipped[0]['reason'] if src.skipped else 'no files'}).")
     return src
+
+
+def select_stems(src: Source, by_stem: dict, stems, where) -> dict:
+    """Keep the split list's ``stems`` that exist in ``by_stem`` (all when ``stems`` is None); a
+    listed file that is missing becomes a warning of ``src`` (copied into the manifest)."""
+    if stems is None:
+        return by_stem
+    missing = [s for s in stems if s not in by_stem]
+    if missing:
+        src.warnings.append(f"{src.name}: {len(missing)} of {len(stems)} files of split "
+                            f"{src.split!r} are not in {where} (first: {missing[0]})")
+    return {s: by_stem[s] for s in stems if s in by_stem}
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..labels import CITYSCAPES
-from .base import Item, Source, check_not_empty, layout_error, read_split_list
+from .base import Item, Source, check_not_empty, layout_error, read_split_list, select_stems
 
 SHIPPED = {"train": "gtav_split_train.txt", "val": "gtav_split_val.txt",
            "test": "gtav_split_test.txt"}
@@ -37,12 +37,7 @@ def open_gta5(root: str, split: str = "all") -> Source:
         stems = None if split in ROBUSTNET_DIRS else stems
     src = Source("gta5", str(root), split_name, CITYSCAPES)
     by_stem = {p.stem: p for p in images}
-    if stems is not None:
-        missing = [s for s in stems if s not in by_stem]
-        if missing:
-            src.warnings.append(f"gta5: {len(missing)} of {len(stems)} files of split "
-                                f"{split_name!r} are not in {img_root} (first: {missing[0]})")
-        by_stem = {s: by_stem[s] for s in stems if s in by_stem}
+    by_stem = select_stems(src, by_stem, stems, img_root)
     for stem in sorted(by_stem):
         img = by_stem[stem]
         lab = lab_root / img.relative_to(img_root)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..labels import SYNTHIA
 from .base import Item, SampleError, Source, check_not_empty, layout_error
-from .base import read_split_list
+from .base import read_split_list, select_stems
 
 SHIPPED = {"train": "synthia_split_train.txt", "val": "synthia_split_val.txt"}
 EXPECTED = ["<root>/RGB/0000000.png + <root>/GT/LABELS/0000000.png (16-bit)",
@@ -42,12 +42,7 @@ def open_synthia(root: str, split: str = "train") -> Source:
     img_root, lab_root = base / "RGB", base / "GT" / "LABELS"
     src = SynthiaSource("synthia", str(root), split_name, SYNTHIA)
     by_stem = {p.stem: p for p in img_root.glob("*.png")}
-    if stems is not None:
-        missing = [s for s in stems if s not in by_stem]
-        if missing:
-            src.warnings.append(f"synthia: {len(missing)} of {len(stems)} files of split "
-                                f"{split_name!r} are not in {img_root} (first: {missing[0]})")
-        by_stem = {s: by_stem[s] for s in stems if s in by_stem}
+    by_stem = select_stems(src, by_stem, stems, img_root)
     for stem in sorted(by_stem):
         lab = lab_root / f"{stem}.png"
         if lab.is_file():

@@ -25,8 +25,6 @@ from ..losses import (
     semantic_disentanglement_loss,
 )
 
-TERMS = ("ce", "ce_aug", "aux", "cml", "ccl", "cwcl", "sdcl")
-
 
 # The objective takes the config's loss section itself (weights and scopes): one definition.
 LossWeights = LossConfig

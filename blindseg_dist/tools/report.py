@@ -157,11 +157,6 @@ def per_class_table(targets: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def miou_table(targets: dict[str, dict], unseen: list[str] | None = None, name: str = "run") -> str:
-    """The comparison table of one run (the demo's closing table)."""
-    return render(*comparison_table([RunResult(name=name, targets=targets, unseen=unseen)]))
-
-
 def _report_name(report: dict) -> str:
     if report.get("config"):
         return Path(report["config"]).resolve().parent.parent.name or "run"

@@ -151,6 +151,28 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args) -> int:
+    from .engine.interop import InteropError, import_checkpoint
+
+    try:
+        import_checkpoint(args.file, args.config, args.out, allow_missing=args.allow_missing or ())
+    except InteropError as e:  # keys that do not map: the message lists them
+        print(f"blindseg import-checkpoint: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_export_checkpoint(args) -> int:
+    from .engine.interop import InteropError, export_checkpoint
+
+    try:
+        export_checkpoint(args.checkpoint, args.out, module_prefix=not args.no_module_prefix)
+    except InteropError as e:
+        print(f"blindseg export-checkpoint: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blindseg", description="Distributed BlindNet training for DGSS.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,7 +254,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_size, default=(1024, 2048))
     s.add_argument("--json", default=None)
     s.set_defaults(func=cmd_flops)
+
+    s = sub.add_parser("import-checkpoint",
+                       help="a released BlindNet/RobustNet checkpoint (.pth) -> a folder for eval/predict/model.init_from")
+    s.add_argument("file", help="released checkpoint: {'state_dict': ...} (keys may start with 'module.') or a state dict")
+    s.add_argument("--config", required=True, help="config of the network it holds (backbone, classes, heads)")
+    s.add_argument("--out", required=True, help="output folder: model.safetensors, config.yaml, import.json")
+    s.add_argument("--allow-missing", nargs="+", default=None, metavar="PATTERN",
+                   help="accept these unknown or missing keys (fnmatch on released or our names, e.g. 'dsn.*')")
+    s.set_defaults(func=cmd_import_checkpoint)
+
+    s = sub.add_parser("export-checkpoint", help="our checkpoint -> the released format (.pth with released key names)")
+    s.add_argument("checkpoint", help="RUN/checkpoints/<step>, an import-checkpoint folder or a model.safetensors")
+    s.add_argument("--out", required=True, help="output .pth for the released valid.py / train.py --snapshot")
+    s.add_argument("--no-module-prefix", action="store_true",
+                   help="write keys without 'module.' (the released loader expects it: it wraps the net in DDP)")
+    s.set_defaults(func=cmd_export_checkpoint)
     return p
+
+
+def _library_logging() -> None:
+    """Show the library's INFO/WARNING messages (e.g. which pretrained file was loaded) on stderr,
+    once per launch: records from ranks other than 0 are dropped."""
+    import logging
+
+    log = logging.getLogger("blindseg_dist")
+    if any(getattr(h, "_blindseg", False) for h in log.handlers):
+        return
+
+    def rank0(record: logging.LogRecord) -> bool:
+        from . import dist
+
+        return dist.rank() == 0
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler._blindseg = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    handler.addFilter(rank0)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    _library_logging()
     from .config import ConfigError
 
     try:

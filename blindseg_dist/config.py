@@ -29,7 +29,11 @@ class ModelConfig:
     num_classes: int = 19
     """Number of classes (19 Cityscapes trainIds)."""
     pretrained: str | None = None
-    """Local path of ImageNet weights for the backbone (never downloaded); null trains from scratch."""
+    """Local path of the backbone's ImageNet weights (never downloaded); none = random init on purpose; null = not set."""
+    require_pretrained: bool = False
+    """Refuse to train (exit 2, naming the file to get) while model.pretrained is null (reference recipes)."""
+    init_from: str | None = None
+    """Start training from these weights (checkpoint folder or import-checkpoint output); optimizer and step start fresh."""
     channels_last: bool = False
     """Use the channels_last memory format (faster convolutions on recent GPUs)."""
     grad_checkpointing: bool = False
@@ -186,6 +190,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+KEEPS_NONE: tuple[str, ...] = ("model.pretrained",)
+"""Optional keys where the word ``none`` is a value of its own (an explicit choice), not null."""
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -196,6 +204,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if path in KEEPS_NONE and isinstance(value, str) and value.strip().lower() == "none":
+            return "none"
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
         return _coerce(path, value, args[0])
@@ -378,7 +388,7 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         backbone=cfg.model.backbone,
         num_classes=cfg.model.num_classes,
         output_stride=cfg.model.output_stride,
-        pretrained=cfg.model.pretrained,
+        pretrained=None if cfg.model.pretrained in (None, "none") else cfg.model.pretrained,
         aux=cfg.loss.aux > 0,
         proj_heads=cfg.loss.two_view and (cfg.loss.cwcl > 0 or cfg.loss.sdcl > 0),
         channels_last=cfg.model.channels_last,

@@ -116,3 +116,54 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]
     rng_file = p / f"rng-{dist.rank()}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
     return state, rng
+
+
+_HEADS = ("aux_head.", "proj_heads.")  # training-only modules: absent from an inference checkpoint
+
+
+def load_init_weights(net: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """``model.init_from``: copy the weights of ``path`` into ``net`` before training (weights only:
+    the optimizer, schedule and step start fresh). ``path``: a checkpoint folder, its
+    model.safetensors, or a folder written by `blindseg import-checkpoint`.
+
+    Every weight of the inference network must be there with its shape. Training-only heads may
+    differ (e.g. BlindNet started from a baseline, which has no projection heads): heads missing
+    from the file keep their initialization, head weights the network lacks are ignored; both are
+    reported. Anything else raises a ConfigError naming ``model.init_from``. Returns a report."""
+    import logging
+
+    from ..config import ConfigError
+
+    p = Path(path)
+    if p.suffix in (".pth", ".pt", ".tar"):
+        raise ConfigError(f"config key 'model.init_from': {str(p)!r} is a torch file; convert a released "
+                          "BlindNet/RobustNet checkpoint first with `blindseg import-checkpoint FILE --config "
+                          "CFG --out DIR` and set model.init_from=DIR")
+    try:
+        state = load_model_weights(p)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'model.init_from': {e}") from None
+    own = net.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    bad_missing = [k for k in missing if not k.startswith(_HEADS)]
+    bad_unexpected = [k for k in unexpected if not k.startswith(_HEADS)]
+    bad_shape = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if bad_missing or bad_unexpected or bad_shape:
+        raise ConfigError(
+            f"config key 'model.init_from': {p} does not fit this network (model.backbone, "
+            f"model.num_classes?): {len(bad_missing)} missing {bad_missing[:5]}, {len(bad_unexpected)} "
+            f"unexpected {bad_unexpected[:5]}, {len(bad_shape)} shape mismatches {bad_shape[:3]}"
+        )
+    net.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    report = {"path": str(p), "loaded": len(own) - len(missing), "heads_kept_at_init": missing,
+              "ignored": unexpected}
+    log = logging.getLogger(__name__)
+    log.info("model.init_from: %d tensors from %s (optimizer, schedule and step start fresh)", report["loaded"], p)
+    if missing or unexpected:
+        log.warning("model.init_from: %d head tensors not in the file keep their init (%s); %d in the file "
+                    "are not in this network and are ignored (%s)", len(missing),
+                    ", ".join(sorted({k.split('.')[0] for k in missing})) or "-", len(unexpected),
+                    ", ".join(sorted({k.split('.')[0] for k in unexpected})) or "-")
+    return report

@@ -43,6 +43,7 @@ from .. import dist
 from ..config import Config, ConfigError, model_kwargs, save_config, to_dict
 from ..model import build_model
 from ..model.objective import BlindNetObjective
+from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
 from .evaluate import evaluate_targets, format_table
@@ -227,6 +228,7 @@ def _stream_record(cfg: Config, keys: list[list[str]], net: torch.nn.Module, ran
 
 def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     """Train with the resolved config; returns a summary (steps, time, final checkpoint, eval)."""
+    check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     acc = make_accelerator(cfg)
@@ -240,6 +242,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     net = build_model(**model_kwargs(cfg))
+    if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
+        ckpt.load_init_weights(net, cfg.model.init_from)
     resume_from = ckpt.latest_checkpoint(out_dir) if resume else None
     if resume and resume_from is None and acc.is_main_process:
         print(f"[train] --resume: no checkpoint under {out_dir / 'checkpoints'}; starting from step 0")

@@ -237,7 +237,10 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     z(q) detached; loss = mean over the K*P anchors of every image of the global batch.
 
     negatives="reference": every sampled key is a negative (the released code's inert class
-    mask: the positive itself and same-class keys included; produced the published numbers).
+    mask: the positive itself and same-class keys included; produced the published numbers);
+    and, as released, a level where no image of the (global) batch has a class with more than
+    pixels_per_class pixels contributes 0 (still connected to the graph) instead of contrasting
+    random pixels; the caller still counts it in the mean over the levels.
     negatives="paper": keys of other classes only (filler groups are their own classes).
     scope="image": keys of the anchor's own image; "global": keys of every image of every
     rank (plain no-grad gather: keys are detached), anchors stay local.
@@ -252,6 +255,8 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
                          pixels_per_class=pixels_per_class, generator=generator, seeds=seeds)
     idx, ids = plan  # (B, M) each
     m = idx.shape[1]
+    if negatives == "reference" and not _any_class_eligible(ids):
+        return _connected_zero(emb_aug, emb)
     with torch.autocast(device_type=emb_aug.device.type, enabled=False):
         dt = _math_dtype(emb_aug)
         gi = idx[..., None].expand(-1, -1, d)
@@ -284,6 +289,16 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
                     neg = neg.masked_fill(gids[i][:, None] == all_ids[None, :], float("-inf"))
                 local_sum = local_sum + _info_nce(pos[i], neg, tau).sum()
         return dist.global_mean(local_sum, n_global) + _connected_zero(emb_aug, emb)
+
+
+def _any_class_eligible(ids: torch.Tensor) -> bool:
+    """The released rule for a level without eligible class: True when some image of the GLOBAL
+    batch has a real candidate class (id < 256, more than pixels_per_class pixels). The released
+    code decides on its per-GPU batch; deciding on the global batch keeps W ranks equal to one
+    process on the concatenated batch (identical for one process). One count all-reduce; every
+    rank takes the same branch, so the collectives that follow stay matched."""
+    local = int((ids < _PSEUDO_BASE).any(dim=1).sum()) if ids.numel() else 0
+    return int(dist.all_reduce_count([local], tag="cwcl", device=ids.device)[0]) > 0
 
 
 # ----------------------------------------------------------------------------- SDCL

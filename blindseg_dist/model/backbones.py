@@ -127,17 +127,16 @@ def _residual_sum(block: nn.Module, x: Tensor) -> Tensor:
     return out + identity
 
 
-def _dilate(layer: nn.Sequential, dilation: int, previous: int) -> None:
-    """Trade a ResNet stage's stride 2 for dilation, as torchvision's replace_stride_with_dilation
-    does for Bottleneck (BasicBlock refuses it): every conv gets stride 1; the 3x3 convs of the first
-    block keep the previous dilation, those of the later blocks use ``dilation``."""
-    for i, block in enumerate(layer):
-        d = previous if i == 0 else dilation
-        for m in block.modules():
-            if isinstance(m, nn.Conv2d):
-                m.stride = (1, 1)
-                if m.kernel_size == (3, 3):
-                    m.dilation, m.padding = (d, d), (d, d)
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Trade a ResNet stage's stride 2 for dilation, as the released BlindNet/RobustNet code does:
+    every conv of the stage gets stride 1 and the 3x3 convs of EVERY block, the first included,
+    use ``dilation`` (torchvision's replace_stride_with_dilation keeps the previous dilation in
+    the first block; the released network does not)."""
+    for m in layer.modules():
+        if isinstance(m, nn.Conv2d):
+            m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
 
 
 class ResNetBackbone(Backbone):
@@ -152,10 +151,13 @@ class ResNetBackbone(Backbone):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32 for {name}, got {output_stride}")
         net = _TORCHVISION_RESNETS[name](weights=None)
+        self.arch = name
+        self.pretrained_report: dict[str, Any] | None = None
+        # OS16: layer4 at dilation 2; OS8: layer3 at 2 and layer4 at 4 (every block of the stage)
         if output_stride <= 16:
-            _dilate(net.layer4, dilation=32 // output_stride, previous=16 // output_stride)
+            _dilate(net.layer4, dilation=32 // output_stride)
         if output_stride == 8:
-            _dilate(net.layer3, dilation=2, previous=1)
+            _dilate(net.layer3, dilation=2)
         self.conv1, self.maxpool = net.conv1, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         # A stage's last block has no downsample: its input width is the stage's output width.
@@ -187,8 +189,13 @@ class ResNetBackbone(Backbone):
         c4 = self._stage(self.layer4, c3, self.layer4)
         return [c1, c2, c3, c4], [in0, in1, in2]
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load a torchvision-style ImageNet state dict; the stem BN and fc are skipped."""
+    def load_pretrained(self, path: str | Path) -> dict[str, Any]:
+        """Load a torchvision-style ImageNet state dict; the stem BN (replaced by IN) and fc are
+        skipped. Returns (and logs) a report: which file it is by sha256 (model/pretrained.py:
+        torchvision V1 / V2 / unknown, with a warning for anything but V1), and the tensors
+        loaded, skipped, missing and unexpected. Also kept as ``self.pretrained_report``."""
+        from .pretrained import identify_weights
+
         state = load_state_dict_file(path)
         own = self.state_dict()
         skipped = sorted(k for k in state if k.startswith(("bn1.", "fc.")))
@@ -204,10 +211,16 @@ class ResNetBackbone(Backbone):
         if bad:
             raise ValueError(f"{path}: shape mismatch (wrong ResNet depth?): " + "; ".join(bad[:5]))
         self.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-        _log.info("loaded %d tensors from %s (skipped stem BN/fc: %d)", len(own) - len(missing), path, len(skipped))
+        report = identify_weights(path, self.arch)
+        report.update(loaded=len(own) - len(missing), skipped=skipped, missing=missing, unexpected=unexpected)
+        log = _log.info if report["level"] == "info" else _log.warning
+        log("pretrained %s; loaded %d tensors (skipped the replaced stem BN and fc: %d)",
+            report["message"], report["loaded"], len(skipped))
         if missing or unexpected:
             _log.warning("%s: %d missing keys (left at random init): %s; %d unexpected keys (ignored): %s",
                          path, len(missing), _preview(missing), len(unexpected), _preview(unexpected))
+        self.pretrained_report = report
+        return report
 
 
 def _preview(keys: list[str], limit: int = 8) -> str:

@@ -1,6 +1,8 @@
 """DeepLabV3+ decoder, auxiliary head and projection heads (METHOD.md section 1).
 
-Every conv followed by a BN has no bias; the classifier convs and the projection heads have one.
+Every conv followed by a BN has no bias, except the aux head's 3x3 conv (it has one in the released
+network); the classifier convs and the projection heads have one. Module order inside each block
+follows the released DeepV3Plus, so checkpoint keys map one to one (engine/interop.py).
 """
 
 from __future__ import annotations
@@ -63,11 +65,18 @@ class DeepLabV3PlusDecoder(nn.Module):
 
 
 class AuxHead(nn.Module):
-    """Training-only auxiliary classifier: 3x3 conv 512 -> BN -> ReLU -> Dropout2d(0.1) -> 1x1."""
+    """Training-only auxiliary classifier: 3x3 conv 512 (with bias, as released) -> BN -> ReLU ->
+    Dropout2d(0.1) -> 1x1 conv (body indices 0, 1, 4 hold the weights)."""
 
     def __init__(self, cin: int, num_classes: int, width: int = 512) -> None:
         super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(cin, width, 3), nn.Dropout2d(0.1), nn.Conv2d(width, num_classes, 1))
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, width, 3, padding=1, bias=True),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(width, num_classes, 1),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -86,10 +95,12 @@ class ProjectionHead(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """Kaiming-normal convs (fan_out, ReLU), zero biases, BN weight 1 / bias 0."""
+    """The released head initialization: Kaiming-normal convs (fan_in, ReLU gain: std =
+    sqrt(2 / (cin * k * k))), zero biases, BN weight 1 / bias 0. Applied to the whole decoder
+    (ASPP included), the aux head and the projection heads; the backbone keeps torchvision's init."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

@@ -19,7 +19,8 @@ def r18() -> SegNet:
 def test_resnet50_parameter_counts() -> None:
     model = build_model("resnet50")
     counts = count_parameters(model)
-    assert counts == {"inference": 40_351_539, "aux": 4_729_363, "proj_heads": 5_023_280}
+    # aux: 4,729,363 + the 512 biases of its 3x3 conv (as released); the inference network is unchanged
+    assert counts == {"inference": 40_351_539, "aux": 4_729_875, "proj_heads": 5_023_280}
     assert sum(p.numel() for p in model.parameters()) == sum(counts.values())
     assert sum(p.numel() for p in model.decoder.aspp.parameters()) == 15_535_104
     bare = count_parameters(build_model("resnet50", aux=False, proj_heads=False))
@@ -27,13 +28,18 @@ def test_resnet50_parameter_counts() -> None:
 
 
 def test_conv_bias_convention(r18: SegNet) -> None:
-    """Convs that precede a BN have no bias; classifiers and projection convs have one."""
+    """Convs that precede a BN have no bias, except the aux head's 3x3 conv (released: it has one);
+    classifiers and projection convs have one."""
+    aux_conv = r18.aux_head.body[0]
     for module in r18.modules():
         if isinstance(module, nn.Sequential):
             for a, b in zip(module, list(module)[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and a is not aux_conv:
                     assert a.bias is None
     assert r18.decoder.classifier.bias is not None and r18.aux_head.body[-1].bias is not None
+    assert aux_conv.kernel_size == (3, 3) and aux_conv.padding == (1, 1) and isinstance(r18.aux_head.body[1], nn.BatchNorm2d)
+    assert aux_conv.bias is not None and aux_conv.bias.shape == (512,)
+    assert [type(m).__name__ for m in r18.aux_head.body] == ["Conv2d", "BatchNorm2d", "ReLU", "Dropout2d", "Conv2d"]
     assert all(m.bias is not None for head in r18.proj_heads for m in head.modules() if isinstance(m, nn.Conv2d))
     assert [br[0].dilation for br in r18.decoder.aspp.branches[1:]] == [(6, 6), (12, 12), (18, 18)]
 
@@ -111,3 +117,33 @@ def test_channels_last_and_checkpointing_match_default() -> None:
         out = other.train()(x)
         out["logits"].mean().backward()
         assert other.backbone.conv1.weight.grad is not None
+
+
+def test_head_init_is_kaiming_fan_in() -> None:
+    """Released initialize_weights on the decoder (ASPP included), aux head and projection heads:
+    kaiming_normal_ fan_in with the ReLU gain, std = sqrt(2 / (cin * k * k)); zero biases; BN 1 / 0.
+    fan_out would give sqrt(2 / (cout * k * k)): the heads' convs where cin != cout tell them apart."""
+    torch.manual_seed(0)
+    model = build_model("resnet50")
+    heads = {"decoder": model.decoder, "aux": model.aux_head, "proj": model.proj_heads}
+    checked = 0
+    for name, head in heads.items():
+        for n, m in head.named_modules():
+            if isinstance(m, nn.Conv2d):
+                cin, k = m.in_channels, m.kernel_size[0]
+                want, fan_out = (2.0 / (cin * k * k)) ** 0.5, (2.0 / (m.out_channels * k * k)) ** 0.5
+                got = float(m.weight.detach().std())
+                tol = 4.0 / m.weight.numel() ** 0.5 + 0.01  # sampling error of the std, generous
+                assert abs(got / want - 1) < tol, f"{name}.{n}: std {got:.5f}, fan_in wants {want:.5f}"
+                if abs(fan_out / want - 1) > 3 * tol:
+                    assert abs(got / fan_out - 1) > tol, f"{name}.{n} looks fan_out"
+                    checked += 1
+                assert abs(float(m.weight.detach().mean())) < 5 * want / m.weight.numel() ** 0.5
+                if m.bias is not None:
+                    assert float(m.bias.abs().max()) == 0.0
+            elif isinstance(m, nn.BatchNorm2d):
+                assert bool((m.weight == 1).all()) and bool((m.bias == 0).all())
+    assert checked >= 8  # ASPP (2048 -> 256), low_proj, fuse[0], classifier, aux convs, proj heads' second conv
+    # the backbone keeps torchvision's init (fan_out), as the released trunk: layer2.0.conv3 is 128 -> 512
+    w = model.backbone.layer2[0].conv3.weight.detach()
+    assert abs(float(w.std()) / (2.0 / 512) ** 0.5 - 1) < 0.05

@@ -13,7 +13,7 @@ def test_compute_flops_resnet50_small(capfd: pytest.CaptureFixture[str]) -> None
     assert result["size"] == [64, 64] and "multiply-add" in result["convention"]
     inference = result["model"]["inference"]
     assert inference["params"] == 40_351_539 and inference["gflops"] > 0
-    assert result["model"]["training_only"]["params"] == 4_729_363 + 5_023_280
+    assert result["model"]["training_only"]["params"] == 4_729_875 + 5_023_280  # aux head (3x3 conv with bias) + heads
     assert result["baseline"]["inference"] == inference  # BlindNet adds nothing at inference
     table = format_flops_table(result)
     assert "40.352" in table and "64x64" in table

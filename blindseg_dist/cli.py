@@ -287,7 +287,10 @@ def _library_logging() -> None:
 
         return dist.rank() == 0
 
-    handler = logging.StreamHandler(sys.stderr)
+    class _Stderr(logging.StreamHandler):  # the current sys.stderr at each record (as logging.lastResort)
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    handler = _Stderr()
     handler._blindseg = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
     handler.addFilter(rank0)

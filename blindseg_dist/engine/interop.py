@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -243,6 +242,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
     the released valid.py / train.py ``--snapshot`` load (no optimizer: restore it fresh)."""
     from .checkpoint import load_model_weights
 
+    out = Path(out)
     weights = load_model_weights(checkpoint)
     state = released_state_dict(weights, module_prefix=module_prefix)
     name = Path(checkpoint).name
@@ -250,10 +250,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
         "state_dict": state,
         "epoch": 0,
         "mean_iu": 0.0,
-        "command": "blindseg " + " ".join(sys.argv[1:]) if sys.argv[1:] else "blindseg export-checkpoint",
+        "command": f"blindseg export-checkpoint {checkpoint} --out {out}",
         "blindseg": {"checkpoint": str(checkpoint), "step": int(name) if name.isdigit() else None},
     }
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(payload, tmp)

@@ -98,10 +98,13 @@ def released_state_dict(state: dict[str, Tensor], *, module_prefix: bool = True)
 
 
 def _numpy_safe_globals() -> list:
-    """numpy scalar types a released checkpoint pickles (mean_iu = np.nanmean(...))."""
+    """numpy scalar types a released checkpoint pickles (mean_iu = np.nanmean(...)); numpy 1.x (the
+    released environment) names the scalar constructor numpy.core.multiarray.scalar, numpy 2
+    numpy._core.multiarray.scalar: both are allowed."""
     out: list = [np.dtype]
     core = getattr(np, "_core", None) or np.core
-    out.append(core.multiarray.scalar)
+    scalar = core.multiarray.scalar
+    out += [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     for name in ("Float64DType", "Float32DType", "Int64DType"):
         t = getattr(getattr(np, "dtypes", None), name, None)
         if t is not None:

@@ -14,7 +14,6 @@ match is reported as damaged or modified.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,14 +76,6 @@ def weights_url(file: str) -> str:
     return _URL.format(file=file)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def identify_weights(path: str | Path, backbone: str | None = None) -> dict[str, Any]:
     """What a weights file is, from the sha256 of its bytes.
 
@@ -93,6 +84,8 @@ def identify_weights(path: str | Path, backbone: str | None = None) -> dict[str,
     ``backbone`` is "info"; V2, a file of another architecture, an unknown file or a file whose
     torchvision-style name disagrees with its content is "warning".
     """
+    from ..data.shards import _sha256  # the project's one file-digest helper (shard checksums)
+
     path = Path(path)
     digest = _sha256(path)
     known = next((k for k in KNOWN_WEIGHTS if digest.startswith(k.prefix)), None)

@@ -298,3 +298,28 @@ def test_train_starts_from_init_from_weights(tmp_path):
     for k, v in init.state_dict().items():
         if v.is_floating_point() and "running" not in k:
             torch.testing.assert_close(w[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_released_metadata_pickled_by_numpy_1_loads_without_unsafe_pickle(tmp_path):
+    """The released environment (numpy 1.x) pickles mean_iu via numpy.core.multiarray.scalar; numpy 2
+    writes numpy._core. Rewrite a file to the numpy-1 name and load it with weights_only."""
+    import io
+    import zipfile
+
+    torch.save({"state_dict": {"module.final2.0.bias": torch.ones(19)}, "epoch": 4, "mean_iu": np.float64(0.45)},
+               tmp_path / "new.pth")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "new.pth") as zin, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+    (tmp_path / "old.pth").write_bytes(buf.getvalue())
+    state, meta = load_released_file(tmp_path / "old.pth")
+    assert list(state) == ["final2.0.bias"] and meta["epoch"] == 4 and meta["mean_iu"] == pytest.approx(0.45)
+    # anything that is not tensors / numbers is refused with a clear error, never executed
+    torch.save({"state_dict": {"a": torch.ones(1)}, "args": Path("/x")}, tmp_path / "obj.pth")
+    with pytest.raises(InteropError, match="weights_only"):
+        load_released_file(tmp_path / "obj.pth")

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["InteropError", "to_released", "from_released", "released_state_dict", "load_released_file",
-           "import_checkpoint", "export_checkpoint", "RULES"]
+           "map_released_weights", "import_checkpoint", "export_checkpoint", "RULES"]
 
 
 class InteropError(ValueError):
@@ -143,6 +143,9 @@ def load_released_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, A
     return stripped, meta
 
 
+_LIST = 40  # keys named per kind in an error (the counts are always complete)
+
+
 def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
@@ -173,11 +176,11 @@ def map_released_weights(released: dict[str, Tensor], own: dict[str, Tensor],
                         f"--config): " + "; ".join(bad_shape[:6]))
     if refused_unknown:
         problems.append(f"{len(refused_unknown)} keys in the file have no weight in this network: "
-                        + ", ".join(refused_unknown[:12]) + (" ..." if len(refused_unknown) > 12 else ""))
+                        + ", ".join(refused_unknown[:_LIST]) + (" ..." if len(refused_unknown) > _LIST else ""))
     if refused_missing:
         problems.append(f"{len(refused_missing)} weights of this network are not in the file (released "
-                        "names: " + ", ".join((to_released(k) or k) for k in refused_missing[:12])
-                        + (" ..." if len(refused_missing) > 12 else "") + ")")
+                        "names: " + ", ".join((to_released(k) or k) for k in refused_missing[:_LIST])
+                        + (" ..." if len(refused_missing) > _LIST else "") + ")")
     if problems:
         raise InteropError("; ".join(problems) + ". Pass --allow-missing PATTERN ... (fnmatch, e.g. 'dsn.*' "
                            "'ProjectionHead_cls_*') to accept the listed keys, or use the --config of the "

@@ -140,7 +140,7 @@ def test_head_init_is_kaiming_fan_in() -> None:
                     checked += 1
                 assert abs(float(m.weight.detach().mean())) < 5 * want / m.weight.numel() ** 0.5
                 if m.bias is not None:
-                    assert float(m.bias.abs().max()) == 0.0
+                    assert float(m.bias.detach().abs().max()) == 0.0
             elif isinstance(m, nn.BatchNorm2d):
                 assert bool((m.weight == 1).all()) and bool((m.bias == 0).all())
     assert checked >= 8  # ASPP (2048 -> 256), low_proj, fuse[0], classifier, aux convs, proj heads' second conv

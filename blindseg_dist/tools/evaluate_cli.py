@@ -9,7 +9,7 @@ from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
 from ..engine.evaluate import evaluate_targets, format_table
 from ..engine.logging import RunLogger
-from ..engine.trainer import make_accelerator
+from ..engine.accelerator import make_accelerator
 from ..model import build_model
 
 

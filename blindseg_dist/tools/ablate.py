@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from ..config import ConfigError, load_config, parse_overrides
+from ..launcher import blindseg_command, launch_env
 
 GRID_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablation"
 
@@ -262,8 +263,6 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
     """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
     from tqdm import tqdm
 
-    from .demo import launch_command
-
     if processes < 1:
         raise ConfigError(f"--processes {processes}: need at least 1")
     description, entries = load_grid(grid)
@@ -283,13 +282,13 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
             state, seconds = "skipped", 0.0
         else:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            cmd, env = launch_command(processes, ["train", "--config", config, "--output-dir", str(run.run_dir),
-                                                  "--resume", *run.overrides])
+            cmd = blindseg_command(["train", "--config", config, "--output-dir", str(run.run_dir), "--resume",
+                                    *run.overrides], processes=processes)
             t0 = time.perf_counter()
             with open(run.run_dir / "train.log", "w") as log:
                 log.write("$ " + " ".join(cmd) + "\n")
                 log.flush()
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT).returncode
             seconds = time.perf_counter() - t0
             state = "trained" if rc == 0 and eval_json.is_file() else "failed"
             if state == "failed":

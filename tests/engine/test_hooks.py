@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _engine_runs import PY, ROOT, TINY, env, tail, tiny_shards
 from blindseg_dist.engine.hooks import (CheckpointHook, EvalHook, Hook, ImageHook, LogHook, ProgressBar, StepOutput,
                                         SummaryHook, every)
 from blindseg_dist.engine.trainer import EXIT_NONFINITE, TrainLoop
+from tests.engine._engine_runs import PY, ROOT, TINY, env, tail
 
 
 class FakeLoop(TrainLoop):
@@ -240,10 +239,9 @@ print("CALLS " + json.dumps(rec.calls))
 """
 
 
-def test_real_trainer_calls_a_registered_hook(tmp_path_factory, tmp_path):
-    shards = tiny_shards(tmp_path_factory.mktemp("hook_data"))
+def test_real_trainer_calls_a_registered_hook(train_shards, tmp_path):
     out = tmp_path / "run"
-    cmd = [PY, "-c", PROBE, str(ROOT / "configs/demo.yaml"), f"data.train={shards}", f"run.output_dir={out}",
+    cmd = [PY, "-c", PROBE, str(ROOT / "configs/demo.yaml"), f"data.train={train_shards}", f"run.output_dir={out}",
            "optim.max_steps=3", "run.checkpoint_every=2", "run.log_every=2", *TINY]
     res = subprocess.run(cmd, env=env(BLINDSEG_FAULT_NAN="1"), cwd=ROOT, capture_output=True, text=True,
                          timeout=240)

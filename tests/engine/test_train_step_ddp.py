@@ -28,20 +28,16 @@ back. One spawn per world size runs every check.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
-from _gloo import run_gloo  # noqa: E402  (tests/losses/_gloo.py: spawns gloo processes)
-
-from blindseg_dist.model import build_model  # noqa: E402
-from blindseg_dist.model.objective import BlindNetObjective, LossWeights  # noqa: E402
-from blindseg_dist.model.syncbn import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: E402
+from blindseg_dist.launcher import run_gloo
+from blindseg_dist.model import build_model
+from blindseg_dist.model.objective import BlindNetObjective, LossWeights
+from blindseg_dist.model.syncbn import SyncBatchNorm2d, convert_sync_batchnorm
 
 SPLITS = {2: [2, 2], 3: [2, 1, 1]}
 BN_SPLITS = {2: [[3, 1]], 3: [[1, 3, 2], [2, 0, 3]]}

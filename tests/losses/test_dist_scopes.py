@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gloo import run_gloo
 from blindseg_dist import losses
+from blindseg_dist.launcher import run_gloo
 
 SPLITS = {2: [2, 2], 3: [2, 1, 1]}
 RUN_SEED, STEP = 304, 7

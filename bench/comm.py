@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist, losses
+from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.launcher import run_gloo
 from blindseg_dist.model import build_model
 from blindseg_dist.model.objective import BlindNetObjective, LossWeights
@@ -59,7 +60,7 @@ def synthetic_labels(b: int, crop: int, gen: torch.Generator, classes: int = 19)
     """Blocky labels (32 px blocks, all 19 classes present) with an ignore strip."""
     coarse = torch.randint(0, classes, (b, -(-crop // 32), -(-crop // 32)), generator=gen)
     label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :crop, :crop].clone()
-    label[:, : crop // 16] = 255
+    label[:, : crop // 16] = IGNORE
     return label
 
 
@@ -155,7 +156,7 @@ def _bytes_worker(rank: int, world: int) -> dict:
         pj, paj = (F.interpolate(t[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
                    for t in (pred, pred_aug))
         # anchors before the cap (every class has >= 20 GT pixels here): keys sent for the cap
-        details["sdcl_anchors_local"].append(int(((pj == yj) & (paj != pj) & (yj != 255)).sum()))
+        details["sdcl_anchors_local"].append(int(((pj == yj) & (paj != pj) & (yj != IGNORE)).sum()))
         details["sdcl_anchors_kept_local"] = details.get("sdcl_anchors_kept_local", []) + [
             int(det["anchors"][0].numel())]
         details["sdcl_rows_local"].append(int(det["candidates"].numel()))

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
-from blindseg_dist.data.views import IGNORE, normalize, to_unit_float
+from blindseg_dist.data.labels import IGNORE
+from blindseg_dist.data.views import normalize, to_unit_float
 
 Protocol = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 

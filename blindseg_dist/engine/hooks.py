@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from tqdm import tqdm
 
-from .. import dist
+from .. import atomic, dist
 from .evaluate import format_table
 from .logging import log_images
 
@@ -226,7 +226,7 @@ class EvalHook(Hook):
         results = self.evaluate()
         summary["eval"] = {"world_size": t.world, "targets": results}
         if t.is_main:
-            (t.out_dir / "eval.json").write_text(json.dumps(summary["eval"], indent=1))
+            atomic.write_json(t.out_dir / "eval.json", summary["eval"], indent=1)
             print(format_table(results))
 
 
@@ -263,7 +263,7 @@ class StreamRecordHook(Hook):
     def summarize(self, summary: dict[str, Any]) -> None:
         t = self.trainer
         record = stream_record(self.manifest_dir, self.keys, t.net, t.rank)
-        (t.out_dir / f"streamed-rank{t.rank}.json").write_text(json.dumps(record))
+        atomic.write_json(t.out_dir / f"streamed-rank{t.rank}.json", record)
 
 
 class SummaryHook(Hook):
@@ -273,7 +273,6 @@ class SummaryHook(Hook):
     def summarize(self, summary: dict[str, Any]) -> None:
         t = self.trainer
         if t.is_main:
-            (t.out_dir / "summary.json").write_text(
-                json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=1))
+            atomic.write_json(t.out_dir / "summary.json", {k: v for k, v in summary.items() if k != "eval"}, indent=1)
             print(f"[train] {t.stop_reason} at step {t.step} in {summary['seconds']:.0f} s; "
                   f"checkpoint {t.last_checkpoint}", flush=True)

@@ -30,7 +30,7 @@ def _check(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor], sco
            name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if scope not in SCOPES:
         raise ValueError(f"{name}: scope={scope!r} is not one of {SCOPES}; "
-                         "set covariance.scope in the config to 'image' or 'batch'")
+                         f"set loss.covariance_scope in the config to one of them")
     if isinstance(feats, torch.Tensor):
         feats, feats_aug = [feats], [feats_aug]
     feats, feats_aug = list(feats), list(feats_aug)

@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist
+from blindseg_dist.data.labels import IGNORE
 
 SCOPES = ("reference", "exact")
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, scope: str = "reference",
-                      ignore_index: int = 255) -> torch.Tensor:
+                      ignore_index: int = IGNORE) -> torch.Tensor:
     """Cross-entropy of (B, K, H, W) logits against (B, H, W) labels (ignore_index skipped)."""
     if scope not in SCOPES:
         raise ValueError(f"segmentation_loss: scope={scope!r} is not one of {SCOPES}; set "
-                         "the segmentation loss scope in the config to one of them")
+                         "loss.ce_scope in the config to one of them")
     if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"segmentation_loss: logits {tuple(logits.shape)} and labels "
                          f"{tuple(labels.shape)} do not match; expected (B, K, H, W) and "

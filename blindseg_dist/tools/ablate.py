@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from ..config import ConfigError, load_config, parse_overrides
+from ..config import ConfigError, load_config, load_yaml, parse_overrides
 from ..launcher import blindseg_command, launch_env
 
 GRID_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablation"
@@ -71,7 +71,7 @@ def load_grid(grid: str | Path) -> tuple[str, list[GridEntry]]:
     """(description, entries) of a grid file: ``runs: [{name: str, set: {dotted.key: value}}, ...]``."""
     path = grid_path(grid)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"ablation grid {str(path)!r} is not valid YAML: {e}") from None
     runs = data.get("runs") if isinstance(data, dict) else None
@@ -151,7 +151,7 @@ def write_hparams(run: PlannedRun, targets: dict[str, dict]) -> None:
     marker = run.run_dir / "hparams.json"
     if marker.is_file():
         return
-    cfg_dict = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    cfg_dict = load_yaml((run.run_dir / "config.yaml").read_text())
     hp, metrics = hparams_of(run, cfg_dict), metrics_of(targets)
     logger = RunLogger(run.run_dir / "tb", enabled=True)
     logger.hparams(hp, metrics)

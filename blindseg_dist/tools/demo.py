@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_config
+from .. import atomic
+from ..config import load_config, load_yaml
 from ..launcher import blindseg_command, launch_env
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -39,7 +40,7 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    demo_yaml = yaml.safe_load(demo_config_path().read_text())
+    demo_yaml = load_yaml(demo_config_path().read_text())
     demo = load_config(demo_config_path()).demo
     n_img = images_per_domain or demo.images_per_domain
     size = tuple(demo.size)
@@ -114,9 +115,7 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
         "source": "source",
         "unseen": [k for k in eval_data if k != "source"],
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / "report.json")
+    atomic.write_json(out / "report.json", report, indent=1)
     print_report(report)
     print(f"[demo] done in {timings['total_s']:.0f} s; report {out / 'report.json'}; "
           f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

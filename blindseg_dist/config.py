@@ -7,10 +7,12 @@ to every run (``DIR/config.yaml``) and can be passed back with ``--config``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -370,13 +372,42 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs shipped with the package: the repository's configs/ (which
+    blindseg_dist/configs links to), installed with the package as package data."""
+    return Path(str(resources.files("blindseg_dist") / "configs"))
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped training configs ("demo", "scaling/resnet50", ...; ablation grids excluded)."""
+    root = shipped_configs()
+    names = (q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("ablation/"))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """``path`` if that file exists, else the shipped config it names: "configs/demo.yaml",
+    "demo.yaml" and "demo" all name the packaged configs/demo.yaml, so they work from any folder
+    and from an installed wheel. Raises ConfigError listing the shipped names."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    if parts and not p.is_absolute():
+        cand = shipped_configs().joinpath(*parts)
+        for c in (cand, cand.with_name(cand.name + ".yaml")):
+            if c.is_file():
+                return c
+    raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML path or a shipped config name: "
+                      f"{', '.join(shipped_config_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with the bad key."""
+    """Defaults <- YAML file (a path or a shipped name, see find_config) <- overrides, validated.
+    Raises ConfigError with the bad key."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        p = find_config(path)
         try:
             data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:

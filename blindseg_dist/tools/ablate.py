@@ -24,10 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from ..config import ConfigError, load_config, load_yaml, parse_overrides
+from ..config import ConfigError, load_config, load_yaml, parse_overrides, shipped_configs
 from ..launcher import blindseg_command, launch_env
-
-GRID_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablation"
 
 
 @dataclass
@@ -60,9 +58,10 @@ def grid_path(grid: str | Path) -> Path:
         if not p.is_file():
             raise ConfigError(f"ablation grid file {str(p)!r} does not exist")
         return p
-    p = GRID_DIR / f"{grid}.yaml"
+    grid_dir = shipped_configs() / "ablation"
+    p = grid_dir / f"{grid}.yaml"
     if not p.is_file():
-        known = sorted(q.stem for q in GRID_DIR.glob("*.yaml")) if GRID_DIR.is_dir() else []
+        known = sorted(q.stem for q in grid_dir.glob("*.yaml")) if grid_dir.is_dir() else []
         raise ConfigError(f"unknown ablation grid {str(grid)!r}; choose one of {known} or pass a YAML path")
     return p
 

@@ -11,17 +11,13 @@ from pathlib import Path
 import yaml
 
 from .. import atomic
-from ..config import load_config, load_yaml
+from ..config import find_config, load_config, load_yaml
 from ..launcher import blindseg_command, launch_env
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def demo_config_path() -> Path:
-    path = REPO_CONFIGS / "demo.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"the demo config {path} is missing (run the demo from a clone of the repository)")
-    return path
+    """configs/demo.yaml, shipped with the package."""
+    return find_config("demo")
 
 
 def _run(cmd: list[str], env: dict[str, str], what: str) -> None:

@@ -120,3 +120,18 @@ def test_yaml_no_is_a_string_for_string_keys_and_false_for_boolean_keys(tmp_path
     f.write_text("run:\n  mixed_precision: no\nmodel:\n  grad_checkpointing: yes\n")
     cfg = load_config(f)
     assert cfg.run.mixed_precision == "no" and cfg.model.grad_checkpointing is True
+
+
+def test_configs_resolve_by_path_or_shipped_name(tmp_path, monkeypatch):
+    from blindseg_dist.config import find_config, shipped_config_names
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: configs/... is not a file here
+    assert find_config("configs/demo.yaml") == find_config("demo") == find_config("demo.yaml")
+    assert find_config("demo").read_text() == (REPO / "configs" / "demo.yaml").read_text()
+    assert load_config("scaling/resnet101").model.backbone == "resnet101"
+    (tmp_path / "demo.yaml").write_text("optim:\n  max_steps: 7\n")
+    assert load_config("demo.yaml").optim.max_steps == 7  # an existing file wins over a shipped name
+    with pytest.raises(ConfigError, match="shipped config name: .*blindnet_r50_gta5.*demo"):
+        load_config("nope")
+    names = shipped_config_names()
+    assert "scaling/swin_tiny" in names and not any(n.startswith("ablation/") for n in names)

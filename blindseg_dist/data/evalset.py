@@ -1,4 +1,5 @@
-"""Map-style evaluation data over a shard directory or a raw folder (DISTRIBUTED.md 2).
+"""Map-style evaluation data over a shard directory or a raw folder (docs/DATA.md, "Evaluation data";
+the split over ranks: docs/DISTRIBUTED.md, "Streaming").
 
 Items are full-resolution frames {"image": float32 (3,H,W) normalized, "label": int64 (H,W),
 "key": str}. A rank evaluates shard_indices(len(ds), rank, world): a contiguous split without

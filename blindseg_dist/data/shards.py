@@ -1,5 +1,5 @@
 """Write a dataset split as WebDataset tar shards plus ``manifest.json`` (schema:
-INTERFACES.md "Shards", data_shards/README.md).
+docs/DATA.md, "Shards", and data_shards/README.md).
 
 Samples are assigned to shards deterministically (sorted items, ``samples_per_shard`` per
 chunk), every shard is written to a temporary name and renamed when complete, and a small

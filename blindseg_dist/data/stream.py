@@ -1,4 +1,4 @@
-"""Infinite, deterministic, resumable training stream over WebDataset shards (DISTRIBUTED.md 2).
+"""Infinite, deterministic, resumable training stream over WebDataset shards (docs/DISTRIBUTED.md, "Streaming").
 
 Design (no webdataset shuffle buffers, so every batch is a pure function of its global step):
 - Each rank owns independent streams, one per DataLoader worker. Global batch j of a rank comes

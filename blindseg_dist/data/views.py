@@ -1,4 +1,4 @@
-"""The two training views of BlindNet (METHOD.md section 2).
+"""The two training views of BlindNet (docs/METHOD.md, "Views").
 
 One shared geometric transform (random scale of the full frame, class-uniform or random crop,
 horizontal flip) is applied once to the uint8 frame; the original view x and the augmented view

@@ -1,11 +1,11 @@
-"""Pixel-contrastive losses between the original and the augmented view (METHOD.md 3).
+"""Pixel-contrastive losses between the original and the augmented view (docs/METHOD.md, "Losses").
 
 class_wise_contrastive_loss (CWCL) and semantic_disentanglement_loss (SDCL), one decoder
 level per call (the caller averages the 3 levels). Embeddings are (B, D, h, w) and
 L2-normalized; labels / predictions are (B, H, W) class ids (255 = ignore), nearest-resized
 to (h, w) when given at another resolution.
 
-Sampling is split-independent (DISTRIBUTED.md "Sampling"): every random choice is made by
+Sampling is split-independent (docs/DISTRIBUTED.md, "Sampling"): every random choice is made by
 per-pixel random keys drawn from the image's own generator, seeded by
 sample_seeds(run_seed, step, global_index); "random k of a set" = the k smallest keys. A
 selection over several images or ranks ("global" negatives, the SDCL anchor cap) takes the
@@ -18,7 +18,7 @@ Per image, the generator is drawn from in this order (and nothing else):
   SDCL: negative keys rand(N), anchor-cap keys rand(N).
 (all float64 on the CPU, then moved to the data's device).
 
-Scopes and the distributed contract: see dist.global_mean and DISTRIBUTED.md. Both losses
+Scopes and the distributed contract: see dist.global_mean and docs/DISTRIBUTED.md. Both losses
 return W * (sum over local anchors) / (global anchor count) [global_mean], so that the mean
 over ranks is the 1-process loss and DDP's gradient average is the 1-process gradient, on
 even and uneven splits (tests/losses/test_dist_scopes.py). Keys gathered from other ranks

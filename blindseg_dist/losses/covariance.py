@@ -1,10 +1,10 @@
-"""Covariance matching (CML) and cross-covariance (CCL) losses on the IN outputs (METHOD.md 3).
+"""Covariance matching (CML) and cross-covariance (CCL) losses on the IN outputs (docs/METHOD.md, "Losses").
 
 Both take the sequences of (B, C, H, W) instance-normalized features of the original view
 (`feats`, detached inside: stop-gradient) and of the augmented view (`feats_aug`), one
 tensor per IN point, and average over the points.
 
-Scopes (DISTRIBUTED.md 1):
+Scopes (docs/DISTRIBUTED.md, "Loss scopes"):
 - "image": one Sigma per image; loss = sum of per-image losses / global number of images,
   scaled by dist.global_mean so that DDP's gradient averaging is exact on uneven splits.
 - "batch": Gram sums and pixel counts pooled over the global batch with an autograd

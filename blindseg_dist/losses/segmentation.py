@@ -1,8 +1,8 @@
-"""Segmentation cross-entropy with the two distributed scopes (DISTRIBUTED.md 1).
+"""Segmentation cross-entropy with the two distributed scopes (docs/DISTRIBUTED.md, "Loss scopes").
 
 "reference": per-rank mean CE over valid pixels, as the released code. After DDP's
   averaging this is the mean of per-rank means, which equals the global mean only when every
-  rank has the same number of valid pixels (DISTRIBUTED.md pitfall). A rank with no valid
+  rank has the same number of valid pixels (docs/DISTRIBUTED.md, "Loss scopes"). A rank with no valid
   pixel returns a 0 connected to the logits (PyTorch's mean would be NaN and poison the
   gradient all-reduce).
 "exact": sum of per-pixel CE over valid pixels / global valid-pixel count (all-reduced),

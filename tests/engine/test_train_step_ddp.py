@@ -1,5 +1,5 @@
 """A full BlindNet training step under DDP + SyncBatchNorm2d equals one process on the
-concatenated batch (DISTRIBUTED.md 1, "Multi-node loss scopes"), on real gloo processes.
+concatenated batch (docs/DISTRIBUTED.md, "The contract"), on real gloo processes.
 
 Global batch of 4 images at 64x64, ResNet-18 BlindNet (aux + projection heads), float64,
 all four BlindNet losses on, CE scope "exact". W=2 runs 2+2 images, W=3 runs 2+1+1.

@@ -1,4 +1,4 @@
-"""The distributed contract, on real gloo processes (DISTRIBUTED.md 1).
+"""The distributed contract, on real gloo processes (docs/DISTRIBUTED.md, "The contract").
 
 For every loss x scope, W ranks each compute the loss on their slice of a global batch of 4
 images (W=2: 2+2, W=3: 2+1+1) and must satisfy, in float64 at rtol 1e-6:

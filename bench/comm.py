@@ -27,21 +27,17 @@ Prints tables and writes bench/results/comm.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import queue as queue_mod
-import socket
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from blindseg_dist import dist, losses
+from blindseg_dist.data.labels import IGNORE
+from blindseg_dist.launcher import run_gloo
 from blindseg_dist.model import build_model
 from blindseg_dist.model.objective import BlindNetObjective, LossWeights
 from blindseg_dist.model.syncbn import convert_sync_batchnorm
@@ -58,66 +54,13 @@ CWCL_M, SDCL_K, SDCL_CAP, D = 15 * 50, 20, 1000, 256
 TAGS = ("cml", "ccl", "cwcl", "sdcl", "seg", "syncbn")
 
 
-# ----------------------------------------------------------------------------- process launcher
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn, rank, world, port, out, args):
-    try:
-        import torch.distributed as tdist  # launcher only; the measured code goes through dist.py
-
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        tdist.init_process_group("gloo", rank=rank, world_size=world,
-                                 timeout=datetime.timedelta(seconds=300))
-        try:
-            out.put((rank, "ok", fn(rank, world, *args)))
-        finally:
-            tdist.destroy_process_group()
-    except BaseException:
-        out.put((rank, "error", traceback.format_exc()))
-
-
-def run_procs(fn, world: int, *args, timeout: float = 1800.0) -> list:
-    """fn(rank, world, *args) on `world` gloo processes (1 thread each); results in rank order."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out, args), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    res, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(res) < world:
-            try:
-                rank, status, payload = out.get(timeout=5.0)
-            except queue_mod.Empty:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"workers died or timed out: {[p.exitcode for p in procs]}")
-                continue
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            res[rank] = payload
-        return [res[r] for r in range(world)]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-
-
 # ----------------------------------------------------------------------------- synthetic data
 
 def synthetic_labels(b: int, crop: int, gen: torch.Generator, classes: int = 19) -> torch.Tensor:
     """Blocky labels (32 px blocks, all 19 classes present) with an ignore strip."""
     coarse = torch.randint(0, classes, (b, -(-crop // 32), -(-crop // 32)), generator=gen)
     label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)[:, :crop, :crop].clone()
-    label[:, : crop // 16] = 255
+    label[:, : crop // 16] = IGNORE
     return label
 
 
@@ -213,7 +156,7 @@ def _bytes_worker(rank: int, world: int) -> dict:
         pj, paj = (F.interpolate(t[:, None].float(), size=(s, s), mode="nearest")[:, 0].long()
                    for t in (pred, pred_aug))
         # anchors before the cap (every class has >= 20 GT pixels here): keys sent for the cap
-        details["sdcl_anchors_local"].append(int(((pj == yj) & (paj != pj) & (yj != 255)).sum()))
+        details["sdcl_anchors_local"].append(int(((pj == yj) & (paj != pj) & (yj != IGNORE)).sum()))
         details["sdcl_anchors_kept_local"] = details.get("sdcl_anchors_kept_local", []) + [
             int(det["anchors"][0].numel())]
         details["sdcl_rows_local"].append(int(det["candidates"].numel()))
@@ -294,7 +237,7 @@ def main() -> None:
     params = trainable_parameters()
     grad_bytes = params * 4
     t0 = time.perf_counter()
-    measured = run_procs(_bytes_worker, 2)
+    measured = run_gloo(_bytes_worker, 2, timeout=1800, collective_timeout_s=300)
     t_bytes = time.perf_counter() - t0
     det = measured[0]["details"]
     rows_max = max(max(m["details"]["sdcl_rows_local"]) for m in measured)
@@ -346,8 +289,8 @@ def main() -> None:
     if not args.skip_speed:
         speed = {}
         for world in (1, 2):
-            res = run_procs(_speed_worker, world, args.backbone, args.crop, args.batch, args.steps,
-                            args.warmup)
+            res = run_gloo(_speed_worker, world, args.backbone, args.crop, args.batch, args.steps,
+                           args.warmup, timeout=1800, collective_timeout_s=300)
             per_step = {n: [max(r["times"][n][i] for r in res) for i in range(args.steps)] for n in SCOPES}
             med = {n: statistics.median(v) for n, v in per_step.items()}
             best = {n: min(v) for n, v in per_step.items()}  # least disturbed by other load

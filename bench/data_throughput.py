@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.data.stream import decode_image, decode_label, make_train_loader
 from blindseg_dist.data.views import TwoViewTransform, class_centroids
 
@@ -44,7 +45,7 @@ def synth_frame(rng: np.random.Generator, h: int = 1052, w: int = 1914):
         bw, bh = int(rng.integers(20, 400)), int(rng.integers(40, 500))
         x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(max(0, horizon - bh), h - bh))
         label[y0:y0 + bh, x0:x0 + bw] = c
-    label[-40:, :] = 255  # ego vehicle (ignore)
+    label[-40:, :] = IGNORE  # ego vehicle
     lut = rng.integers(0, 256, (256, 3)).astype(np.float32)
     image = lut[label] * (0.6 + 0.4 * (yy / h))[..., None] + 30 * np.sin(xx / rng.uniform(20, 80))[..., None]
     image += rng.normal(0, 6, (h, w, 3)).astype(np.float32)  # sensor noise: realistic PNG sizes
@@ -77,7 +78,7 @@ def build_data(root: Path, n: int, per_shard: int = 8, seed: int = 0):
         (root / "raw" / "images" / f"{key}.png").write_bytes(ib)
         (root / "raw" / "labels" / f"{key}.png").write_bytes(lb)
         meta = {"key": key, "size": list(label.shape), "centroids": class_centroids(label),
-                "class_pixels": {str(int(c)): int((label == c).sum()) for c in np.unique(label) if c != 255}}
+                "class_pixels": {str(int(c)): int((label == c).sum()) for c in np.unique(label) if c != IGNORE}}
         metas[key] = meta
         writer.write({"__key__": key, "image.png": ib, "label.png": lb, "meta.json": json.dumps(meta).encode()})
         samples.append({"key": key, "shard": shards[-1]["name"], "size": meta["size"],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.model import build_model
 from blindseg_dist.model.objective import BlindNetObjective, LossWeights
 
@@ -50,7 +51,7 @@ def synthetic_batch(b: int, crop: int, classes: int = 19) -> dict:
     # blocky labels with a realistic number of classes per image (contrastive sampling sees real work)
     coarse = torch.randint(0, classes, (b, crop // 32, crop // 32), generator=g)
     label = coarse.repeat_interleave(32, 1).repeat_interleave(32, 2)
-    label[:, :8] = 255
+    label[:, :8] = IGNORE
     return {
         "image": torch.randn(b, 3, crop, crop, generator=g),
         "image_aug": torch.randn(b, 3, crop, crop, generator=g),

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("train", help="train (launch with accelerate for several processes)")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True,
+                   help="a YAML file, or a shipped config by name (demo, blindnet_r50_gta5, scaling/resnet50, ...)")
     s.add_argument("--output-dir", default=None)
     s.add_argument("--max-steps", type=int, default=None)
     s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

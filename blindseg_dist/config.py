@@ -7,17 +7,43 @@ to every run (``DIR/config.yaml``) and can be passed back with ``--config``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import atomic
+from .data.stream import ON_CORRUPT
+from .losses import contrastive, covariance, segmentation
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key, the value and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `run.mixed_precision: no` (or the
+    override run.mixed_precision=no) is the string "no", where YAML 1.1 reads no/yes/on/off as
+    booleans. Boolean keys still accept yes/no/on/off (_coerce)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML (a file's text or an override's value) the way configs are read."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -179,12 +205,14 @@ class Config:
     """Data generation of `blindseg demo` (ignored by training)."""
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.ce_scope": ("reference", "exact"),
-    "loss.covariance_scope": ("image", "batch"),
-    "loss.contrastive_scope": ("image", "global"),
-    "loss.cwcl_negatives": ("reference", "paper"),
-    "data.on_corrupt": ("warn", "fail"),
+# Allowed values of the string-valued keys. The loss scopes and the corrupt-shard policy are owned by
+# the modules that implement them (their SCOPES / NEGATIVES / ON_CORRUPT), so the two cannot drift.
+CHOICES: dict[str, tuple] = {
+    "loss.ce_scope": segmentation.SCOPES,
+    "loss.covariance_scope": covariance.SCOPES,
+    "loss.contrastive_scope": contrastive.SCOPES,
+    "loss.cwcl_negatives": contrastive.NEGATIVES,
+    "data.on_corrupt": ON_CORRUPT,
     "run.mixed_precision": ("no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
 }
@@ -213,8 +241,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
             raise ValueError
@@ -232,14 +260,14 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return str(value)
         if origin is list:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = load_yaml(value)
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             (item,) = typing.get_args(tp)
             return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
         if origin is dict:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = load_yaml(value)
             if value is None:
                 return {}
             if not isinstance(value, dict):
@@ -350,19 +378,48 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = load_yaml(raw) if raw != "" else ""
     return out
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs shipped with the package: the repository's configs/ (which
+    blindseg_dist/configs links to), installed with the package as package data."""
+    return Path(str(resources.files("blindseg_dist") / "configs"))
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped training configs ("demo", "scaling/resnet50", ...; ablation grids excluded)."""
+    root = shipped_configs()
+    names = (q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("ablation/"))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """``path`` if that file exists, else the shipped config it names: "configs/demo.yaml",
+    "demo.yaml" and "demo" all name the packaged configs/demo.yaml, so they work from any folder
+    and from an installed wheel. Raises ConfigError listing the shipped names."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    if parts and not p.is_absolute():
+        cand = shipped_configs().joinpath(*parts)
+        for c in (cand, cand.with_name(cand.name + ".yaml")):
+            if c.is_file():
+                return c
+    raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML path or a shipped config name: "
+                      f"{', '.join(shipped_config_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file <- overrides, validated. Raises ConfigError with the bad key."""
+    """Defaults <- YAML file (a path or a shipped name, see find_config) <- overrides, validated.
+    Raises ConfigError with the bad key."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        p = find_config(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         _merge(cfg, data)
@@ -376,10 +433,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:

@@ -8,7 +8,7 @@ carry the cross-rank sum: all_reduce's backward is an all_reduce(sum) of the inc
 gradients, all_gather's backward is a reduce_scatter(sum). Do not replace them with
 dist.all_reduce / dist.all_gather on tensors that need a gradient: those have no backward,
 so the other ranks' share of the gradient is lost and, after DDP's averaging, the gradient
-is 1/W too small (DISTRIBUTED.md, "Gradient bookkeeping"). Proven by
+is 1/W too small (docs/DISTRIBUTED.md, "Gradient bookkeeping"). Proven by
 tests/losses/test_dist_scopes.py (per-rank gradients == W x the 1-process gradient).
 
 Rules for callers (a rank that skips a collective hangs the others):
@@ -21,8 +21,8 @@ Rules for callers (a rank that skips a collective hangs the others):
 
 Byte counter: every collective adds the bytes this rank hands to it (for the autograd ones
 also the bytes of the backward collective, counted when the forward runs) to a per-tag
-counter; `comm_stats()` reads it, `reset_comm_stats()` clears it (the trainer does both once
-per step). Single-process paths count nothing.
+counter; `comm_stats()` reads it, `reset_comm_stats()` clears it (the trainer's LogHook does
+both at every log and reports bytes per optimizer step). Single-process paths count nothing.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def comm_stats() -> dict[str, int]:
 
 
 def reset_comm_stats() -> None:
-    """Clear the per-tag byte counter (once per training step)."""
+    """Clear the per-tag byte counter (the trainer: at every log)."""
     _BYTES.clear()
 
 
@@ -204,7 +204,7 @@ def all_gather_detached(t: torch.Tensor, *, tag: str,
 def global_mean(local_sum: torch.Tensor, global_count: int | torch.Tensor) -> torch.Tensor:
     """The one place that owns the world-size factor: W * local_sum / global_count.
 
-    Contract (DISTRIBUTED.md): on W ranks, rank r returns L_r with mean_r L_r == L, the
+    Contract (docs/DISTRIBUTED.md, "The contract"): on W ranks, rank r returns L_r with mean_r L_r == L, the
     1-process loss on the concatenated batch, and d L_r / d x_r == W * dL/dx_r for its own
     inputs x_r, so DDP's gradient averaging (1/W sum over ranks) yields dL/dtheta exactly.
 

@@ -1,4 +1,5 @@
-"""Map-style evaluation data over a shard directory or a raw folder (DISTRIBUTED.md 2).
+"""Map-style evaluation data over a shard directory or a raw folder (docs/DATA.md, "Evaluation data";
+the split over ranks: docs/DISTRIBUTED.md, "Streaming").
 
 Items are full-resolution frames {"image": float32 (3,H,W) normalized, "label": int64 (H,W),
 "key": str}. A rank evaluates shard_indices(len(ds), rank, world): a contiguous split without
@@ -16,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
-from blindseg_dist.data.views import IGNORE, normalize, to_unit_float
+from blindseg_dist.data.labels import IGNORE
+from blindseg_dist.data.views import normalize, to_unit_float
 
 Protocol = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 

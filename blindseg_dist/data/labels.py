@@ -15,7 +15,7 @@ import numpy as np
 NUM_CLASSES = 19
 IGNORE = 255
 
-# (trainId, name, Cityscapes labelId, colour): DATA.md, "19 classes".
+# (trainId, name, Cityscapes labelId, colour): docs/DATA.md, "Label space".
 CLASSES: tuple[tuple[int, str, int, tuple[int, int, int]], ...] = (
     (0, "road", 7, (128, 64, 128)),
     (1, "sidewalk", 8, (244, 35, 232)),

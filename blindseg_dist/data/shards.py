@@ -1,5 +1,5 @@
 """Write a dataset split as WebDataset tar shards plus ``manifest.json`` (schema:
-INTERFACES.md "Shards", data_shards/README.md).
+docs/DATA.md, "Shards", and data_shards/README.md).
 
 Samples are assigned to shards deterministically (sorted items, ``samples_per_shard`` per
 chunk), every shard is written to a temporary name and renamed when complete, and a small
@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import __version__
+from .. import __version__, atomic
 from .labels import NUM_CLASSES
 from .sources.base import Item, SampleError, Source
 
@@ -103,12 +103,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _write_shard(task: tuple) -> dict:
     """Write one whole shard (tar, then sidecar); return the sidecar record."""
     source, out_dir, name, items, image_format = task
@@ -116,34 +110,34 @@ def _write_shard(task: tuple) -> dict:
     out_dir = Path(out_dir)
     samples, skipped = [], []
     tar_path = out_dir / f"{name}.tar"
-    tmp = out_dir / f"{name}.tar.tmp-{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for item in items:
-            try:
-                files, meta = _encode(source, item, image_format)
-            except SampleError as e:
-                skipped.append({"key": item.key, "reason": str(e)})
-                continue
-            except OSError as e:
-                skipped.append({"key": item.key, "reason": f"unreadable: {e}"})
-                continue
-            for member, data in files.items():
-                info = tarfile.TarInfo(member)
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-            samples.append({**meta, "shard": f"{name}.tar"})
+    with atomic.replacing(tar_path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for item in items:
+                try:
+                    files, meta = _encode(source, item, image_format)
+                except SampleError as e:
+                    skipped.append({"key": item.key, "reason": str(e)})
+                    continue
+                except OSError as e:
+                    skipped.append({"key": item.key, "reason": f"unreadable: {e}"})
+                    continue
+                for member, data in files.items():
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
+                samples.append({**meta, "shard": f"{name}.tar"})
+        if not samples:  # every pair skipped: no empty tar
+            tmp.unlink()
     record = {"name": f"{name}.tar", "keys": [it.key for it in items],
               "image_format": image_format, "label_map": source.label_map_name,
               "count": len(samples), "samples": samples, "skipped": skipped}
     if samples:
-        os.replace(tmp, tar_path)
         record.update(bytes=tar_path.stat().st_size, sha256=_sha256(tar_path))
-    else:  # every pair skipped: no empty tar
-        tmp.unlink()
+    else:
         record.update(bytes=0, sha256="")
-    _atomic_json(out_dir / f"{name}.json", record)
+    atomic.write_json(out_dir / f"{name}.json", record, indent=1, sort_keys=True)
     return record
 
 
@@ -242,7 +236,7 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
                 "image_format": image_format, "samples_per_shard": samples_per_shard,
                 "num_samples": len(samples), "shards": shards, "samples": samples,
                 "skipped": skipped, "warnings": warnings}
-    _atomic_json(out / "manifest.json", manifest)
+    atomic.write_json(out / "manifest.json", manifest, indent=1, sort_keys=True)
     if progress:
         total = sum(s["bytes"] for s in shards)
         print(f"shards: {len(samples)} samples in {len(shards)} shards "

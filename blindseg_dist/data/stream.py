@@ -1,4 +1,4 @@
-"""Infinite, deterministic, resumable training stream over WebDataset shards (DISTRIBUTED.md 2).
+"""Infinite, deterministic, resumable training stream over WebDataset shards (docs/DISTRIBUTED.md, "Streaming").
 
 Design (no webdataset shuffle buffers, so every batch is a pure function of its global step):
 - Each rank owns independent streams, one per DataLoader worker. Global batch j of a rank comes
@@ -43,6 +43,9 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext
 _IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")
 
 
+ON_CORRUPT = ("warn", "fail")  # what a corrupt shard does: skip the rest of it (counted) | raise
+
+
 class CorruptShardWarning(RuntimeWarning):
     """A shard could not be read completely; the rest of it was skipped."""
 
@@ -70,7 +73,7 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> t
                     entries = m["shards"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{manifest}: not a valid shard manifest ({e}); rewrite the shards "
-                                     f"with `blindseg shards` or pass the tar paths explicitly") from None
+                                     f"with `blindseg shard` or pass the tar paths explicitly") from None
                 paths = [str(root / s["name"]) for s in entries]
                 counts = {str(root / s["name"]): int(s["count"]) for s in entries if "count" in s}
             else:
@@ -195,8 +198,8 @@ class ShardStream(IterableDataset):
                  epoch_batches: int, seed: int = 0, rank: int = 0, num_workers: int = 0,
                  start_step: int = 0, on_corrupt: str = "warn", expected_counts: dict | None = None,
                  shuffle_buffer: int = 16, open_shards: int = 4):
-        if on_corrupt not in ("warn", "fail"):
-            raise ValueError(f"on_corrupt must be 'warn' or 'fail', got {on_corrupt!r}")
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt (data.on_corrupt) must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         if batch_size < 1 or epoch_batches < 1 or start_step < 0 or rank < 0:
             raise ValueError(f"need batch_size >= 1, epoch_batches >= 1, start_step >= 0, rank >= 0; got "
                              f"{batch_size}, {epoch_batches}, {start_step}, {rank}")

@@ -13,7 +13,6 @@ regular readers (:mod:`blindseg_dist.data.sources`) read them unchanged.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .. import atomic
 from .labels import CLASS_INDEX, CLASS_NAMES, IGNORE, NUM_CLASSES, cityscapes_palette_png
 from .labels import train_to_cityscapes_ids
 
@@ -486,10 +486,7 @@ def generate(out: str | os.PathLike, *, domains: int = 4, images_per_domain: int
     summary = {"format": FORMAT, "seed": int(seed), "size": [h, w],
                "images_per_domain": int(images_per_domain), "domains": entries,
                "classes": [CLASS_NAMES[c] for c in used], "class_ids": used}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "synth.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
-    os.replace(tmp, out / "synth.json")
+    atomic.write_json(out / "synth.json", summary, indent=1, sort_keys=True)
     if progress:
         print(f"synth: wrote {domains} domains x {images_per_domain} images of {h}x{w} "
               f"({len(used)} classes) to {out} in {time.time() - start:.1f}s")

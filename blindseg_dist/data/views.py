@@ -1,4 +1,4 @@
-"""The two training views of BlindNet (METHOD.md section 2).
+"""The two training views of BlindNet (docs/METHOD.md, "Views").
 
 One shared geometric transform (random scale of the full frame, class-uniform or random crop,
 horizontal flip) is applied once to the uint8 frame; the original view x and the augmented view
@@ -18,13 +18,14 @@ import cv2
 import numpy as np
 import torch
 
+from .labels import IGNORE
+
 JITTER_ORIG = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the original view
 JITTER_ORIG_P = 0.5  # RandomApply probability of the original view's jitter
 JITTER_AUG = (0.8, 0.8, 0.8, 0.3)  # the augmented view's jitter (always applied)
 BLUR_SIGMA = (0.15, 1.15)  # sigma = BLUR_SIGMA[0] + U[0, 1) * BLUR_SIGMA[1]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
 
 _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision rgb_to_grayscale weights
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import dist
+from .. import atomic, dist
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -88,9 +88,7 @@ def save_checkpoint(
         torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
     dist.barrier()
     if dist.rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        atomic.replace_dir(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

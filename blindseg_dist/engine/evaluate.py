@@ -1,4 +1,4 @@
-"""Evaluation (METHOD.md section 5): single scale, full resolution, logits bilinearly upsampled to the
+"""Evaluation (docs/METHOD.md, "Evaluation protocol"): single scale, full resolution, logits bilinearly upsampled to the
 label size (align_corners=True, as the model), one int64 confusion matrix per target summed across
 ranks with each image counted exactly once, IoU = TP / (TP + FP + FN), mIoU = nanmean.
 

@@ -27,13 +27,14 @@ ResNet backbones have a released counterpart.
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .. import atomic
 
 __all__ = ["InteropError", "to_released", "from_released", "released_state_dict", "load_released_file",
            "map_released_weights", "import_checkpoint", "export_checkpoint", "RULES"]
@@ -231,10 +232,9 @@ def import_checkpoint(file: str | Path, config: str | Path, out: str | Path, *,
               "released": meta, **report}
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    tmp = out / f".{MODEL_FILE}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(out / MODEL_FILE)
-    (out / "import.json").write_text(json.dumps(report, indent=1, default=str))
+    with atomic.replacing(out / MODEL_FILE) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    atomic.write_json(out / "import.json", report, indent=1, default=str)
     print(f"[import] {report['loaded']} tensors from {file} -> {out / MODEL_FILE}"
           + (f" (released epoch {meta['epoch']}, mean_iu {meta['mean_iu']})" if "epoch" in meta else "")
           + (f"; allowed unknown {len(report['unknown_allowed'])}, missing {len(report['missing_allowed'])}"
@@ -259,10 +259,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
         "command": f"blindseg export-checkpoint {checkpoint} --out {out}",
         "blindseg": {"checkpoint": str(checkpoint), "step": int(name) if name.isdigit() else None},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    with atomic.replacing(out) as tmp:
+        torch.save(payload, tmp)
     heads = sorted({k.split(".")[1 if module_prefix else 0] for k in state})
     report = {"out": str(out), "tensors": len(state), "modules": heads}
     absent = [m for m in ("dsn", "ProjectionHead_cls_0") if m not in heads]

@@ -1,4 +1,5 @@
-"""BlindNet losses (METHOD.md 3) with their distributed scopes (DISTRIBUTED.md 1).
+"""BlindNet losses (docs/METHOD.md, "Losses") with their distributed scopes
+(docs/DISTRIBUTED.md, "Loss scopes").
 
 Every loss returns, on each of W ranks, a value whose mean over ranks equals the 1-process
 loss on the concatenated global batch, with gradients that DDP's averaging turns into the

@@ -1,11 +1,11 @@
-"""Pixel-contrastive losses between the original and the augmented view (METHOD.md 3).
+"""Pixel-contrastive losses between the original and the augmented view (docs/METHOD.md, "Losses").
 
 class_wise_contrastive_loss (CWCL) and semantic_disentanglement_loss (SDCL), one decoder
 level per call (the caller averages the 3 levels). Embeddings are (B, D, h, w) and
 L2-normalized; labels / predictions are (B, H, W) class ids (255 = ignore), nearest-resized
 to (h, w) when given at another resolution.
 
-Sampling is split-independent (DISTRIBUTED.md "Sampling"): every random choice is made by
+Sampling is split-independent (docs/DISTRIBUTED.md, "Sampling"): every random choice is made by
 per-pixel random keys drawn from the image's own generator, seeded by
 sample_seeds(run_seed, step, global_index); "random k of a set" = the k smallest keys. A
 selection over several images or ranks ("global" negatives, the SDCL anchor cap) takes the
@@ -18,7 +18,7 @@ Per image, the generator is drawn from in this order (and nothing else):
   SDCL: negative keys rand(N), anchor-cap keys rand(N).
 (all float64 on the CPU, then moved to the data's device).
 
-Scopes and the distributed contract: see dist.global_mean and DISTRIBUTED.md. Both losses
+Scopes and the distributed contract: see dist.global_mean and docs/DISTRIBUTED.md. Both losses
 return W * (sum over local anchors) / (global anchor count) [global_mean], so that the mean
 over ranks is the 1-process loss and DDP's gradient average is the 1-process gradient, on
 even and uneven splits (tests/losses/test_dist_scopes.py). Keys gathered from other ranks
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist
+from blindseg_dist.data.labels import IGNORE
 
-IGNORE = 255
-_NUM_IDS = 256  # class ids live in [0, 255]; 255 is ignore
+_NUM_IDS = IGNORE + 1  # class ids live in [0, IGNORE]; IGNORE (255) is ignore
 _PSEUDO_BASE = 256  # CWCL filler groups get ids >= 256 (their own pseudo-class)
 NEGATIVES = ("reference", "paper")
 SCOPES = ("image", "global")
@@ -98,8 +98,8 @@ def _ids_at(t: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a (B, H, W) integer tensor of class ids (argmax for "
                          f"predictions), got {tuple(t.shape)} {t.dtype}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) > IGNORE):
-        raise ValueError(f"{name} holds ids outside [0, 255] (min {int(t.min())}, max "
-                         f"{int(t.max())}); use train ids with 255 as ignore")
+        raise ValueError(f"{name} holds ids outside [0, {IGNORE}] (min {int(t.min())}, max "
+                         f"{int(t.max())}); use train ids with {IGNORE} as ignore")
     if tuple(t.shape[-2:]) != tuple(size):
         t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0]  # exact < 2^24
     return t.long().flatten(1)
@@ -246,8 +246,8 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     rank (plain no-grad gather: keys are detached), anchors stay local.
     plan: the result of cwcl_plan for these inputs (then no sampling happens here).
     """
-    _check_choice(negatives, NEGATIVES, "contrastive.negatives (class_wise_contrastive_loss)")
-    _check_choice(scope, SCOPES, "contrastive.scope (class_wise_contrastive_loss)")
+    _check_choice(negatives, NEGATIVES, "loss.cwcl_negatives (class_wise_contrastive_loss)")
+    _check_choice(scope, SCOPES, "loss.contrastive_scope (class_wise_contrastive_loss)")
     _check_embeddings(emb_aug, emb, "class_wise_contrastive_loss")
     b, d, h, w = emb_aug.shape
     if plan is None:
@@ -313,7 +313,7 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     be evaluated at sdcl_pixels(plan) alone; semantic_disentanglement_loss(plan=...) then
     gives exactly the dense result.
     """
-    _check_choice(scope, SCOPES, "contrastive.scope (semantic_disentanglement_loss)")
+    _check_choice(scope, SCOPES, "loss.contrastive_scope (semantic_disentanglement_loss)")
     h, w = size
     b = labels.shape[0]
     n, dev = h * w, labels.device
@@ -416,7 +416,7 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
     plan: the result of sdcl_plan for these inputs (then no sampling happens here).
     return_details=True also returns a dict of the sampled indices (for tests).
     """
-    _check_choice(scope, SCOPES, "contrastive.scope (semantic_disentanglement_loss)")
+    _check_choice(scope, SCOPES, "loss.contrastive_scope (semantic_disentanglement_loss)")
     _check_embeddings(emb_aug, emb, "semantic_disentanglement_loss")
     b, d, h, w = emb_aug.shape
     n, dev = h * w, emb_aug.device

@@ -1,10 +1,10 @@
-"""Covariance matching (CML) and cross-covariance (CCL) losses on the IN outputs (METHOD.md 3).
+"""Covariance matching (CML) and cross-covariance (CCL) losses on the IN outputs (docs/METHOD.md, "Losses").
 
 Both take the sequences of (B, C, H, W) instance-normalized features of the original view
 (`feats`, detached inside: stop-gradient) and of the augmented view (`feats_aug`), one
 tensor per IN point, and average over the points.
 
-Scopes (DISTRIBUTED.md 1):
+Scopes (docs/DISTRIBUTED.md, "Loss scopes"):
 - "image": one Sigma per image; loss = sum of per-image losses / global number of images,
   scaled by dist.global_mean so that DDP's gradient averaging is exact on uneven splits.
 - "batch": Gram sums and pixel counts pooled over the global batch with an autograd
@@ -30,7 +30,7 @@ def _check(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor], sco
            name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if scope not in SCOPES:
         raise ValueError(f"{name}: scope={scope!r} is not one of {SCOPES}; "
-                         "set covariance.scope in the config to 'image' or 'batch'")
+                         f"set loss.covariance_scope in the config to one of them")
     if isinstance(feats, torch.Tensor):
         feats, feats_aug = [feats], [feats_aug]
     feats, feats_aug = list(feats), list(feats_aug)

@@ -1,8 +1,8 @@
-"""Segmentation cross-entropy with the two distributed scopes (DISTRIBUTED.md 1).
+"""Segmentation cross-entropy with the two distributed scopes (docs/DISTRIBUTED.md, "Loss scopes").
 
 "reference": per-rank mean CE over valid pixels, as the released code. After DDP's
   averaging this is the mean of per-rank means, which equals the global mean only when every
-  rank has the same number of valid pixels (DISTRIBUTED.md pitfall). A rank with no valid
+  rank has the same number of valid pixels (docs/DISTRIBUTED.md, "Loss scopes"). A rank with no valid
   pixel returns a 0 connected to the logits (PyTorch's mean would be NaN and poison the
   gradient all-reduce).
 "exact": sum of per-pixel CE over valid pixels / global valid-pixel count (all-reduced),
@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist
+from blindseg_dist.data.labels import IGNORE
 
 SCOPES = ("reference", "exact")
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, scope: str = "reference",
-                      ignore_index: int = 255) -> torch.Tensor:
+                      ignore_index: int = IGNORE) -> torch.Tensor:
     """Cross-entropy of (B, K, H, W) logits against (B, H, W) labels (ignore_index skipped)."""
     if scope not in SCOPES:
         raise ValueError(f"segmentation_loss: scope={scope!r} is not one of {SCOPES}; set "
-                         "the segmentation loss scope in the config to one of them")
+                         "loss.ce_scope in the config to one of them")
     if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"segmentation_loss: logits {tuple(logits.shape)} and labels "
                          f"{tuple(labels.shape)} do not match; expected (B, K, H, W) and "

@@ -1,4 +1,4 @@
-"""Backbones with three affine-free InstanceNorm points (METHOD.md section 1).
+"""Backbones with three affine-free InstanceNorm points (docs/METHOD.md, "Model").
 
 Every backbone maps an image (B, 3, H, W) to ``(feats, in_feats)``:
   feats:    four stage outputs [low-level (1/4), mid, aux source, high (1/output_stride)];

@@ -1,7 +1,7 @@
 """SegNet: backbone with IN + DeepLabV3+ decoder, plus BlindNet's training-only heads.
 
 Nothing BlindNet adds runs at inference: in eval mode the network is a plain DeepLabV3+ with
-three affine-free IN layers. The two-view loss combination lives in the trainer.
+three affine-free IN layers. The two-view loss combination lives in model/objective.py.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_model(
     channels_last: bool = False,
     grad_checkpointing: bool = False,
 ) -> SegNet:
-    """Build the BlindNet / DeepLabV3+ network (METHOD.md section 1).
+    """Build the BlindNet / DeepLabV3+ network (docs/METHOD.md, "Model").
 
     backbone: "resnet18/34/50/101" (torchvision, exact IN placement) or "timm:<name>".
     pretrained: local ImageNet state dict for the backbone (.pth/.pt/.safetensors); never downloads.

@@ -1,4 +1,4 @@
-"""DeepLabV3+ decoder, auxiliary head and projection heads (METHOD.md section 1).
+"""DeepLabV3+ decoder, auxiliary head and projection heads (docs/METHOD.md, "Model").
 
 Every conv followed by a BN has no bias, except the aux head's 3x3 conv (it has one in the released
 network); the classifier convs and the projection heads have one. Module order inside each block

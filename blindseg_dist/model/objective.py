@@ -39,7 +39,7 @@ class BlindNetObjective(nn.Module):
     """Wraps a SegNet; ``forward`` returns {"total": weighted sum, "terms": {name: unweighted value}}.
 
     L = 0.5 [CE(x) + CE(x_a)] + w_aux aux + w_cml CML + w_ccl CCL + w_cwcl CWCL + w_sdcl SDCL
-    (METHOD.md section 3). With two_view=False: L = CE(x) + w_aux aux (the baseline).
+    (docs/METHOD.md, "Losses"). With two_view=False: L = CE(x) + w_aux aux (the baseline).
     """
 
     def __init__(self, net: nn.Module, weights: LossWeights, run_seed: int = 0, sparse_heads: bool = True):

@@ -4,7 +4,7 @@ Batch statistics are the per-channel sums of x and x^2 and the element count, al
 the autograd all-reduce of dist.py. Why the gradient is exact: rank q's input x_q reaches every
 rank's loss L_r only through the global statistics, and the all-reduce's backward sums
 dL_r/dstats over ranks, so x_q receives sum_r dL_r/dx_q = W * d(mean_r L_r)/dx_q, which is the
-contract of DISTRIBUTED.md (DDP's 1/W averaging then yields the single-process gradient).
+contract of docs/DISTRIBUTED.md, "The contract" (DDP's 1/W averaging then yields the single-process gradient).
 Proven by tests/engine/test_train_step_ddp.py. On CUDA, torch's own SyncBatchNorm is used.
 """
 from __future__ import annotations

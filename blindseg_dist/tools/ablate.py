@@ -24,9 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from ..config import ConfigError, load_config, parse_overrides
-
-GRID_DIR = Path(__file__).resolve().parents[2] / "configs" / "ablation"
+from ..config import ConfigError, load_config, load_yaml, parse_overrides, shipped_configs
+from ..launcher import blindseg_command, launch_env
 
 
 @dataclass
@@ -59,9 +58,10 @@ def grid_path(grid: str | Path) -> Path:
         if not p.is_file():
             raise ConfigError(f"ablation grid file {str(p)!r} does not exist")
         return p
-    p = GRID_DIR / f"{grid}.yaml"
+    grid_dir = shipped_configs() / "ablation"
+    p = grid_dir / f"{grid}.yaml"
     if not p.is_file():
-        known = sorted(q.stem for q in GRID_DIR.glob("*.yaml")) if GRID_DIR.is_dir() else []
+        known = sorted(q.stem for q in grid_dir.glob("*.yaml")) if grid_dir.is_dir() else []
         raise ConfigError(f"unknown ablation grid {str(grid)!r}; choose one of {known} or pass a YAML path")
     return p
 
@@ -70,7 +70,7 @@ def load_grid(grid: str | Path) -> tuple[str, list[GridEntry]]:
     """(description, entries) of a grid file: ``runs: [{name: str, set: {dotted.key: value}}, ...]``."""
     path = grid_path(grid)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"ablation grid {str(path)!r} is not valid YAML: {e}") from None
     runs = data.get("runs") if isinstance(data, dict) else None
@@ -150,7 +150,7 @@ def write_hparams(run: PlannedRun, targets: dict[str, dict]) -> None:
     marker = run.run_dir / "hparams.json"
     if marker.is_file():
         return
-    cfg_dict = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    cfg_dict = load_yaml((run.run_dir / "config.yaml").read_text())
     hp, metrics = hparams_of(run, cfg_dict), metrics_of(targets)
     logger = RunLogger(run.run_dir / "tb", enabled=True)
     logger.hparams(hp, metrics)
@@ -262,8 +262,6 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
     """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
     from tqdm import tqdm
 
-    from .demo import launch_command
-
     if processes < 1:
         raise ConfigError(f"--processes {processes}: need at least 1")
     description, entries = load_grid(grid)
@@ -283,13 +281,13 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
             state, seconds = "skipped", 0.0
         else:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            cmd, env = launch_command(processes, ["train", "--config", config, "--output-dir", str(run.run_dir),
-                                                  "--resume", *run.overrides])
+            cmd = blindseg_command(["train", "--config", config, "--output-dir", str(run.run_dir), "--resume",
+                                    *run.overrides], processes=processes)
             t0 = time.perf_counter()
             with open(run.run_dir / "train.log", "w") as log:
                 log.write("$ " + " ".join(cmd) + "\n")
                 log.flush()
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT).returncode
             seconds = time.perf_counter() - t0
             state = "trained" if rc == 0 and eval_json.is_file() else "failed"
             if state == "failed":

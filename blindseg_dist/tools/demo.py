@@ -4,48 +4,20 @@ held-out source frames and every unseen domain -> a printed table and DIR/report
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from ..config import load_config
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from .. import atomic
+from ..config import find_config, load_config, load_yaml
+from ..launcher import blindseg_command, launch_env
 
 
 def demo_config_path() -> Path:
-    path = REPO_CONFIGS / "demo.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"the demo config {path} is missing (run the demo from a clone of the repository)")
-    return path
-
-
-def launch_command(processes: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """`python -m blindseg_dist ARGS`, under `accelerate launch` in CPU multi-process mode when N > 1."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if processes <= 1:
-        return [sys.executable, "-m", "blindseg_dist", *args], env
-    import torch
-
-    if not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"  # the launcher trap: --cpu would start one process
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "blindseg_dist", *args]
-    return cmd, env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """configs/demo.yaml, shipped with the package."""
+    return find_config("demo")
 
 
 def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
@@ -64,7 +36,7 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    demo_yaml = yaml.safe_load(demo_config_path().read_text())
+    demo_yaml = load_yaml(demo_config_path().read_text())
     demo = load_config(demo_config_path()).demo
     n_img = images_per_domain or demo.images_per_domain
     size = tuple(demo.size)
@@ -110,18 +82,18 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     cfg_file.write_text(yaml.safe_dump(demo_yaml, sort_keys=False))
     cfg = load_config(cfg_file)  # validate before starting processes
     t = time.perf_counter()
-    cmd, env = launch_command(processes, ["train", "--config", str(cfg_file)])
-    _run(cmd, env, f"training on {processes} process(es)")
+    cmd = blindseg_command(["train", "--config", str(cfg_file)], processes=processes)
+    _run(cmd, launch_env(), f"training on {processes} process(es)")
     timings["train_s"] = time.perf_counter() - t
     ckpt = run_dir / "checkpoints" / str(cfg.optim.max_steps)
 
     # 3. evaluation on the held-out source frames and every unseen domain
     t = time.perf_counter()
     eval_json = out / "eval.json"
-    cmd, env = launch_command(processes, ["eval", "--checkpoint", str(ckpt), "--json", str(eval_json),
-                                          "--tb-dir", str(run_dir / "tb"), "--data",
-                                          *[f"{k}={v}" for k, v in eval_data.items()]])
-    _run(cmd, env, f"evaluation on {processes} process(es)")
+    cmd = blindseg_command(["eval", "--checkpoint", str(ckpt), "--json", str(eval_json), "--tb-dir",
+                            str(run_dir / "tb"), "--data", *[f"{k}={v}" for k, v in eval_data.items()]],
+                           processes=processes)
+    _run(cmd, launch_env(), f"evaluation on {processes} process(es)")
     timings["eval_s"] = time.perf_counter() - t
 
     from .report import print_report
@@ -139,9 +111,7 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
         "source": "source",
         "unseen": [k for k in eval_data if k != "source"],
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / "report.json")
+    atomic.write_json(out / "report.json", report, indent=1)
     print_report(report)
     print(f"[demo] done in {timings['total_s']:.0f} s; report {out / 'report.json'}; "
           f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -1,15 +1,14 @@
 """`blindseg eval`: evaluate a checkpoint on named targets, across every process of the launch."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .. import dist
+from .. import atomic, dist
 from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
 from ..engine.evaluate import evaluate_targets, format_table
 from ..engine.logging import RunLogger
-from ..engine.trainer import make_accelerator
+from ..engine.accelerator import make_accelerator
 from ..model import build_model
 
 
@@ -57,10 +56,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
     report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
               "sliding_window": cfg.eval.sliding_window}
     if dist.rank() == 0:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(json_out) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(json_out)
+        atomic.write_json(json_out, report, indent=1)
         print(format_table(results))
         print(f"[eval] world size {report['world_size']}; wrote {json_out}")
     if logger is not None:

@@ -1,5 +1,5 @@
 """Writers of tiny dataset folders in the real on-disk formats (names, modes, bit depths),
-shared by the data tests (a helper module, not a conftest, so tests/data stays shareable)."""
+shared by the data tests (imported as tests.data._dataset_formats)."""
 from __future__ import annotations
 
 from pathlib import Path

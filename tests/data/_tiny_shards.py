@@ -1,4 +1,4 @@
-"""Tiny shards in the INTERFACES.md schema, written with tarfile, for the stream/evalset tests
+"""Tiny shards in the sample schema of docs/DATA.md, "Shards", written with tarfile, for the stream/evalset tests
 (independent of data/shards.py)."""
 
 from __future__ import annotations

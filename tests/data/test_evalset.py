@@ -6,8 +6,7 @@ import torch
 
 from blindseg_dist.data import views as V
 from blindseg_dist.data.evalset import EvalDataset, mapillary_protocol, resolve_protocol, shard_indices
-
-from _tiny_shards import make_frame, write_tiny_shards
+from tests.data._tiny_shards import make_frame, write_tiny_shards
 
 MEAN = torch.tensor(V.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(V.IMAGENET_STD).view(3, 1, 1)

@@ -4,8 +4,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from _dataset_formats import write_cityscapes
 from blindseg_dist.data.shards import write_shards
+from tests.data._dataset_formats import write_cityscapes
 
 
 def test_hf_datasets_streams_our_shards(tmp_path, monkeypatch):

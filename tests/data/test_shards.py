@@ -9,7 +9,7 @@ import webdataset as wds
 import blindseg_dist
 from blindseg_dist.data.shards import class_stats, load_manifest, verify_shards, write_shards
 from blindseg_dist.data.sources import get_source
-from _dataset_formats import CS_IDS, ids, rgb, save_gray_png, save_jpg, save_rgb_png
+from tests.data._dataset_formats import CS_IDS, ids, rgb, save_gray_png, save_jpg, save_rgb_png
 
 BAD_KEYS = {"frankfurt_000000_000003", "frankfurt_000000_000004", "frankfurt_000000_000005"}
 

@@ -6,7 +6,7 @@ from PIL import Image
 from blindseg_dist.data.labels import CITYSCAPES_ID_TO_TRAIN, MAPILLARY_OPENSEG, \
     MAPILLARY_ROBUSTNET, SYNTHIA_ID_TO_TRAIN
 from blindseg_dist.data.sources import LayoutError, SampleError, get_source
-from _dataset_formats import CS_IDS, ids, rgb, save_gray_png, save_jpg, save_palette_png, \
+from tests.data._dataset_formats import CS_IDS, ids, rgb, save_gray_png, save_jpg, save_palette_png, \
     save_rgb_png, save_synthia_label, write_cityscapes
 
 

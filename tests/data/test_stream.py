@@ -1,13 +1,12 @@
 import itertools
-import os
 import warnings
 
 import pytest
 import torch
 
 from blindseg_dist.data.stream import CorruptShardError, CorruptShardWarning, index_shard, make_train_loader
-
-from _tiny_shards import write_tiny_shards
+from blindseg_dist.launcher import run_gloo
+from tests.data._tiny_shards import write_tiny_shards
 
 KW = dict(batch_size=2, crop_size=24, epoch_batches=2, shuffle_buffer=4)
 
@@ -105,30 +104,20 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         make_train_loader(tmp_path / "nope", num_workers=0, **KW)
 
 
-def _rank_main(rank, world, shard_dir, port, steps_by_rank, out):
+def _rank_main(rank, world, shard_dir, steps_by_rank):
     import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        loader = make_train_loader(shard_dir, num_workers=2, rank=rank, world_size=world, **KW)
-        count = 0
-        for _, batch in zip(range(steps_by_rank), loader):
-            count += 1
-        t = torch.tensor([count, count * count], dtype=torch.int64)
-        dist.all_reduce(t)
-        torch.save(t, os.path.join(out, f"r{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    loader = make_train_loader(shard_dir, num_workers=2, rank=rank, world_size=world, **KW)
+    count = 0
+    for _, batch in zip(range(steps_by_rank), loader):
+        count += 1
+    t = torch.tensor([count, count * count], dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
-def test_equal_steps_two_gloo_processes(shard_dir, tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_equal_steps_two_gloo_processes(shard_dir):
     steps = 9  # more than the 12 samples / (2 ranks * 2 workers * batch 2) of one pass
-    mp.spawn(_rank_main, args=(2, str(shard_dir), port, steps, str(tmp_path)), nprocs=2, join=True)
+    results = run_gloo(_rank_main, 2, str(shard_dir), steps, timeout=240)
+    assert len(results) == 2
     for r in range(2):
-        t = torch.load(tmp_path / f"r{r}.pt")
-        assert t.tolist() == [2 * steps, 2 * steps * steps]  # both ranks ran exactly `steps` steps
+        assert results[r] == [2 * steps, 2 * steps * steps]  # both ranks ran exactly `steps` steps

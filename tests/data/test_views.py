@@ -3,8 +3,7 @@ import torch
 
 from blindseg_dist.data import views as V
 from blindseg_dist.data.views import TwoViewTransform, class_centroids
-
-from _tiny_shards import make_frame
+from tests.data._tiny_shards import make_frame
 
 MEAN = torch.tensor(V.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(V.IMAGENET_STD).view(3, 1, 1)

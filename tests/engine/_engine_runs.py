@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from blindseg_dist.launcher import blindseg_command, launch_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -31,36 +32,22 @@ def tiny_shards(root: Path) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(cpu: bool = True, **extra: str) -> dict[str, str]:
+    """The launch environment (1 thread, offline) with only the BLINDSEG_FAULT_* variables in ``extra``."""
     e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
-    if cpu:
-        e["ACCELERATE_USE_CPU"] = "1"
     for k in [k for k in e if k.startswith("BLINDSEG_FAULT_")]:
         if k not in extra:
             del e[k]
-    return e
+    return launch_env(cpu=cpu, base=e)
 
 
 def train_cmd(out: Path, shards: Path, steps: int, *overrides: str, processes: int = 2, machines: int = 1,
               machine_rank: int = 0, port: int | None = None, config_file: Path | None = None,
               resume: bool = False) -> list[str]:
-    launch = [PY, "-m", "accelerate.commands.launch", "--main_process_port", str(port or free_port())]
-    if config_file is not None:
-        launch += ["--config_file", str(config_file)]
-    else:
-        launch += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", str(machines),
-                   "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if machines > 1:
-            launch += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-    cmd = launch + ["-m", "blindseg_dist", "train", "--config", str(ROOT / "configs/demo.yaml"),
-                    "--output-dir", str(out), "--max-steps", str(steps), f"data.train={shards}", *TINY, *overrides]
-    return cmd + (["--resume"] if resume else [])
+    args = ["train", "--config", str(ROOT / "configs/demo.yaml"), "--output-dir", str(out), "--max-steps", str(steps),
+            f"data.train={shards}", *TINY, *overrides, *(["--resume"] if resume else [])]
+    return blindseg_command(args, processes=processes, machines=machines, machine_rank=machine_rank, port=port,
+                            config_file=config_file)
 
 
 def run(cmd: list[str], e: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:

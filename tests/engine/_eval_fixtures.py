@@ -1,5 +1,5 @@
 """Helpers of the evaluation / tools tests: tiny synthetic shards and an untrained checkpoint
-(a helper module, not a conftest, so tests/engine stays shareable)."""
+(imported as tests.engine._eval_fixtures by the engine and tools tests)."""
 from __future__ import annotations
 
 from pathlib import Path

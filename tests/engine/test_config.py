@@ -72,3 +72,66 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_allowed_values_come_from_the_modules_that_implement_them():
+    from blindseg_dist.config import CHOICES
+    from blindseg_dist.data.stream import ON_CORRUPT
+    from blindseg_dist.losses import contrastive, covariance, segmentation
+
+    assert CHOICES["loss.ce_scope"] is segmentation.SCOPES
+    assert CHOICES["loss.covariance_scope"] is covariance.SCOPES
+    assert CHOICES["loss.contrastive_scope"] is contrastive.SCOPES
+    assert CHOICES["loss.cwcl_negatives"] is contrastive.NEGATIVES
+    assert CHOICES["data.on_corrupt"] is ON_CORRUPT
+    for key, allowed in CHOICES.items():  # every allowed value loads, a foreign one is refused naming the key
+        section, name = key.split(".")
+        for value in allowed:
+            assert getattr(getattr(load_config(overrides=[f"{key}={value}"]), section), name) == value
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_config(overrides=[f"{key}=nope"])
+
+
+def test_loss_errors_name_the_real_config_keys():
+    import torch
+
+    from blindseg_dist import losses
+
+    feats = [torch.zeros(1, 2, 4, 4)]
+    with pytest.raises(ValueError, match="loss.covariance_scope"):
+        losses.covariance_matching_loss(feats, feats, scope="pixel")
+    with pytest.raises(ValueError, match="loss.ce_scope"):
+        losses.segmentation_loss(torch.zeros(1, 19, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), scope="pixel")
+    emb, lab = torch.zeros(1, 8, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="loss.contrastive_scope"):
+        losses.class_wise_contrastive_loss(emb, emb, lab, lab, scope="pixel")
+    with pytest.raises(ValueError, match="loss.cwcl_negatives"):
+        losses.class_wise_contrastive_loss(emb, emb, lab, lab, negatives="some")
+    with pytest.raises(ValueError, match="loss.contrastive_scope"):
+        losses.semantic_disentanglement_loss(emb, emb, lab, lab, lab, scope="pixel")
+
+
+def test_yaml_no_is_a_string_for_string_keys_and_false_for_boolean_keys(tmp_path):
+    # YAML 1.1 would read `no` as False, and run.mixed_precision would become 'False'
+    cfg = load_config(overrides=["run.mixed_precision=no", "loss.two_view=no", "loss.cml=0", "loss.ccl=0",
+                                 "loss.cwcl=0", "loss.sdcl=0", "model.channels_last=on"])
+    assert cfg.run.mixed_precision == "no" and cfg.loss.two_view is False and cfg.model.channels_last is True
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  mixed_precision: no\nmodel:\n  grad_checkpointing: yes\n")
+    cfg = load_config(f)
+    assert cfg.run.mixed_precision == "no" and cfg.model.grad_checkpointing is True
+
+
+def test_configs_resolve_by_path_or_shipped_name(tmp_path, monkeypatch):
+    from blindseg_dist.config import find_config, shipped_config_names
+
+    monkeypatch.chdir(tmp_path)  # outside the repository: configs/... is not a file here
+    assert find_config("configs/demo.yaml") == find_config("demo") == find_config("demo.yaml")
+    assert find_config("demo").read_text() == (REPO / "configs" / "demo.yaml").read_text()
+    assert load_config("scaling/resnet101").model.backbone == "resnet101"
+    (tmp_path / "demo.yaml").write_text("optim:\n  max_steps: 7\n")
+    assert load_config("demo.yaml").optim.max_steps == 7  # an existing file wins over a shipped name
+    with pytest.raises(ConfigError, match="shipped config name: .*blindnet_r50_gta5.*demo"):
+        load_config("nope")
+    names = shipped_config_names()
+    assert "scaling/swin_tiny" in names and not any(n.startswith("ablation/") for n in names)

@@ -12,18 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _engine_runs import ROOT, env, run, summary, tail, tiny_shards, train_cmd
+from tests.engine._engine_runs import ROOT, env, run, summary, tail, train_cmd
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("ds_data"))
-
-
-@pytest.fixture(scope="module")
-def ddp_reference(shards, tmp_path_factory):
+def ddp_reference(train_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    res = run(train_cmd(out, shards, 2), env())
+    res = run(train_cmd(out, train_shards, 2), env())
     assert res.returncode == 0, tail(res)
     return out
 
@@ -42,9 +37,9 @@ def ds_launch_config(tmp, stage: int, *, bf16: bool = False):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_stage_trains_like_ddp_and_saves_full_weights(stage, shards, ddp_reference, tmp_path):
+def test_zero_stage_trains_like_ddp_and_saves_full_weights(stage, train_shards, ddp_reference, tmp_path):
     out = tmp_path / "run"
-    res = run(train_cmd(out, shards, 2, config_file=ds_launch_config(tmp_path, stage)), env(cpu=False))
+    res = run(train_cmd(out, train_shards, 2, config_file=ds_launch_config(tmp_path, stage)), env(cpu=False))
     assert res.returncode == 0, tail(res)
     assert "built successfully" not in res.stdout + res.stderr  # the shared-memory op was not compiled
     s, ref = summary(out), summary(ddp_reference)
@@ -62,11 +57,11 @@ def test_zero_stage_trains_like_ddp_and_saves_full_weights(stage, shards, ddp_re
         torch.testing.assert_close(v.float(), w_ref[k].float(), rtol=1e-2, atol=1e-3, msg=k)
 
 
-def test_precision_mismatch_is_a_clear_config_error(shards, tmp_path):
+def test_precision_mismatch_is_a_clear_config_error(train_shards, tmp_path):
     # the shipped ZeRO-2 config trains in bf16; the run asks for fp32
     yaml = (ROOT / "launch/accelerate/deepspeed_zero2.yaml").read_text().replace("num_processes: 8", "num_processes: 2")
     (tmp_path / "z2.yaml").write_text(yaml)
-    res = run(train_cmd(tmp_path / "run", shards, 2, "run.mixed_precision=no", config_file=tmp_path / "z2.yaml"),
+    res = run(train_cmd(tmp_path / "run", train_shards, 2, "run.mixed_precision=no", config_file=tmp_path / "z2.yaml"),
               env(cpu=False), timeout=120)
     assert res.returncode != 0
     assert "run.mixed_precision" in res.stderr and "'bf16'" in res.stderr, tail(res)

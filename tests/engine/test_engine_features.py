@@ -3,27 +3,21 @@ activation checkpointing, bf16 autocast; fp16 on the CPU is refused with a clear
 import json
 import math
 
-import pytest
 import torch
 
-from _engine_runs import PY, ROOT, TINY, env, run, summary, tail, tiny_shards
 from blindseg_dist import cli
 from blindseg_dist.engine import checkpoint as ckpt
+from tests.engine._engine_runs import PY, ROOT, TINY, env, run, summary, tail
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("feat_data"))
-
-
-def one_process(out, shards, steps, *overrides):
+def one_process(out, train_shards, steps, *overrides):
     return [PY, "-m", "blindseg_dist", "train", "--config", str(ROOT / "configs/demo.yaml"), "--output-dir", str(out),
-            "--max-steps", str(steps), f"data.train={shards}", *TINY, *overrides]
+            "--max-steps", str(steps), f"data.train={train_shards}", *TINY, *overrides]
 
 
-def test_accumulation_clipping_channels_last_checkpointing(shards, tmp_path):
+def test_accumulation_clipping_channels_last_checkpointing(train_shards, tmp_path):
     out = tmp_path / "run"
-    res = run(one_process(out, shards, 2, "optim.grad_accum=2", "optim.grad_clip=1.0", "model.channels_last=true",
+    res = run(one_process(out, train_shards, 2, "optim.grad_accum=2", "optim.grad_clip=1.0", "model.channels_last=true",
                           "model.grad_checkpointing=true", "run.record_stream=true", "run.image_every=1"), env())
     assert res.returncode == 0, tail(res)
     s = summary(out)
@@ -39,9 +33,9 @@ def test_accumulation_clipping_channels_last_checkpointing(shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
-def test_bf16_autocast_trains_and_keeps_float32_weights(shards, tmp_path):
+def test_bf16_autocast_trains_and_keeps_float32_weights(train_shards, tmp_path):
     out = tmp_path / "run"
-    res = run(one_process(out, shards, 1, "run.mixed_precision=bf16", "data.crop_size=32"), env())
+    res = run(one_process(out, train_shards, 1, "run.mixed_precision=bf16", "data.crop_size=32"), env())
     assert res.returncode == 0, tail(res)
     assert "precision bf16" in res.stdout and math.isfinite(summary(out)["last_loss"])
     w = ckpt.load_model_weights(out / "checkpoints" / "1")
@@ -49,8 +43,8 @@ def test_bf16_autocast_trains_and_keeps_float32_weights(shards, tmp_path):
     assert all(torch.isfinite(v).all() for v in w.values())
 
 
-def test_fp16_on_cpu_is_refused_clearly(shards, tmp_path, capsys):
+def test_fp16_on_cpu_is_refused_clearly(train_shards, tmp_path, capsys):
     rc = cli.main(["train", "--config", str(ROOT / "configs/demo.yaml"), "--output-dir", str(tmp_path / "run"),
-                   f"data.train={shards}", "run.mixed_precision=fp16"])
+                   f"data.train={train_shards}", "run.mixed_precision=fp16"])
     err = capsys.readouterr().err
     assert rc == 2 and "run.mixed_precision" in err and "needs a GPU" in err, err

@@ -2,25 +2,18 @@
 matrices on a target of 5 images (not divisible by 2): every image counted once, none padded."""
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from _eval_fixtures import make_checkpoint, make_shards
+from blindseg_dist.launcher import blindseg_command, launch_env
+from tests.engine._eval_fixtures import make_checkpoint, make_shards
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _eval(cmd_prefix, ckpt, data, out, env):
-    cmd = [*cmd_prefix, "-m", "blindseg_dist", "eval", "--checkpoint", str(ckpt), "--json", str(out),
-           "--data", *[f"{k}={v}" for k, v in data.items()]]
+def _eval(processes, ckpt, data, out, env):
+    cmd = blindseg_command(["eval", "--checkpoint", str(ckpt), "--json", str(out),
+                            "--data", *[f"{k}={v}" for k, v in data.items()]], processes=processes)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(Path(out).read_text())
@@ -32,11 +25,9 @@ def test_two_process_eval_equals_one_process(tmp_path):
     assert manifest["num_samples"] == 5
     ckpt = make_checkpoint(tmp_path / "run")
     data = {"night": shards["night"], "synthia_like": shards["night"]}  # the name selects the synthia protocol
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    one = _eval([sys.executable], ckpt, data, tmp_path / "one.json", env)
-    two = _eval([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "--main_process_port", str(_free_port())], ckpt, data, tmp_path / "two.json", env)
+    env = launch_env(cpu=True, base=dict(os.environ, OMP_NUM_THREADS="1"))
+    one = _eval(1, ckpt, data, tmp_path / "one.json", env)
+    two = _eval(2, ckpt, data, tmp_path / "two.json", env)
     assert one["world_size"] == 1 and two["world_size"] == 2
     for name in data:
         cm1 = np.array(one["targets"][name]["confusion_matrix"], dtype=np.int64)

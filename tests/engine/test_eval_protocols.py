@@ -1,4 +1,4 @@
-"""Evaluation protocols (METHOD.md section 5): SYNTHIA mIoU19 / mIoU16, protocol resolution and
+"""Evaluation protocols (docs/METHOD.md, "Evaluation protocol"): SYNTHIA mIoU19 / mIoU16, protocol resolution and
 validation, the Mapillary resize / centre crop / ignore padding, and sliding-window inference."""
 import json
 

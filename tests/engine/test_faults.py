@@ -8,22 +8,18 @@ import time
 import pytest
 import torch
 
-from _engine_runs import ROOT, env, free_port, run, tail, tiny_shards, train_cmd
 from blindseg_dist import cli
 from blindseg_dist.engine import checkpoint as ckpt
 from blindseg_dist.engine.trainer import EXIT_COLLECTIVE, EXIT_NONFINITE
+from blindseg_dist.launcher import free_port
+from tests.engine._engine_runs import ROOT, env, run, tail, train_cmd
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("fault_data"))
-
-
-def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(shards, tmp_path):
+def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(train_shards, tmp_path):
     out = tmp_path / "run"
     # rank 0 only: the skip decision must still be taken by both ranks (else the run hangs)
     e = env(BLINDSEG_FAULT_NAN="1,3,4", BLINDSEG_FAULT_RANK="0")
-    res = run(train_cmd(out, shards, 6, "run.max_nonfinite=2", "run.dist_timeout_s=60"), e)
+    res = run(train_cmd(out, train_shards, 6, "run.max_nonfinite=2", "run.dist_timeout_s=60"), e)
     assert res.returncode != 0 and f"exitcode  : {EXIT_NONFINITE}" in res.stderr + res.stdout, tail(res)
     text = res.stdout + res.stderr
     assert "step 1: non-finite loss, step skipped (1 in a row)" in text
@@ -36,12 +32,12 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(shards
     assert all(torch.isfinite(v).all() for v in ckpt.load_model_weights(last).values())
 
 
-def test_a_rank_that_dies_makes_the_other_node_exit_with_a_clear_error(shards, tmp_path):
+def test_a_rank_that_dies_makes_the_other_node_exit_with_a_clear_error(train_shards, tmp_path):
     # two launches ("nodes") so that no launcher kills the survivor for us: it must notice by itself
     out, port = tmp_path / "run", free_port()
     e = env(BLINDSEG_FAULT_EXIT="1", BLINDSEG_FAULT_RANK="1")
     t = time.perf_counter()
-    nodes = [subprocess.Popen(train_cmd(out, shards, 6, "run.dist_timeout_s=30", processes=2, machines=2,
+    nodes = [subprocess.Popen(train_cmd(out, train_shards, 6, "run.dist_timeout_s=30", processes=2, machines=2,
                                         machine_rank=r, port=port),
                               env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
@@ -54,9 +50,9 @@ def test_a_rank_that_dies_makes_the_other_node_exit_with_a_clear_error(shards, t
     assert f"exitcode  : {EXIT_COLLECTIVE}" in survivor
 
 
-def test_a_rank_that_hangs_makes_the_others_exit_within_the_timeout(shards, tmp_path):
+def test_a_rank_that_hangs_makes_the_others_exit_within_the_timeout(train_shards, tmp_path):
     e = env(BLINDSEG_FAULT_HANG="1", BLINDSEG_FAULT_RANK="1")
-    proc = subprocess.Popen(train_cmd(tmp_path / "run", shards, 6, "run.dist_timeout_s=10"), env=e, cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(tmp_path / "run", train_shards, 6, "run.dist_timeout_s=10"), env=e, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[str, float] = {}
     lines = []

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
-from _eval_fixtures import DEMO_CONFIG, make_shards
+from tests.engine._eval_fixtures import DEMO_CONFIG, make_shards
 from blindseg_dist import cli
 from blindseg_dist.config import load_config, model_kwargs, save_config
 from blindseg_dist.engine import checkpoint as ckpt
@@ -283,7 +283,7 @@ def test_init_from_fits_heads_and_refuses_another_network(tmp_path):
 
 def test_train_starts_from_init_from_weights(tmp_path):
     """`blindseg train ... model.init_from=DIR`: step 0 holds the given weights (lr tiny, 1 step)."""
-    from _engine_runs import PY, TINY, env, run, tail, tiny_shards
+    from tests.engine._engine_runs import PY, TINY, env, run, tail, tiny_shards
 
     shards = tiny_shards(tmp_path / "d")
     init = _randomize(build_model("resnet18"), seed=9)

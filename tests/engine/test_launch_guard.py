@@ -1,7 +1,7 @@
 """The trainer refuses a launch whose processes do not form one group (independent copies)."""
 import pytest
 
-from blindseg_dist.engine.trainer import LaunchError, check_world
+from blindseg_dist.engine.accelerator import LaunchError, check_world
 
 
 def test_world_size_mismatch_is_refused_with_the_fix(monkeypatch):

@@ -4,21 +4,15 @@ node streams its own data."""
 import json
 import subprocess
 
-import pytest
-
-from _engine_runs import ROOT, env, free_port, summary, tiny_shards, train_cmd
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("mn_data"))
+from blindseg_dist.launcher import free_port
+from tests.engine._engine_runs import ROOT, env, summary, train_cmd
 
 
-def test_two_nodes_train_one_model_on_different_data(shards, tmp_path):
+def test_two_nodes_train_one_model_on_different_data(train_shards, tmp_path):
     out, port = tmp_path / "run", free_port()
     nodes = [
         subprocess.Popen(
-            train_cmd(out, shards, 2, "run.record_stream=true", processes=4, machines=2, machine_rank=r, port=port),
+            train_cmd(out, train_shards, 2, "run.record_stream=true", processes=4, machines=2, machine_rank=r, port=port),
             env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in (0, 1)
     ]

@@ -5,12 +5,11 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from _engine_runs import ROOT, env, run, summary, tail, tiny_shards, train_cmd
 from blindseg_dist.engine import checkpoint as ckpt
+from tests.engine._engine_runs import ROOT, env, run, summary, tail, train_cmd
 
 STEPS = 6
 ARGS = ("run.checkpoint_every=2", "run.keep_last=5")
@@ -30,18 +29,13 @@ def _workers(launcher_pid: int) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return tiny_shards(tmp_path_factory.mktemp("resume_data"))
-
-
-def test_sigterm_checkpoints_and_resume_is_bitwise_identical(shards, tmp_path):
+def test_sigterm_checkpoints_and_resume_is_bitwise_identical(train_shards, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    res = run(train_cmd(a, shards, STEPS, *ARGS), env())
+    res = run(train_cmd(a, train_shards, STEPS, *ARGS), env())
     assert res.returncode == 0, tail(res)
 
     # run B: SIGTERM to every training process (what a scheduler's preemption does) once step 2 is saved
-    proc = subprocess.Popen(train_cmd(b, shards, STEPS, *ARGS), env=env(), cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(b, train_shards, STEPS, *ARGS), env=env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while not (b / "checkpoints" / "2").is_dir():
@@ -57,7 +51,7 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(shards, tmp_path):
     assert s["stop_reason"] == "stopped by signal" and 2 <= s["steps"] < STEPS, s
     assert ckpt.latest_checkpoint(b).name == str(s["steps"])  # the signal wrote its own checkpoint
 
-    res = run(train_cmd(b, shards, STEPS, *ARGS, resume=True), env())
+    res = run(train_cmd(b, train_shards, STEPS, *ARGS, resume=True), env())
     assert res.returncode == 0, tail(res)
     assert f"resumed from {b / 'checkpoints' / str(s['steps'])}" in res.stdout
     assert summary(b)["steps"] == STEPS and summary(b)["stop_reason"] == "finished"

@@ -1,5 +1,5 @@
 """A full BlindNet training step under DDP + SyncBatchNorm2d equals one process on the
-concatenated batch (DISTRIBUTED.md 1, "Multi-node loss scopes"), on real gloo processes.
+concatenated batch (docs/DISTRIBUTED.md, "The contract"), on real gloo processes.
 
 Global batch of 4 images at 64x64, ResNet-18 BlindNet (aux + projection heads), float64,
 all four BlindNet losses on, CE scope "exact". W=2 runs 2+2 images, W=3 runs 2+1+1.
@@ -28,20 +28,16 @@ back. One spawn per world size runs every check.
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
-from _gloo import run_gloo  # noqa: E402  (tests/losses/_gloo.py: spawns gloo processes)
-
-from blindseg_dist.model import build_model  # noqa: E402
-from blindseg_dist.model.objective import BlindNetObjective, LossWeights  # noqa: E402
-from blindseg_dist.model.syncbn import SyncBatchNorm2d, convert_sync_batchnorm  # noqa: E402
+from blindseg_dist.launcher import run_gloo
+from blindseg_dist.model import build_model
+from blindseg_dist.model.objective import BlindNetObjective, LossWeights
+from blindseg_dist.model.syncbn import SyncBatchNorm2d, convert_sync_batchnorm
 
 SPLITS = {2: [2, 2], 3: [2, 1, 1]}
 BN_SPLITS = {2: [[3, 1]], 3: [[1, 3, 2], [2, 0, 3]]}

@@ -1,4 +1,4 @@
-"""CWCL / SDCL rules (METHOD.md 3) and naive per-anchor loops, single process, float64."""
+"""CWCL / SDCL rules (docs/METHOD.md, "Losses") and naive per-anchor loops, single process, float64."""
 
 from __future__ import annotations
 

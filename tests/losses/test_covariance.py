@@ -1,4 +1,4 @@
-"""CML / CCL against a direct, loop-based computation of METHOD.md 3 (single process)."""
+"""CML / CCL against a direct, loop-based computation of docs/METHOD.md, "Losses" (single process)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gloo import run_gloo
+from blindseg_dist.launcher import run_gloo
 from blindseg_dist import losses
 from blindseg_dist.losses.contrastive import cwcl_plan
 

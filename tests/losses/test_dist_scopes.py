@@ -1,4 +1,4 @@
-"""The distributed contract, on real gloo processes (DISTRIBUTED.md 1).
+"""The distributed contract, on real gloo processes (docs/DISTRIBUTED.md, "The contract").
 
 For every loss x scope, W ranks each compute the loss on their slice of a global batch of 4
 images (W=2: 2+2, W=3: 2+1+1) and must satisfy, in float64 at rtol 1e-6:
@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _gloo import run_gloo
 from blindseg_dist import losses
+from blindseg_dist.launcher import run_gloo
 
 SPLITS = {2: [2, 2], 3: [2, 1, 1]}
 RUN_SEED, STEP = 304, 7

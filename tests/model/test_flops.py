@@ -22,5 +22,5 @@ def test_compute_flops_resnet50_small(capfd: pytest.CaptureFixture[str]) -> None
 
 
 def test_resnet50_backbone_gflops_reference() -> None:
-    """Plain-stride (OS32) R50 backbone at 512x1024: ENVIRONMENT.md's 42.9 GFLOPs (IN vs BN adds ~0.1)."""
+    """Plain-stride (OS32) R50 backbone at 512x1024: the reference 42.9 GFLOPs (IN vs BN adds ~0.1)."""
     assert count_gflops(ResNetBackbone("resnet50", output_stride=32), (512, 1024)) == pytest.approx(42.9, rel=0.01)

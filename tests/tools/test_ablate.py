@@ -12,11 +12,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from _eval_fixtures import DEMO_CONFIG, make_shards  # noqa: E402
-
-from blindseg_dist.config import ConfigError  # noqa: E402
-from blindseg_dist.tools.ablate import load_grid, plan_runs  # noqa: E402
+from blindseg_dist.config import ConfigError
+from blindseg_dist.tools.ablate import load_grid, plan_runs
+from tests.engine._eval_fixtures import DEMO_CONFIG, make_shards
 
 
 def _ablate(out: Path, shards: dict, env) -> subprocess.CompletedProcess:

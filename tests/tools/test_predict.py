@@ -1,17 +1,13 @@
 """`blindseg predict`: masks and overlays at the input size for images of any size, clear errors."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from _eval_fixtures import make_checkpoint  # noqa: E402
-
-from blindseg_dist.cli import main  # noqa: E402
-from blindseg_dist.data.labels import PALETTE, colorize  # noqa: E402
-from blindseg_dist.tools.predict import predict_folder  # noqa: E402
+from blindseg_dist.cli import main
+from blindseg_dist.data.labels import PALETTE, colorize
+from blindseg_dist.tools.predict import predict_folder
+from tests.engine._eval_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,17 @@
 demo's closing table is the same table."""
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from _eval_fixtures import DEMO_CONFIG  # noqa: E402
-
-from blindseg_dist.cli import main  # noqa: E402
-from blindseg_dist.config import load_config, save_config  # noqa: E402
-from blindseg_dist.engine.evaluate import target_result  # noqa: E402
-from blindseg_dist.tools.report import print_report  # noqa: E402
+from blindseg_dist.cli import main
+from blindseg_dist.config import load_config, save_config
+from blindseg_dist.engine.evaluate import target_result
+from blindseg_dist.tools.report import print_report
+from tests.engine._eval_fixtures import DEMO_CONFIG
 
 
 def _result(diag: dict[int, int], off: dict[tuple[int, int], int], protocol="full") -> dict:

@@ -35,7 +35,9 @@ def _named_paths(pairs: list[str]) -> dict[str, str]:
         if "=" not in pair:
             raise SystemExit(f"error: --data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
-        if not Path(path).exists():
+        from .data.location import has_braces, is_remote
+
+        if not is_remote(path) and not has_braces(path) and not Path(path).exists():
             raise SystemExit(f"error: evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out

@@ -481,6 +481,35 @@ def _stream_pass(url: str, timeout: float, skip: int) -> Iterator[tuple[str, dic
             _close(stream)
 
 
+# -- upload ------------------------------------------------------------------------------------
+def upload_command(shard_dir: str | os.PathLike, dest: str) -> str:
+    """The shell command that copies a finished shard folder to ``dest`` (s3://, gs://, an rsync
+    target HOST:PATH, or another fsspec URL), tars first and manifest.json last, so a reader never
+    sees a manifest that lists shards not yet uploaded."""
+    import shlex
+
+    src = str(Path(shard_dir))
+    q = shlex.quote
+    d = dest.rstrip("/")
+    s = scheme(d)
+    if s == "s3":
+        return (f"aws s3 cp --recursive --exclude manifest.json --exclude '*.tmp-*' {q(src)} {q(d)} && "
+                f"aws s3 cp {q(src + '/manifest.json')} {q(d + '/manifest.json')}")
+    if s in ("gs", "gcs"):
+        return (f"gcloud storage rsync --recursive --exclude='manifest\\.json$|.*\\.tmp-.*' {q(src)} {q(d)} && "
+                f"gcloud storage cp {q(src + '/manifest.json')} {q(d + '/manifest.json')}")
+    if s == "" and re.match(r"^[^/\s]+:", d):  # user@host:path
+        return (f"rsync -a --exclude manifest.json --exclude '*.tmp-*' {q(src + '/')} {q(d + '/')} && "
+                f"rsync -a {q(src + '/manifest.json')} {q(d + '/manifest.json')}")
+    if s in ("", "file", "http", "https", "pipe"):
+        raise ValueError(f"--upload-to {dest!r}: give an s3://, gs:// or HOST:PATH (rsync) destination, or an "
+                         f"fsspec URL; an http(s) server is filled by copying the folder into what it serves")
+    code = (f"import fsspec,pathlib; fs,_=fsspec.core.url_to_fs({d!r}); p=pathlib.Path({src!r}); "
+            f"[fs.put_file(str(f), {d!r}+'/'+f.name) for f in sorted(p.glob('*.tar'))+sorted(p.glob('*.json')) "
+            f"if f.name != 'manifest.json']; fs.put_file(str(p/'manifest.json'), {d!r}+'/manifest.json')")
+    return f"python -c {q(code)}"
+
+
 # -- local cache (indexed access for evaluation) ------------------------------------------------
 def default_cache_dir() -> Path:
     """$BLINDSEG_CACHE, else $XDG_CACHE_HOME/blindseg_dist/shards, else ~/.cache/blindseg_dist/shards."""

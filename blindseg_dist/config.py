@@ -112,7 +112,7 @@ class DataConfig:
     remote_retries: int = 3
     """Remote shards (URL, pipe:): extra attempts after a failed read, resuming after the last sample."""
     remote_timeout: float = 600.0
-    """Remote shards: seconds one shard may take to stream (a stalled read fails, then retries)."""
+    """Remote shards: seconds one shard may spend blocked waiting for bytes (a stalled read fails, then retries)."""
     cache_dir: str = ""
     """Remote evaluation shards are downloaded here, verified by sha256 ('' = $BLINDSEG_CACHE or
     ~/.cache/blindseg_dist/shards)."""

@@ -109,6 +109,27 @@ def test_stalled_server_hits_the_deadline(shard_dir):
         assert time.time() - t0 < 12 and srv.hits["train-000002.tar"] == 2
 
 
+def test_slow_consumer_is_not_a_timeout(tmp_path):
+    """The deadline counts the time blocked waiting for bytes, not the time the reader takes: a 32 MB
+    shard (far more than the pipe and socket buffers) read over 4 s with a 1 s deadline is fine."""
+    import io
+    import os
+    import tarfile
+
+    with tarfile.open(tmp_path / "big.tar", "w") as tf:
+        for i in range(8):
+            for ext, data in (("image.png", os.urandom(4 << 20)), ("label.png", b"x"), ("meta.json", b"{}")):
+                ti = tarfile.TarInfo(f"s{i}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    with ShardServer(tmp_path) as srv:
+        got = []
+        for key, _ in iter_shard(f"{srv.url}/big.tar", expected=8, retries=0, timeout=1.0):
+            time.sleep(0.5)
+            got.append(key)
+        assert got == [f"s{i}" for i in range(8)] and srv.hits["big.tar"] == 1
+
+
 def test_fsspec_location_and_missing_backend(shard_dir, monkeypatch):
     fsspec = pytest.importorskip("fsspec")
     fs = fsspec.filesystem("memory")

@@ -68,3 +68,4 @@ def test_eval_shard_that_keeps_failing_is_fatal(val_dir, tmp_path):
         with pytest.raises(RuntimeError, match="val-000001.tar cannot be read.*never skips"):
             ds[2]
         assert srv.hits["val-000001.tar"] == 2
+

@@ -371,7 +371,8 @@ class Trainer(TrainLoop):
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step)
+        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""

@@ -88,13 +88,18 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .engine.trainer import train
 
-    overrides = list(args.overrides)
+    overrides, resume = list(args.overrides), args.resume
+    allow = [k for k in args.allow_changed or () if "=" not in k]
+    overrides += [k for k in args.allow_changed or () if "=" in k]  # overrides after --allow-changed KEY...
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        overrides.insert(0, resume)  # `--resume key=value ...`: an override, not a checkpoint path
+        resume = True
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"optim.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=resume, allow_changed=tuple(allow))
     return 0
 
 
@@ -227,9 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train (launch with accelerate for several processes)")
     s.add_argument("--config", required=True,
                    help="a YAML file, or a shipped config by name (demo, blindnet_r50_gta5, scaling/resnet50, ...)")
-    s.add_argument("--output-dir", default=None)
+    s.add_argument("--output-dir", default=None,
+                   help="run folder (default: run.output_dir, else runs/<config name>/<UTC timestamp>/)")
     s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue a run: alone, from the run folder's latest checkpoint (with no --output-dir: the "
+                        "newest run of this config); PATH: a checkpoint folder or a run folder")
+    s.add_argument("--allow-changed", nargs="+", default=None, metavar="KEY",
+                   help="let --resume change these: world_size data.batch_size optim.grad_accum optim.lr "
+                        "optim.poly_power optim.max_steps (refused otherwise)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.02")
     s.set_defaults(func=cmd_train)
 

@@ -160,8 +160,11 @@ class OptimConfig:
 class RunConfig:
     seed: int = 304
     """Run seed (model init, data stream, loss sampling)."""
-    output_dir: str = "runs/blindnet"
-    """Run directory: config.yaml, TensorBoard events, checkpoints/, eval.json."""
+    output_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, eval.json; null =
+    runs/<run.name>/<UTC timestamp>/ (a new folder per run)."""
+    name: str | None = None
+    """Run name for the default run directory runs/<name>/<timestamp>/; null = the config file's name."""
     mixed_precision: str = "no"
     """no | bf16 | fp16 (covariance and contrastive math stay float32)."""
     log_every: int = 10
@@ -434,8 +437,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         _merge(cfg, data)
+        if cfg.run.name is None:
+            cfg.run.name = p.stem
     if overrides:
         _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if cfg.run.name is None:
+        cfg.run.name = "run"
     return validate(cfg)
 
 

@@ -479,7 +479,7 @@ def shipped_config_names() -> list[str]:
     """Names of the shipped training configs ("demo", "scaling/resnet50", ...; ablation grids excluded)."""
     root = shipped_configs()
     names = (q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("ablation/"))
+    return sorted(n for n in names if not n.startswith("ablation/") and not n.rsplit("/", 1)[-1].startswith("_"))
 
 
 def find_config(path: str | os.PathLike) -> Path:
@@ -499,17 +499,49 @@ def find_config(path: str | os.PathLike) -> Path:
                       f"{', '.join(shipped_config_names())}")
 
 
+BASE_KEY = "_base_"
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file with its ``_base_`` chain merged in: ``_base_: other.yaml`` (or a
+    list, merged in order) names files relative to this one, or shipped config names; this file's
+    keys override the bases' (sections merge key by key)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {str(path)!r}: _base_ cycle through {[str(p) for p in _seen]}")
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        local = path.parent / str(base)
+        try:
+            target = local if local.is_file() else find_config(base)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r}: _base_ {base!r} not found next to it nor shipped ({e})") from None
+        merged = _deep_merge(merged, read_config_tree(target, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (a path or a shipped name, see find_config) <- overrides, validated.
+    """Defaults <- YAML file (a path or a shipped name, see find_config; its ``_base_`` chain first,
+    see read_config_tree) <- overrides, validated.
     Raises ConfigError with the bad key."""
     cfg = Config()
     if path is not None:
         p = find_config(path)
-        try:
-            data = load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        _merge(cfg, data)
+        _merge(cfg, read_config_tree(p))
         if cfg.run.name is None:
             cfg.run.name = p.stem
     if overrides:
@@ -544,4 +576,5 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         timm_kwargs=dict(cfg.model.timm_kwargs),
         freeze_backbone=cfg.model.freeze_backbone,
         freeze_blocks=cfg.model.freeze_blocks,
+        in_losses=cfg.loss.two_view and (cfg.loss.cml > 0 or cfg.loss.ccl > 0),
     )

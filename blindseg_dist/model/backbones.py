@@ -355,7 +355,7 @@ def build_backbone(
             return ViTBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
                                **(vit or {}))
         return TimmBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
-                            drop_path=(vit or {}).get("drop_path", 0.0))
+                            drop_path=(vit or {}).get("drop_path", 0.0))  # (the other ViT options: plain ViTs only)
     if name not in _TORCHVISION_RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     backbone = ResNetBackbone(name, output_stride, grad_checkpointing)

@@ -120,6 +120,7 @@ def build_model(
     timm_kwargs: dict[str, Any] | None = None,
     freeze_backbone: bool = False,
     freeze_blocks: int = 0,
+    in_losses: bool = True,
 ) -> SegNet:
     """Build the BlindNet / DeepLabV3+ network (docs/METHOD.md, "Model").
 
@@ -131,12 +132,15 @@ def build_model(
     proj_levels: the three features the projection heads read (PROJ_LEVELS).
     vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path).
     timm_kwargs: extra timm.create_model arguments (e.g. {"depth": 2}).
+    in_losses: the IN outputs feed a loss (CML/CCL); a ViT builds no pyramid level nothing reads.
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
-                       grad_checkpointing=grad_checkpointing, vit=vit, timm_kwargs=timm_kwargs),
+                       grad_checkpointing=grad_checkpointing, timm_kwargs=timm_kwargs,
+                       vit={**(vit or {}), "consumers": dict(aux=aux, proj_levels=tuple(proj_levels) if proj_heads
+                                                             else (), in_losses=in_losses)}),
         num_classes,
         aux=aux,
         proj_heads=proj_heads,

@@ -110,6 +110,7 @@ class ViTBackbone(Backbone):
         pyramid_channels: int = 256,
         drop_path: float = 0.0,
         timm_kwargs: dict[str, Any] | None = None,
+        consumers: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -144,12 +145,17 @@ class ViTBackbone(Backbone):
         self.patch = int(vit.patch_embed.patch_size[0])
         self.num_prefix = int(vit.num_prefix_tokens)
         self.strides = (4, 8, 16, output_stride)
-        self.levels = nn.ModuleList(
-            _PyramidLevel(self.embed_dim, round(math.log2(self.patch / s)), pyramid_channels) for s in self.strides
-        )
         self.channels = (pyramid_channels,) * 4
         self.output_stride = output_stride
         self.in_points = tuple(self._check_in_points(in_points))
+        # A level nothing reads is not built (its parameters would get no gradient: DDP stops). The
+        # decoder reads levels 0 and 3; ``consumers`` says what else the network uses (build_model).
+        used = self.used_levels(**(consumers or {}))
+        self.levels = nn.ModuleList(
+            _PyramidLevel(self.embed_dim, round(math.log2(self.patch / s)), pyramid_channels) if i in used
+            else nn.Identity() for i, s in enumerate(self.strides)
+        )
+        self.built = tuple(i in used for i in range(4))
         self.in_channels = tuple(self.embed_dim if not p.startswith("p") else pyramid_channels for p in self.in_points)
         self.in_norms = nn.ModuleList(
             _ChannelsLastIN(c) if not p.startswith("p") else instance_norm(c) for p, c in zip(self.in_points, self.in_channels)
@@ -158,6 +164,17 @@ class ViTBackbone(Backbone):
         self.pretrained_report: dict[str, Any] | None = None
         if pretrained is not None:
             self.load_pretrained(pretrained)
+
+    def used_levels(self, aux: bool = True, proj_levels: Sequence[str] = ("low", "mid", "aux", "high"),
+                    in_losses: bool = True) -> set[int]:
+        """Pyramid levels read by the decoder (0, 3), the aux head (2), projection heads on backbone
+        outputs, and, when ``in_losses`` (CML/CCL on), the levels carrying an IN point."""
+        used = {0, 3} | ({2} if aux else set())
+        used |= {("low", "mid", "aux", "high").index(p) for p in proj_levels if p in ("low", "mid", "aux", "high")}
+        if in_losses:
+            names = [_LEVEL_NAMES[s] for s in self.strides]
+            used |= {names.index(p) for p in self.in_points if p in names}
+        return used
 
     def _check_in_points(self, points: Sequence[str]) -> list[str]:
         allowed = ["embed", *(f"block{i}" for i in range(self.depth)), *(_LEVEL_NAMES[s] for s in self.strides)]
@@ -207,15 +224,18 @@ class ViTBackbone(Backbone):
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         size = tuple(x.shape[-2:])
         maps, recorded = self.column(x)
-        feats = []
+        feats: list[Tensor | None] = []
         for level, (stride, m) in enumerate(zip(self.strides, maps)):
+            if not self.built[level]:
+                feats.append(None)  # read by nothing (see __init__)
+                continue
             f = self.levels[level](m, (math.ceil(size[0] / stride), math.ceil(size[1] / stride)))
             name = _LEVEL_NAMES[stride]
             if name in self.in_points and name not in recorded:
                 f = self.in_norms[self.in_points.index(name)](f)
                 recorded[name] = f
             feats.append(f)
-        return feats, [recorded[p] for p in self.in_points]
+        return feats, [recorded.get(p) for p in self.in_points]
 
     # ---- layer ids (layer-wise lr decay, freezing) --------------------------------------------
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:

@@ -119,6 +119,24 @@ def test_all_four_losses_run_and_reach_the_vit() -> None:
     assert all(p.grad is not None for p in net.backbone.parameters())
 
 
+def test_baseline_vit_builds_only_the_levels_it_reads() -> None:
+    """Without CML/CCL (the baseline) nothing reads the stride-8 level: it is not built, so every
+    parameter gets a gradient from CE + aux (DDP needs no find_unused_parameters)."""
+    from blindseg_dist.config import load_config, model_kwargs
+
+    cfg = load_config(None, ["model.backbone=timm:vit_small_patch16_224", "model.timm_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
+                             "model.vit_pyramid_channels=16", "loss.two_view=false", "loss.cml=0", "loss.ccl=0",
+                             "loss.cwcl=0", "loss.sdcl=0"])
+    net = build_model(**model_kwargs(cfg)).train()
+    assert net.backbone.built == (True, False, True, True) and net.proj_heads is None
+    out = net(torch.randn(2, 3, 32, 32))
+    (out["logits"].square().mean() + out["aux"].square().mean()).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    full = build_model(**model_kwargs(load_config(None, ["model.backbone=timm:vit_small_patch16_224",
+                                                         "model.timm_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"])))
+    assert full.backbone.built == (True, True, True, True)
+
+
 def test_grad_checkpointing_per_block_same_gradients() -> None:
     plain = _tiny("eva02_tiny_patch14_224").train()
     ckpt = copy.deepcopy(plain)

@@ -354,6 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # a shard location whose backend is not installed (data.location)
+        from .data.location import MissingBackendError
+
+        if not isinstance(e, MissingBackendError):
+            raise
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a shard location that cannot be read after its retries
+        from .data.location import ShardReadError
+
+        if not isinstance(e, ShardReadError):
+            raise
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

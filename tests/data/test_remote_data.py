@@ -105,3 +105,17 @@ def test_blindseg_eval_two_processes_from_http_equals_local(tmp_path):
                           np.array(local["targets"]["night"]["confusion_matrix"]))
     assert remote["targets"]["night"]["miou"] == local["targets"]["night"]["miou"]
     assert len(list((tmp_path / "cache").iterdir())) == len(tars)
+
+
+def test_cli_errors_name_the_location_and_the_missing_package(tmp_path, capsys, monkeypatch):
+    from blindseg_dist.cli import main
+    from tests.engine._eval_fixtures import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "run")
+    with ShardServer(tmp_path) as srv:
+        rc = main(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "e.json"), "--data",
+                   f"x={srv.url}/nothing_here"])
+    assert rc == 2 and "nothing_here/manifest.json" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "s3fs", None)
+    rc = main(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "e.json"), "--data", "x=s3://bucket/val"])
+    assert rc == 2 and "s3fs" in capsys.readouterr().err and not (tmp_path / "e.json").exists()

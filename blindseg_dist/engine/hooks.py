@@ -26,7 +26,6 @@ What a hook may read or call on its trainer: ``step``, ``max_steps``, ``stop_rea
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,10 +236,9 @@ class EvalHook(Hook):
 
 def stream_record(manifest_dir: str | Path, keys: list[list[str]], net: torch.nn.Module, rank: int) -> dict:
     """What a rank streamed (sample keys per micro-batch, their shards) and a hash of its weights."""
-    manifest = Path(manifest_dir) / "manifest.json"
-    shard_of = {}
-    if manifest.is_file():
-        shard_of = {s["key"]: s["shard"] for s in json.loads(manifest.read_text()).get("samples", [])}
+    from ..data.location import load_location_manifest
+
+    shard_of = {s["key"]: s["shard"] for s in (load_location_manifest(str(manifest_dir)) or {}).get("samples", [])}
     h = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):
         h.update(name.encode())

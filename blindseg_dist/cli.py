@@ -59,7 +59,8 @@ def cmd_shard(args) -> int:
         opts["label_map"] = args.label_map
     source = get_source(args.dataset, args.root, split=args.split, **opts)
     write_shards(source, args.out, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                 workers=args.workers)
+                 workers=args.workers, centroid_tile=args.centroid_tile,
+                 shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     return 0
 
 
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--label-map", default=None, help="mapillary: robustnet (default) or openseg")
+    s.add_argument("--centroid-tile", type=int, default=1024,
+                   help="tile of the class-uniform centroids (whole tiles only; default 1024 as released)")
+    s.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
+    s.add_argument("--no-shuffle", action="store_true", help="keep key order in the shards (consecutive frames)")
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("train", help="train (launch with accelerate for several processes)")

@@ -106,7 +106,8 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """Random scale range of the full image before cropping."""
     class_uniform: float = 0.5
-    """Fraction of crops centred on a centroid of a uniformly drawn class."""
+    """Class-uniform fraction of an epoch (released class_uniform_pct): N - 19k uniform images plus
+    k = int(N x class_uniform / 19) (image, centroid) pairs of every class (docs/DATA.md)."""
     batch_size: int = 4
     """Images per process (the global batch is batch_size x processes)."""
     num_workers: int = 2

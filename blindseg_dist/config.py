@@ -88,6 +88,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: str = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
+    cwcl_global_keys: int = 6000
+    """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
+    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
+    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -95,7 +99,8 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train: str = "data_shards/gta5-train"
-    """Training shard directory (with manifest.json) written by `blindseg shard`."""
+    """Training shards written by `blindseg shard`: a folder with manifest.json, a brace pattern
+    (dir/gta5-train-{000000..000127}.tar), http(s)://HOST/DIR, pipe:CMD, s3://, gs:// (fsspec)."""
     crop_size: int = 768
     """Square crop of both views."""
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -109,12 +114,22 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     on_corrupt: str = "warn"
     """A corrupt or truncated shard: warn (skip it, count it) | fail (stop the run)."""
+    remote_retries: int = 3
+    """Remote shards (URL, pipe:): extra attempts after a failed read, resuming after the last sample."""
+    remote_timeout: float = 600.0
+    """Remote shards: seconds one shard may spend blocked waiting for bytes (a stalled read fails, then retries)."""
+    cache_dir: str = ""
+    """Remote evaluation shards are downloaded here, verified by sha256 ('' = $BLINDSEG_CACHE or
+    ~/.cache/blindseg_dist/shards)."""
+    cache_gb: float = 50.0
+    """Size bound of cache_dir: least recently used shards are removed beyond it."""
 
 
 @dataclass
 class EvalConfig:
     targets: dict[str, str] = field(default_factory=dict)
-    """Evaluation targets: name -> shard directory or dataset folder."""
+    """Evaluation targets: name -> shard directory or dataset folder, or a shard location as data.train
+    (brace pattern, http(s)://, pipe:CMD, s3://, gs://)."""
     every: int = 0
     """Evaluate every N optimizer steps during training (0: only at the end)."""
     at_end: bool = True
@@ -150,8 +165,11 @@ class OptimConfig:
 class RunConfig:
     seed: int = 304
     """Run seed (model init, data stream, loss sampling)."""
-    output_dir: str = "runs/blindnet"
-    """Run directory: config.yaml, TensorBoard events, checkpoints/, eval.json."""
+    output_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, eval.json; null =
+    runs/<run.name>/<UTC timestamp>/ (a new folder per run)."""
+    name: str | None = None
+    """Run name for the default run directory runs/<name>/<timestamp>/; null = the config file's name."""
     mixed_precision: str = "no"
     """no | bf16 | fp16 (covariance and contrastive math stay float32)."""
     log_every: int = 10
@@ -316,11 +334,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{path}': value {v!r} must be {'> 0' if strict else '>= 0'}")
 
     for p in ("data.crop_size", "data.batch_size", "optim.max_steps", "optim.grad_accum", "model.num_classes",
-              "optim.lr", "loss.tau", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
+              "optim.lr", "loss.tau", "loss.cwcl_global_keys", "data.remote_timeout", "data.cache_gb", "run.log_every",
+              "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
               "run.max_nonfinite"):
         positive(p)
     for p in ("loss.aux", "loss.cml", "loss.ccl", "loss.cwcl", "loss.sdcl", "data.num_workers", "eval.every",
-              "eval.max_images", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
+              "eval.max_images", "data.remote_retries", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
               "run.threads"):
         positive(p, strict=False)
     lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
@@ -424,8 +443,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
         _merge(cfg, data)
+        if cfg.run.name is None:
+            cfg.run.name = p.stem
     if overrides:
         _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if cfg.run.name is None:
+        cfg.run.name = "run"
     return validate(cfg)
 
 

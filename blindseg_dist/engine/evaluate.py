@@ -163,6 +163,10 @@ def target_result(cm: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES, pr
 
 
 def _manifest_dataset(path: str | Path) -> str:
+    from ..data.location import has_braces, is_remote, load_location_manifest
+
+    if is_remote(str(path)) or has_braces(str(path)):
+        return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
     manifest = Path(path) / "manifest.json"
     if not manifest.is_file():
         return ""
@@ -188,22 +192,27 @@ def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | No
     return "full"
 
 
-def build_eval_dataset(path: str | Path, protocol: str):
-    """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset."""
+def build_eval_dataset(path: str | Path, protocol: str, remote=None):
+    """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset.
+    ``remote``: data.location.RemoteOptions for URL targets (retries, timeout, cache)."""
     from ..data.evalset import EvalDataset
 
-    return EvalDataset(path, protocol=protocol if protocol.startswith("mapillary") else None)
+    return EvalDataset(path, protocol=protocol if protocol.startswith("mapillary") else None, remote=remote)
 
 
-def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0) -> dict[str, dict]:
+def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0, data_cfg=None) -> dict[str, dict]:
     """Evaluate every target of ``eval_cfg`` (an EvalConfig) with its protocol; returns
     {name: target_result}. Logs miou/<t>, miou16/<t> and iou/<t>/<class> scalars and a per-class
-    text table to ``logger`` (a RunLogger) when given."""
+    text table to ``logger`` (a RunLogger) when given. ``data_cfg`` (a DataConfig): how URL targets
+    are read (data.remote_retries, remote_timeout, cache_dir, cache_gb)."""
+    from ..data.location import RemoteOptions
+
+    remote = RemoteOptions.from_config(data_cfg)
     predict = make_predictor(eval_cfg.sliding_window)
     results = {}
     for name, path in eval_cfg.targets.items():
         protocol = resolve_protocol(name, path, eval_cfg.protocols)
-        ds = build_eval_dataset(path, protocol)
+        ds = build_eval_dataset(path, protocol, remote)
         cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
                               predict=predict)
         results[name] = target_result(cm, protocol=protocol)

@@ -56,6 +56,7 @@ from .hooks import (CheckpointHook, EvalHook, Hook, ImageHook, LogHook, Progress
                     StreamRecordHook, SummaryHook)
 from .logging import RunLogger
 from .optim import build_optimizer
+from .rundir import plan_run, resume_values
 
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
@@ -120,6 +121,7 @@ class TrainLoop(abc.ABC):
         self.dist_timeout_s = dist_timeout_s  # named in the message of a failed collective
         self.stop_reason: str | None = None  # set when the loop is to end; "finished" at max_steps
         self.last_checkpoint: Path | None = None
+        self.protected: list[Path] = []  # checkpoints keep_last must not delete (the best one)
         self.signal = _StopFlag()
         self.hooks: list[Hook] = []
 
@@ -185,9 +187,12 @@ class TrainLoop(abc.ABC):
 
 
 class Trainer(TrainLoop):
-    """BlindNet training with the resolved config ``cfg`` (``resume``: from the run's latest checkpoint)."""
+    """BlindNet training with the resolved config ``cfg``. ``resume``: True = from the run's latest
+    checkpoint, a path = from that checkpoint or run folder; ``allow_changed``: resume keys that may
+    differ from the checkpoint's (engine/rundir.py)."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, hooks: list[Hook] | None = None) -> None:
+    def __init__(self, cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = (),
+                 hooks: list[Hook] | None = None) -> None:
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -196,12 +201,12 @@ class Trainer(TrainLoop):
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
-        self.out_dir = Path(cfg.run.output_dir)
+        plan = plan_run(cfg, resume, self.world, tuple(allow_changed))  # refusals: before anything is written
+        self.out_dir, self.run_id, resume_from = plan.out_dir, plan.run_id, plan.resume_from
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        resume_from = ckpt.latest_checkpoint(self.out_dir) if resume else None
         if resume and resume_from is None and self.is_main:
             print(f"[train] --resume: no checkpoint under {self.out_dir / 'checkpoints'}; starting from step 0")
         rng = self._build_model(resume_from)
@@ -366,7 +371,8 @@ class Trainer(TrainLoop):
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step)
+        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""
@@ -383,6 +389,7 @@ class Trainer(TrainLoop):
                    "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
+            meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
         )
         return self.last_checkpoint
 
@@ -425,6 +432,6 @@ def default_hooks(trainer: Trainer) -> list[Hook]:
     return hooks
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train with the resolved config; returns a summary (steps, time, final checkpoint, eval)."""
-    return Trainer(cfg, resume=resume).train()
+    return Trainer(cfg, resume=resume, allow_changed=allow_changed).train()

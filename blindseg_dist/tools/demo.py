@@ -35,6 +35,12 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
 
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
+    from ..config import ConfigError
+    from ..engine.checkpoint import list_checkpoints
+
+    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
+        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
+                          "or remove that folder")
     out.mkdir(parents=True, exist_ok=True)
     demo_yaml = load_yaml(demo_config_path().read_text())
     demo = load_config(demo_config_path()).demo

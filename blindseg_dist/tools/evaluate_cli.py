@@ -36,7 +36,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
                         max_images: int = 0, tb_dir: str | Path | None = None,
                         protocols: dict[str, str] | None = None,
                         sliding_window: list[int] | None = None) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir or folder); rank 0 writes ``json_out``.
+    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir, folder or shard location); rank 0 writes ``json_out``.
 
     ``protocols`` (name -> protocol) add to the run config's eval.protocols of the same targets;
     ``sliding_window`` replaces eval.sliding_window when given.
@@ -52,7 +52,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
     net.to(acc.device)
     logger = RunLogger(tb_dir) if tb_dir else None
     step = int(Path(checkpoint).name) if Path(checkpoint).name.isdigit() else 0
-    results = evaluate_targets(net, cfg.eval, acc.device, logger, step)
+    results = evaluate_targets(net, cfg.eval, acc.device, logger, step, data_cfg=cfg.data)
     report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
               "sliding_window": cfg.eval.sliding_window}
     if dist.rank() == 0:

@@ -7,19 +7,22 @@ from .base import Decoded, Item, LayoutError, SampleError, Source, read_rgb
 from .bdd100k import open_bdd100k
 from .cityscapes import open_cityscapes
 from .gta5 import open_gta5
+from .hf import open_hf
 from .mapillary import open_mapillary
 from .synthia import open_synthia
 
 OPENERS = {"gta5": open_gta5, "cityscapes": open_cityscapes, "bdd100k": open_bdd100k,
-           "mapillary": open_mapillary, "synthia": open_synthia}
+           "mapillary": open_mapillary, "synthia": open_synthia, "hf": open_hf}
 DEFAULT_SPLITS = {"gta5": "all", "cityscapes": "val", "bdd100k": "val", "mapillary": "val",
-                  "synthia": "train"}
+                  "synthia": "train", "hf": None}
 
 
 def get_source(name: str, root: str, split: str | None = None, **opts) -> Source:
     """Open dataset ``name`` at ``root``; ``split`` defaults per dataset (see DEFAULT_SPLITS).
 
-    ``opts``: ``label_map`` ("robustnet" | "openseg") for mapillary.
+    ``opts``: ``label_map`` ("robustnet" | "openseg") for mapillary; for hf (a local Hugging Face
+    dataset) ``label_map`` (trainids | cityscapes_ids | ...), ``image_column``, ``label_column``,
+    ``key_column`` (see data/sources/hf.py).
     """
     if name not in OPENERS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(OPENERS)}")

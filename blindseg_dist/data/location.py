@@ -262,6 +262,14 @@ def _is_missing(err: BaseException, text: str) -> bool:
 
 
 def _close(stream) -> None:
+    """Close a stream abandoned early (or already closed): a curl / pipe: process still running is
+    killed first, so closing never waits on a stalled transfer."""
+    proc = getattr(stream, "proc", None)
+    try:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+    except Exception:  # noqa: BLE001
+        pass
     try:
         stream.close()
     except Exception:  # noqa: BLE001 - a failed pipe raises on close; the error was reported already
@@ -500,6 +508,8 @@ def _stream_pass(url: str, timeout: float, skip: int) -> Iterator[tuple[str, dic
             if seen >= skip:
                 yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
             seen += 1
+        while stream.read(1 << 16):  # the tar's end padding: let a pipe's command finish writing
+            pass
         stream.close()  # a pipe (curl, pipe:) raises here when its command failed
     except GeneratorExit:
         raise

@@ -221,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--label-map", default=None,
-                   help="mapillary: robustnet (default) or openseg; hf: trainids (default), cityscapes_ids, ...")
     s.add_argument("--centroid-tile", type=int, default=1024,
                    help="tile of the class-uniform centroids (whole tiles only; default 1024 as released)")
     s.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
     s.add_argument("--no-shuffle", action="store_true", help="keep key order in the shards (consecutive frames)")
+    s.add_argument("--label-map", default=None,
+                   help="mapillary: robustnet (default) or openseg; hf: trainids (default), cityscapes_ids, ...")
     s.add_argument("--image-column", default="image", help="hf: the image column (default image)")
     s.add_argument("--label-column", default="label", help="hf: the label column of ids (default label)")
     s.add_argument("--key-column", default=None, help="hf: a column of unique sample names (default: row number)")

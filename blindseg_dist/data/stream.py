@@ -12,7 +12,8 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
   DataLoader runs with batch_size=None). Every rank therefore yields batches forever.
 - Inside a stream, `open_shards` shards are open at a time and mixed through a shuffle buffer; the
   order is computed before reading, so each shard is read sequentially (no random access): all
-  tar reading goes through `open_shard(location)`, which yields a shard's members in order.
+  tar reading goes through `open_shard(location)`, which yields a shard's members in order (a
+  remote location, through data.location.iter_shard: retries, deadline; docs/DATA.md, "Shard locations").
 - Global batch j of a rank comes from virtual stream v = j % workers (DataLoader consumes workers
   round-robin), as local batch j // workers of that stream. A worker that resumes at start_step=k
   plays stream (w + k) % workers, skips whole epochs without touching them and, inside the current

@@ -97,3 +97,14 @@ def test_blindseg_train_and_eval_from_http_equal_local(tmp_path):
     cm = [e["targets"]["night"]["confusion_matrix"] if "targets" in e else e["night"]["confusion_matrix"]
           for e in (local_eval, http_eval)]
     assert cm[0] == cm[1] and sum(map(sum, cm[0])) > 0
+
+
+def test_train_stream_from_http_with_loader_workers(train_dir):
+    """Two DataLoader worker processes stream their own shards over http: the local batches."""
+    from blindseg_dist.data.stream import make_train_loader
+
+    kw = {**KW, "num_workers": 2}
+    ref = _take(make_train_loader(train_dir, **kw), 4)
+    with ShardServer(train_dir) as srv:
+        got = _take(make_train_loader(srv.url, remote=RemoteOptions(retries=1, timeout=30), **kw), 4)
+    _same_batches(got, ref)

@@ -81,7 +81,8 @@ def cmd_shard(args) -> int:
         print(f"blindseg shard: {e}", file=sys.stderr)
         return 2
     write_shards(source, args.out, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                 workers=args.workers)
+                 workers=args.workers, centroid_tile=args.centroid_tile,
+                 shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     if upload:
         print(f"upload (tars first, manifest.json last):\n  {upload}\nthen train with "
               f"data.train={args.upload_to.rstrip('/')}")
@@ -224,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--centroid-tile", type=int, default=1024,
+                   help="tile of the class-uniform centroids (whole tiles only; default 1024 as released)")
+    s.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
+    s.add_argument("--no-shuffle", action="store_true", help="keep key order in the shards (consecutive frames)")
     s.add_argument("--label-map", default=None,
                    help="mapillary: robustnet (default) or openseg; hf: trainids (default), cityscapes_ids, ...")
     s.add_argument("--image-column", default="image", help="hf: the image column (default image)")
@@ -361,6 +366,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a shard location whose backend is not installed (data.location)
+        from .data.location import MissingBackendError
+
+        if not isinstance(e, MissingBackendError):
+            raise
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a shard location that cannot be read after its retries
+        from .data.location import ShardReadError
+
+        if not isinstance(e, ShardReadError):
+            raise
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -88,6 +88,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: str = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
+    cwcl_global_keys: int = 6000
+    """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
+    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
+    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -102,7 +106,8 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """Random scale range of the full image before cropping."""
     class_uniform: float = 0.5
-    """Fraction of crops centred on a centroid of a uniformly drawn class."""
+    """Class-uniform fraction of an epoch (released class_uniform_pct): N - 19k uniform images plus
+    k = int(N x class_uniform / 19) (image, centroid) pairs of every class (docs/DATA.md)."""
     batch_size: int = 4
     """Images per process (the global batch is batch_size x processes)."""
     num_workers: int = 2
@@ -112,7 +117,7 @@ class DataConfig:
     remote_retries: int = 3
     """Remote shards (URL, pipe:): extra attempts after a failed read, resuming after the last sample."""
     remote_timeout: float = 600.0
-    """Remote shards: seconds one shard may take to stream (a stalled read fails, then retries)."""
+    """Remote shards: seconds one shard may spend blocked waiting for bytes (a stalled read fails, then retries)."""
     cache_dir: str = ""
     """Remote evaluation shards are downloaded here, verified by sha256 ('' = $BLINDSEG_CACHE or
     ~/.cache/blindseg_dist/shards)."""
@@ -338,7 +343,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{path}': value {v!r} must be {'> 0' if strict else '>= 0'}")
 
     for p in ("data.crop_size", "data.batch_size", "optim.max_steps", "optim.grad_accum", "model.num_classes",
-              "optim.lr", "loss.tau", "data.remote_timeout", "data.cache_gb", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
+              "optim.lr", "loss.tau", "loss.cwcl_global_keys", "data.remote_timeout", "data.cache_gb", "run.log_every",
+              "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
               "run.max_nonfinite"):
         positive(p)
     for p in ("loss.aux", "loss.cml", "loss.ccl", "loss.cwcl", "loss.sdcl", "data.num_workers", "eval.every",

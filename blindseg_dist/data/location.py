@@ -2,8 +2,8 @@
 s3:// and gs:// (docs/DATA.md, "Shard locations").
 
 The I/O is webdataset's: local files and ``pipe:`` go through ``webdataset.gopen``, http(s) through
-webdataset's curl pipe (``gopen.Pipe``, with a per-shard ``--max-time`` instead of its unbounded
-defaults), other schemes through ``fsspec`` when installed (s3:// needs s3fs, gs:// gcsfs; the
+webdataset's curl pipe (``gopen.Pipe``, one attempt and a connect timeout instead of its long
+built-in retries), other schemes through ``fsspec`` when installed (s3:// needs s3fs, gs:// gcsfs; the
 error names the missing package). Brace patterns are expanded by ``webdataset.shardlists.expand_urls``
 and tar streams are read by ``webdataset.tariterators`` (sequentially: no seeking on a remote
 stream).
@@ -13,7 +13,7 @@ A location's ``manifest.json`` is read from the same place: ``<base>/manifest.js
 shard's file name replaced by ``manifest.json`` (``pipe:aws s3 cp s3://b/d/x-000000.tar -`` ->
 ``pipe:aws s3 cp s3://b/d/manifest.json -``).
 
-Every remote read has a deadline (``timeout`` seconds per shard) and bounded retries (``retries``
+Every remote shard has a deadline (``timeout`` seconds blocked waiting for its bytes) and bounded retries (``retries``
 extra attempts with a short back-off); a shard stream that fails mid-way is reopened and resumes
 after its last complete sample, so a transient drop changes nothing in the data. A shard that still
 fails raises ShardReadError: the stream counts and skips it under data.on_corrupt=warn and stops
@@ -120,39 +120,81 @@ def manifest_location(url: str) -> str:
 
 
 # -- opening ------------------------------------------------------------------------------------
-class _Watchdog:
-    """Kills a stream after ``timeout`` seconds (the per-shard deadline) so no read blocks forever."""
+class _Guarded:
+    """A stream whose reads may wait ``timeout`` seconds in total (the per-shard deadline): the time
+    spent blocked inside ``read`` is summed, so a slowly consumed shard is fine, a stalled one is
+    not. One monitor thread per process kills a transfer past its deadline (the curl or pipe:
+    process, else the stream is closed), so a blocked read returns and the read raises."""
 
-    def __init__(self, stream, timeout: float, what: str):
-        self.stream, self.what, self.fired = stream, what, False
-        self.timer = threading.Timer(timeout, self._fire)
-        self.timer.daemon = True
-        self.timer.start()
+    _lock = threading.Lock()
+    _active: set = set()
+    _thread: threading.Thread | None = None
+
+    def __init__(self, stream, timeout: float):
+        self.stream, self.timeout = stream, float(timeout)
+        self.waited, self.since, self.fired = 0.0, None, False
+        self.proc = getattr(stream, "proc", None)
+        with _Guarded._lock:
+            _Guarded._active.add(self)
+            if _Guarded._thread is None or not _Guarded._thread.is_alive():
+                _Guarded._thread = threading.Thread(target=_Guarded._watch, name="blindseg-shard-deadline",
+                                                    daemon=True)
+                _Guarded._thread.start()
+
+    @classmethod
+    def _watch(cls):
+        while True:
+            time.sleep(0.1)
+            now = time.monotonic()
+            with cls._lock:
+                late = [g for g in cls._active if g.since is not None and not g.fired
+                        and g.waited + now - g.since > g.timeout]
+            for g in late:
+                g._fire()
 
     def _fire(self):
         self.fired = True
-        proc = getattr(self.stream, "proc", None)
         try:
-            if proc is not None:
-                proc.kill()  # curl / pipe: the blocked read returns and the exit status raises
+            if self.proc is not None:
+                self.proc.kill()  # curl / pipe: the blocked read returns and the exit status raises
             else:
                 self.stream.close()
         except Exception:  # noqa: BLE001 - the stream may be gone already
             pass
 
-    def cancel(self):
-        self.timer.cancel()
+    def read(self, *args):
+        if self.fired:
+            raise TimeoutError(f"timed out after {self.timeout:g} s")
+        self.since = time.monotonic()
+        try:
+            data = self.stream.read(*args)
+        except Exception:
+            if self.fired:
+                raise TimeoutError(f"timed out after {self.timeout:g} s") from None
+            raise
+        finally:
+            self.waited += time.monotonic() - self.since
+            self.since = None
+        if self.fired:
+            raise TimeoutError(f"timed out after {self.timeout:g} s")
+        return data
+
+    def close(self):
+        with _Guarded._lock:
+            _Guarded._active.discard(self)
+        self.stream.close()
 
 
 def _curl(url: str, timeout: float):
-    """webdataset's curl handler, bounded: one attempt (we retry), connect timeout, --max-time."""
+    """webdataset's curl handler with one attempt (we retry) and a connect timeout; the deadline is
+    kept by _Guarded (time blocked in reads), not --max-time (a slowly consumed shard is fine)."""
     from webdataset.gopen import Pipe
 
     if not _which("curl"):
         raise MissingBackendError(f"{url}: reading http(s) shards needs the `curl` program (webdataset's "
                                   f"http handler); install curl, or use fsspec with aiohttp")
     t = max(1, int(round(timeout)))
-    args = ["curl", "-f", "-s", "-S", "-L", "--connect-timeout", str(min(30, t)), "--max-time", str(t), url]
+    args = ["curl", "-f", "-s", "-S", "-L", "--connect-timeout", str(min(30, t)), url]
     return Pipe(args, mode="rb", bufsize=1 << 16, ignore_status=[141, 23], stderr=subprocess.PIPE)
 
 
@@ -220,6 +262,14 @@ def _is_missing(err: BaseException, text: str) -> bool:
 
 
 def _close(stream) -> None:
+    """Close a stream abandoned early (or already closed): a curl / pipe: process still running is
+    killed first, so closing never waits on a stalled transfer."""
+    proc = getattr(stream, "proc", None)
+    try:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+    except Exception:  # noqa: BLE001
+        pass
     try:
         stream.close()
     except Exception:  # noqa: BLE001 - a failed pipe raises on close; the error was reported already
@@ -234,39 +284,45 @@ def _attempts(url: str, retries: int):
         yield attempt
 
 
+def _read_once(url: str, timeout: float, write) -> None:
+    """One attempt: stream ``url`` into ``write(block)``; raises ShardReadError (missing=True when
+    the location answers "not found") or MissingBackendError."""
+    stream = None
+    try:
+        stream = _Guarded(open_stream(url, timeout), timeout)
+        while True:
+            block = stream.read(1 << 20)
+            if not block:
+                break
+            write(block)
+        stream.close()  # a pipe reports its exit status here
+    except (MissingBackendError, ShardReadError):
+        raise
+    except Exception as err:  # noqa: BLE001 - classified below
+        last = f"timed out after {timeout:g} s" if stream is not None and stream.fired else _error_text(stream, err)
+        missing = _is_missing(err, last)
+        raise ShardReadError(f"{url}: {'not found' if missing else 'read failed'} ({last})", missing=missing) from None
+    finally:
+        if stream is not None:
+            _close(stream)
+
+
 def read_bytes(url: str, *, retries: int = RETRIES, timeout: float = TIMEOUT) -> bytes:
-    """The whole content of ``url``, with the retries and deadline of a shard."""
+    """The whole content of ``url``, with the retries and deadline of a shard ("not found" is not
+    retried)."""
     if scheme(url) in ("", "file"):
         return Path(local_path(url)).read_bytes()
     last = ""
     for attempt in _attempts(url, retries):
-        stream = None
-        dog = None
+        chunks: list[bytes] = []
         try:
-            stream = open_stream(url, timeout)
-            dog = _Watchdog(stream, timeout, url)
-            chunks = []
-            while True:
-                block = stream.read(1 << 20)
-                if not block:
-                    break
-                chunks.append(block)
-            stream.close()  # a pipe reports its exit status here
-            if dog.fired:
-                raise TimeoutError(f"no complete answer within {timeout:g} s")
+            _read_once(url, timeout, chunks.append)
             return b"".join(chunks)
-        except MissingBackendError:
-            raise
-        except Exception as err:  # noqa: BLE001 - classified below
-            last = _error_text(stream, err) if not (dog and dog.fired) else f"timed out after {timeout:g} s"
-            if _is_missing(err, last):
-                raise ShardReadError(f"{url}: not found ({last})", missing=True) from None
-        finally:
-            if dog is not None:
-                dog.cancel()
-            if stream is not None:
-                _close(stream)
-    raise ShardReadError(f"{url}: failed after {retries + 1} attempts ({last})")
+        except ShardReadError as e:
+            if e.missing:
+                raise
+            last = str(e)
+    raise ShardReadError(f"{last} (after {retries + 1} attempts)")
 
 
 # -- shard sets ---------------------------------------------------------------------------------
@@ -451,32 +507,28 @@ def _stream_pass(url: str, timeout: float, skip: int) -> Iterator[tuple[str, dic
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     stream = None
-    dog = None
     seen = 0
     try:
         stream = open_stream(url, timeout)
-        dog = _Watchdog(stream, timeout, url) if is_remote(url) else None
+        if is_remote(url):
+            stream = _Guarded(stream, timeout)
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         for sample in group_by_keys(files):
-            if dog is not None and dog.fired:
-                raise TimeoutError(f"timed out after {timeout:g} s")
             if not _complete(sample):
                 continue
             if seen >= skip:
                 yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
             seen += 1
+        while stream.read(1 << 16):  # the tar's end padding: let a pipe's command finish writing
+            pass
         stream.close()  # a pipe (curl, pipe:) raises here when its command failed
-        if dog is not None and dog.fired:
-            raise TimeoutError(f"timed out after {timeout:g} s")
     except GeneratorExit:
         raise
     except Exception as err:
-        err.__dict__["_stream"] = stream
-        err.__dict__["_timed_out"] = bool(dog is not None and dog.fired)
+        err.__dict__["_stream"] = getattr(stream, "stream", stream)
+        err.__dict__["_timed_out"] = bool(getattr(stream, "fired", False))
         raise
     finally:
-        if dog is not None:
-            dog.cancel()
         if stream is not None:
             _close(stream)
 
@@ -544,20 +596,24 @@ class ShardCache:
         self.root.mkdir(parents=True, exist_ok=True)
         last = ""
         for attempt in _attempts(url, retries):
+            h, n = hashlib.sha256(), [0]
             try:
-                data = read_bytes(url, retries=0, timeout=timeout)
+                with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+                    def write(block: bytes) -> None:
+                        h.update(block)
+                        n[0] += len(block)
+                        f.write(block)
+
+                    _read_once(url, timeout, write)
+                    if size is not None and n[0] != size:
+                        raise ShardReadError(f"{n[0]} bytes, the manifest says {size}")
+                    if sha256 and h.hexdigest() != sha256:
+                        raise ShardReadError("sha256 differs from the manifest")
             except ShardReadError as e:
                 if e.missing:
                     raise
                 last = str(e)
                 continue
-            if size is not None and len(data) != size:
-                last = f"{len(data)} bytes, the manifest says {size}"
-                continue
-            if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-                last = "sha256 differs from the manifest"
-                continue
-            atomic.write_bytes(path, data)
             self._evict(keep=path)
             return str(path)
         raise ShardReadError(f"shard {url}: {last} (after {retries + 1} downloads)")

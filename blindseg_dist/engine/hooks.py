@@ -26,7 +26,6 @@ What a hook may read or call on its trainer: ``step``, ``max_steps``, ``stop_rea
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +106,8 @@ class LogHook(Hook):
 
     Scalars: ``loss/<term>`` (this step's terms averaged over ranks: one all-reduce), ``lr``,
     ``images_per_s`` (all ranks, since the previous log), ``faults/nonfinite_skipped``,
-    ``faults/corrupt_shards``, ``comm_bytes/<tag>`` (bytes per optimizer step handed to each
-    collective tag since the previous log) and ``comm_bytes/gradient_allreduce`` (the gradient
+    ``faults/corrupt_shards``, ``comm_bytes/<tag>`` (bytes per optimizer step this rank received
+    for each collective tag since the previous log; ``comm_bytes_sent/<tag>`` the bytes sent) and ``comm_bytes/gradient_allreduce`` (the gradient
     payload, 0 on one process). Writers are called on every rank; RunLogger writes on rank 0 only.
     """
 
@@ -149,9 +148,14 @@ class LogHook(Hook):
         scalars["faults/nonfinite_skipped"] = t.counters["nonfinite_skipped"]
         scalars["faults/corrupt_shards"] = t.counters["corrupt_shards"]
         # bytes per optimizer step, averaged since the last log, beside the gradient all-reduce payload
-        for tag, nbytes in dist.comm_stats().items():
-            scalars[f"comm_bytes/{tag}"] = nbytes / self._steps
+        # (bytes this rank receives, ring wire model of dist.py; the gradient all-reduce's payload
+        # and its ring-received bytes 2 (W-1)/W x payload beside them)
+        for tag, c in dist.comm_stats().items():
+            scalars[f"comm_bytes/{tag}"] = c["received"] / self._steps
+            scalars[f"comm_bytes_sent/{tag}"] = c["sent"] / self._steps
         scalars["comm_bytes/gradient_allreduce"] = t.grad_bytes if t.world > 1 else 0
+        scalars["comm_bytes/gradient_allreduce_received"] = (
+            2 * (t.world - 1) / t.world * t.grad_bytes if t.world > 1 else 0)
         dist.reset_comm_stats()
         self._t, self._images, self._steps = now, t.images_seen, 0
         return scalars
@@ -322,10 +326,9 @@ class BestCheckpointHook(Hook):
 
 def stream_record(manifest_dir: str | Path, keys: list[list[str]], net: torch.nn.Module, rank: int) -> dict:
     """What a rank streamed (sample keys per micro-batch, their shards) and a hash of its weights."""
-    manifest = Path(manifest_dir) / "manifest.json"
-    shard_of = {}
-    if manifest.is_file():
-        shard_of = {s["key"]: s["shard"] for s in json.loads(manifest.read_text()).get("samples", [])}
+    from ..data.location import load_location_manifest
+
+    shard_of = {s["key"]: s["shard"] for s in (load_location_manifest(str(manifest_dir)) or {}).get("samples", [])}
     h = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):
         h.update(name.encode())

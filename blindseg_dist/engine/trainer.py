@@ -44,6 +44,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
+from ..data.location import RemoteOptions
 from ..data.stream import make_train_loader
 from ..model import build_model
 from ..model.objective import BlindNetObjective
@@ -246,7 +247,7 @@ class Trainer(TrainLoop):
             scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
             start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
-            on_corrupt=cfg.data.on_corrupt,
+            on_corrupt=cfg.data.on_corrupt, remote=RemoteOptions.from_config(cfg.data),
         )
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)

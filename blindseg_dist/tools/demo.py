@@ -85,8 +85,10 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     (split_dir / "source_val.txt").write_text("\n".join(frames[-n_val:]) + "\n")
     shards = out / "shards"
     spp = demo.samples_per_shard
+    # class-uniform centroids per whole tile: the released 1024 tile on a ~1050-px-high GTA5 frame is one
+    # tile of the frame's height; the small demo frames get the same proportion (tile = frame height)
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_train.txt")),
-                 shards / "source-train", samples_per_shard=spp)
+                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(demo.size))
     eval_data = {"source": str(shards / "source-val")}
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
                  shards / "source-val", samples_per_shard=spp)

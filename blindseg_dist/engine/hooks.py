@@ -26,6 +26,7 @@ What a hook may read or call on its trainer: ``step``, ``max_steps``, ``stop_rea
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

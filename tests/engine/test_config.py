@@ -46,6 +46,8 @@ def test_overrides_are_typed():
         ("loss.ce_scope=foo", ["loss.ce_scope", "foo", "reference", "exact"]),
         ("optim.max_steps=abc", ["optim.max_steps", "abc", "int"]),
         ("optim.max_steps=0", ["optim.max_steps", "> 0"]),
+        ("loss.cwcl_global_keys=0", ["loss.cwcl_global_keys", "> 0"]),
+        ("loss.cwcl_global_keys=1.5", ["loss.cwcl_global_keys", "1.5", "int"]),
         ("data.class_uniform=2", ["data.class_uniform", "[0, 1]"]),
         ("loss.two_view=false", ["loss.two_view", "cml"]),
         ("run.mixed_precision=fp8", ["run.mixed_precision", "bf16"]),

@@ -333,14 +333,16 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
                       class_uniform: float = 0.5, num_workers: int = 2, seed: int = 0, rank: int = 0,
                       world_size: int = 1, start_step: int = 0, on_corrupt: str = "warn",
                       epoch_batches: int | None = None, shuffle_buffer: int = 16,
-                      prefetch_factor: int = 2) -> DataLoader:
+                      prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
     """The training loader of one rank: an infinite DataLoader of dict batches
     {"image", "image_aug": float32 (B,3,crop,crop), "label": int64 (B,crop,crop), "keys": [str],
     "corrupt_shards", "bad_samples": int64 counters of the producing worker}.
 
     shards: a shard directory (manifest.json) or a list of tar paths. epoch_batches: batches per
     (rank, worker) epoch; default: one pass over the data split over world_size x workers.
-    The batches from step k on with start_step=k equal those of an uninterrupted run."""
+    The batches from step k on with start_step=k equal those of an uninterrupted run.
+    pin_memory: page-locked batches (CUDA training: the trainer's host-to-device copies are then
+    non_blocking)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     paths, counts = resolve_shards(shards)
@@ -360,4 +362,4 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
         kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)

@@ -198,6 +198,8 @@ class Trainer(TrainLoop):
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.micro = cfg, cfg.optim.grad_accum
         self.acc = make_accelerator(cfg)
+        if self.acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop: cuDNN picks its kernels once
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
@@ -247,6 +249,7 @@ class Trainer(TrainLoop):
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
             start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
             on_corrupt=cfg.data.on_corrupt,
+            pin_memory=self.acc.device.type == "cuda",  # page-locked batches: non_blocking copies below
         )
         self.logger = RunLogger(self.out_dir / "tb")
         self._print_header()
@@ -312,8 +315,9 @@ class Trainer(TrainLoop):
     def _forward(self, batch: dict, m: int) -> dict:
         """The objective on micro-batch ``m`` of this step (inputs on the device, in autocast)."""
         dev, dtype = self.acc.device, self.in_dtype
-        image, label = batch["image"].to(dev, dtype), batch["label"].to(dev)
-        image_aug = batch["image_aug"].to(dev, dtype) if self.cfg.loss.two_view else None
+        image = batch["image"].to(dev, dtype, non_blocking=True)
+        label = batch["label"].to(dev, non_blocking=True)
+        image_aug = batch["image_aug"].to(dev, dtype, non_blocking=True) if self.cfg.loss.two_view else None
         if self.cfg.model.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
             if image_aug is not None:

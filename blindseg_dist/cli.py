@@ -36,8 +36,12 @@ def _named_paths(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"error: --data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
         from .data.location import has_braces, is_remote
+        from .engine.evaluate import raw_target
 
-        if not is_remote(path) and not has_braces(path) and not Path(path).exists():
+        raw = raw_target(path)  # NAME=DATASET:PATH, or a raw dataset folder detected from its layout
+        if raw is not None and not Path(raw[1]).is_dir():
+            raise SystemExit(f"error: evaluation data {name!r}: {raw[0]} folder {raw[1]!r} does not exist")
+        if raw is None and not is_remote(path) and not has_braces(path) and not Path(path).exists():
             raise SystemExit(f"error: evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out
@@ -77,7 +81,8 @@ def cmd_shard(args) -> int:
         print(f"blindseg shard: {e}", file=sys.stderr)
         return 2
     write_shards(source, args.out, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                 workers=args.workers)
+                 workers=args.workers, centroid_tile=args.centroid_tile,
+                 shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     if upload:
         print(f"upload (tars first, manifest.json last):\n  {upload}\nthen train with "
               f"data.train={args.upload_to.rstrip('/')}")
@@ -220,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--centroid-tile", type=int, default=1024,
+                   help="tile of the class-uniform centroids (whole tiles only; default 1024 as released)")
+    s.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
+    s.add_argument("--no-shuffle", action="store_true", help="keep key order in the shards (consecutive frames)")
     s.add_argument("--label-map", default=None,
                    help="mapillary: robustnet (default) or openseg; hf: trainids (default), cityscapes_ids, ...")
     s.add_argument("--image-column", default="image", help="hf: the image column (default image)")
@@ -245,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on target datasets")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH")
+    s.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best checkpoint, else its latest), RUN/checkpoints/<step>, or an "
+                        "import-checkpoint folder")
+    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH",
+                   help="PATH: shards (folder, pattern, URL), or a raw dataset folder as downloaded (format "
+                        "detected from its layout, or named: NAME=cityscapes:/data/cityscapes; default split "
+                        "of `blindseg shard`)")
     s.add_argument("--json", required=True)
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")
@@ -352,6 +366,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a shard location whose backend is not installed (data.location)
+        from .data.location import MissingBackendError
+
+        if not isinstance(e, MissingBackendError):
+            raise
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a shard location that cannot be read after its retries
+        from .data.location import ShardReadError
+
+        if not isinstance(e, ShardReadError):
+            raise
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
 

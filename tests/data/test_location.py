@@ -112,16 +112,7 @@ def test_stalled_server_hits_the_deadline(shard_dir):
 def test_slow_consumer_is_not_a_timeout(tmp_path):
     """The deadline counts the time blocked waiting for bytes, not the time the reader takes: a 32 MB
     shard (far more than the pipe and socket buffers) read over 4 s with a 1 s deadline is fine."""
-    import io
-    import os
-    import tarfile
-
-    with tarfile.open(tmp_path / "big.tar", "w") as tf:
-        for i in range(8):
-            for ext, data in (("image.png", os.urandom(4 << 20)), ("label.png", b"x"), ("meta.json", b"{}")):
-                ti = tarfile.TarInfo(f"s{i}.{ext}")
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
+    _big_tar(tmp_path / "big.tar", 8, 4 << 20)
     with ShardServer(tmp_path) as srv:
         got = []
         for key, _ in iter_shard(f"{srv.url}/big.tar", expected=8, retries=0, timeout=1.0):
@@ -165,3 +156,28 @@ def test_cache_verifies_and_stays_bounded(shard_dir, tmp_path):
         with pytest.raises(ShardReadError, match="sha256"):
             cache.fetch(f"{srv.url}/train-000000.tar", sha256="0" * 64, retries=1)
         assert srv.hits["train-000000.tar"] == 3
+
+
+def _big_tar(path, n, size):
+    import io
+    import os
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for i in range(n):
+            for ext, data in (("image.png", os.urandom(size)), ("label.png", b"x"), ("meta.json", b"{}")):
+                ti = tarfile.TarInfo(f"s{i}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def test_abandoned_stream_closes_at_once(tmp_path):
+    """Stopping early (the loader moves on) kills the transfer instead of waiting for it."""
+    _big_tar(tmp_path / "big.tar", 8, 256 << 10)
+    with ShardServer(tmp_path) as srv:
+        srv.stall["big.tar"] = 30
+        t0 = time.time()
+        it = iter_shard(f"{srv.url}/big.tar", retries=0, timeout=60)
+        assert next(it)[0] == "s0"  # from the first half; the server now stalls
+        it.close()
+        assert time.time() - t0 < 5

@@ -69,3 +69,58 @@ def test_eval_shard_that_keeps_failing_is_fatal(val_dir, tmp_path):
             ds[2]
         assert srv.hits["val-000001.tar"] == 2
 
+
+
+def test_blindseg_eval_two_processes_from_http_equals_local(tmp_path):
+    """`blindseg eval --data night=http://...` on 2 gloo processes: the confusion matrix of the local
+    folder; each rank fetches only the shards of its slice, into the shared cache."""
+    import json
+    import os
+    import subprocess
+
+    import numpy as np
+
+    from blindseg_dist.launcher import blindseg_command, launch_env
+    from tests.engine._eval_fixtures import make_checkpoint, make_shards
+
+    shards = make_shards(tmp_path, images=5)
+    ckpt = make_checkpoint(tmp_path / "run")
+    env = launch_env(cpu=True, base=dict(os.environ, OMP_NUM_THREADS="1", BLINDSEG_CACHE=str(tmp_path / "cache")))
+
+    def run(processes, target, out):
+        cmd = blindseg_command(["eval", "--checkpoint", str(ckpt), "--json", str(out), "--data", f"night={target}"],
+                               processes=processes)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return json.loads(out.read_text())
+
+    with ShardServer(shards["night"]) as srv:
+        remote = run(2, srv.url, tmp_path / "remote.json")
+        tars = [s["name"] for s in json.loads((shards["night"] / "manifest.json").read_text())["shards"]]
+        # each shard fetched by the ranks that read it (the one shared by both slices at most twice)
+        assert all(1 <= srv.hits[t] <= 2 for t in tars) and sum(srv.hits[t] for t in tars) <= len(tars) + 1
+    assert remote["world_size"] == 2
+    # the same checkpoint evaluated here, in one process, on the local folder
+    from blindseg_dist.engine.evaluate import build_eval_dataset, target_result
+    from blindseg_dist.tools.evaluate_cli import load_checkpoint_model
+
+    _, net = load_checkpoint_model(ckpt)
+    local = target_result(evaluate_dataset(net, build_eval_dataset(shards["night"], "full")))
+    assert remote["targets"]["night"]["protocol"] == "full"
+    assert np.array_equal(np.array(remote["targets"]["night"]["confusion_matrix"]), np.array(local["confusion_matrix"]))
+    assert remote["targets"]["night"]["miou"] == local["miou"] and np.array(local["confusion_matrix"]).sum() > 0
+    assert len(list((tmp_path / "cache").iterdir())) == len(tars)
+
+
+def test_cli_errors_name_the_location_and_the_missing_package(tmp_path, capsys, monkeypatch):
+    from blindseg_dist.cli import main
+    from tests.engine._eval_fixtures import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "run")
+    with ShardServer(tmp_path) as srv:
+        rc = main(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "e.json"), "--data",
+                   f"x={srv.url}/nothing_here"])
+    assert rc == 2 and "nothing_here/manifest.json" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "s3fs", None)
+    rc = main(["eval", "--checkpoint", str(ckpt), "--json", str(tmp_path / "e.json"), "--data", "x=s3://bucket/val"])
+    assert rc == 2 and "s3fs" in capsys.readouterr().err and not (tmp_path / "e.json").exists()

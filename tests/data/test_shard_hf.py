@@ -64,9 +64,12 @@ def test_shard_hf_save_to_disk_and_dataset_dict(tmp_path, capsys):
     frames = _frames()
     ds = _hf_dataset(frames)
     ds.save_to_disk(str(tmp_path / "saved"))
+    capsys.readouterr()
     rc = main(["shard", "hf", str(tmp_path / "saved"), "--out", str(tmp_path / "s1"), "--label-column", "mask",
-               "--key-column", "name", "--samples-per-shard", "2"])
+               "--key-column", "name", "--samples-per-shard", "2", "--upload-to", "s3://bucket/mine"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert upload_command(tmp_path / "s1", "s3://bucket/mine") in printed and "data.train=s3://bucket/mine" in printed
     m = _check(tmp_path / "s1", frames)
     assert len(m["shards"]) == 3 and m["label_map"] == "trainids"
 
@@ -94,12 +97,12 @@ def test_shard_hf_parquet_rows_keys_and_rejects(tmp_path):
     assert main(["shard", "hf", str(tmp_path / "pq"), "--out", str(tmp_path / "s"), "--split", "train",
                  "--label-column", "mask"]) == 0
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert [s["key"] for s in m["samples"]] == ["00000000", "00000001", "00000002"]  # row numbers
+    assert sorted(s["key"] for s in m["samples"]) == ["00000000", "00000001", "00000002"]  # row numbers (shuffled order)
     ds = EvalDataset(tmp_path / "s")
     for i in range(3):
         image, label, key = ds.load_raw(i)
-        np.testing.assert_array_equal(image, frames[i][1])
-        np.testing.assert_array_equal(label, frames[i][2])
+        np.testing.assert_array_equal(image, frames[int(key)][1])
+        np.testing.assert_array_equal(label, frames[int(key)][2])
     # a colour-coded label column is refused per sample (skipped and listed), never decoded by colour
     import datasets
 

@@ -44,7 +44,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
-from ..data.stream import make_train_loader
+from ..data.stream import train_loader_from_config
 from ..model import build_model
 from ..model.objective import BlindNetObjective
 from ..model.pretrained import check_pretrained
@@ -241,13 +241,9 @@ class Trainer(TrainLoop):
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
-        loader = make_train_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
-            scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
-            start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
-            on_corrupt=cfg.data.on_corrupt,
-        )
+        # the stream position (exact while no step was skipped); `blindseg browse` uses the same call
+        loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
+                                          start_step=self.step * self.micro)
         self.logger = RunLogger(self.out_dir / "tb")
         self._print_header()
         self.data_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it

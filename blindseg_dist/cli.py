@@ -36,8 +36,12 @@ def _named_paths(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"error: --data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
         from .data.location import has_braces, is_remote
+        from .engine.evaluate import raw_target
 
-        if not is_remote(path) and not has_braces(path) and not Path(path).exists():
+        raw = raw_target(path)  # NAME=DATASET:PATH, or a raw dataset folder detected from its layout
+        if raw is not None and not Path(raw[1]).is_dir():
+            raise SystemExit(f"error: evaluation data {name!r}: {raw[0]} folder {raw[1]!r} does not exist")
+        if raw is None and not is_remote(path) and not has_braces(path) and not Path(path).exists():
             raise SystemExit(f"error: evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out
@@ -272,8 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on target datasets")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH")
+    s.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best checkpoint, else its latest), RUN/checkpoints/<step>, or an "
+                        "import-checkpoint folder")
+    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH",
+                   help="PATH: shards (folder, pattern, URL), or a raw dataset folder as downloaded (format "
+                        "detected from its layout, or named: NAME=cityscapes:/data/cityscapes; default split "
+                        "of `blindseg shard`)")
     s.add_argument("--json", required=True)
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")

@@ -139,6 +139,10 @@ class EvalConfig:
     protocols: dict[str, str] = field(default_factory=dict)
     """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
     inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    selection: str | None = None
+    """Target whose mIoU picks the best checkpoint (DIR/best.json; never deleted by keep_last). null = the
+    held-out source split (the target named 'source', or whose shards come from data.train's dataset);
+    an unseen target is allowed and labelled as such in eval.jsonl, best.json and reports."""
     sliding_window: list[int] = field(default_factory=list)
     """Sliding-window inference: [] = whole image; [crop, stride] or [crop_h, crop_w, stride_h, stride_w] px."""
 
@@ -170,8 +174,9 @@ class RunConfig:
     runs/<run.name>/<UTC timestamp>/ (a new folder per run)."""
     name: str | None = None
     """Run name for the default run directory runs/<name>/<timestamp>/; null = the config file's name."""
-    mixed_precision: str = "no"
-    """no | bf16 | fp16 (covariance and contrastive math stay float32)."""
+    mixed_precision: str | None = None
+    """no | bf16 | fp16 (covariance and contrastive math stay float32); null = the launcher's
+    (accelerate config / --mixed_precision), else no. A value set here wins over the launcher's, with a warning."""
     log_every: int = 10
     """Log scalars every N optimizer steps."""
     checkpoint_every: int = 1000
@@ -186,6 +191,10 @@ class RunConfig:
     """Non-finite losses in a row that stop the run (each one skips its step)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers of the logged scalars, images and figures, through accelerate's tracker support:
+    tensorboard (DIR/tb) | wandb | mlflow | aim | comet_ml | clearml | dvclive | swanlab | trackio
+    (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
 
@@ -232,7 +241,7 @@ CHOICES: dict[str, tuple] = {
     "loss.contrastive_scope": contrastive.SCOPES,
     "loss.cwcl_negatives": contrastive.NEGATIVES,
     "data.on_corrupt": ON_CORRUPT,
-    "run.mixed_precision": ("no", "bf16", "fp16"),
+    "run.mixed_precision": (None, "no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
 }
 
@@ -347,6 +356,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
     if not 0.0 <= cfg.data.class_uniform <= 1.0:
         raise ConfigError(f"config key 'data.class_uniform': value {cfg.data.class_uniform!r} must be in [0, 1]")
+    from .engine.logging import TRACKERS
+
+    bad = [t for t in cfg.run.log_with if t not in TRACKERS]
+    if bad:
+        raise ConfigError(f"config key 'run.log_with': {bad} not a tracker; choose from {list(TRACKERS)}")
     _validate_eval(cfg)
     if not cfg.loss.two_view:
         used = [k for k in ("cml", "ccl", "cwcl", "sdcl") if getattr(cfg.loss, k) > 0]
@@ -369,6 +383,10 @@ def _validate_eval(cfg: Config) -> None:
         if cfg.eval.targets and name not in cfg.eval.targets:
             raise ConfigError(f"config key 'eval.protocols.{name}': no target {name!r} in eval.targets "
                               f"({', '.join(cfg.eval.targets)}); name an evaluation target")
+    sel = cfg.eval.selection
+    if sel is not None and sel not in cfg.eval.targets:
+        raise ConfigError(f"config key 'eval.selection': {sel!r} is not in eval.targets "
+                          f"({', '.join(cfg.eval.targets) or 'none'}); name an evaluation target or null")
     sw = cfg.eval.sliding_window
     if sw:
         if len(sw) not in (2, 4) or min(sw) <= 0:

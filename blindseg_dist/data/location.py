@@ -284,34 +284,45 @@ def _attempts(url: str, retries: int):
         yield attempt
 
 
+def _read_once(url: str, timeout: float, write) -> None:
+    """One attempt: stream ``url`` into ``write(block)``; raises ShardReadError (missing=True when
+    the location answers "not found") or MissingBackendError."""
+    stream = None
+    try:
+        stream = _Guarded(open_stream(url, timeout), timeout)
+        while True:
+            block = stream.read(1 << 20)
+            if not block:
+                break
+            write(block)
+        stream.close()  # a pipe reports its exit status here
+    except (MissingBackendError, ShardReadError):
+        raise
+    except Exception as err:  # noqa: BLE001 - classified below
+        last = f"timed out after {timeout:g} s" if stream is not None and stream.fired else _error_text(stream, err)
+        missing = _is_missing(err, last)
+        raise ShardReadError(f"{url}: {'not found' if missing else 'read failed'} ({last})", missing=missing) from None
+    finally:
+        if stream is not None:
+            _close(stream)
+
+
 def read_bytes(url: str, *, retries: int = RETRIES, timeout: float = TIMEOUT) -> bytes:
-    """The whole content of ``url``, with the retries and deadline of a shard."""
+    """The whole content of ``url``, with the retries and deadline of a shard ("not found" is not
+    retried)."""
     if scheme(url) in ("", "file"):
         return Path(local_path(url)).read_bytes()
     last = ""
     for attempt in _attempts(url, retries):
-        stream = None
+        chunks: list[bytes] = []
         try:
-            stream = _Guarded(open_stream(url, timeout), timeout)
-            chunks = []
-            while True:
-                block = stream.read(1 << 20)
-                if not block:
-                    break
-                chunks.append(block)
-            stream.close()  # a pipe reports its exit status here
+            _read_once(url, timeout, chunks.append)
             return b"".join(chunks)
-        except MissingBackendError:
-            raise
-        except Exception as err:  # noqa: BLE001 - classified below
-            last = f"timed out after {timeout:g} s" if stream is not None and stream.fired else \
-                _error_text(stream, err)
-            if _is_missing(err, last):
-                raise ShardReadError(f"{url}: not found ({last})", missing=True) from None
-        finally:
-            if stream is not None:
-                _close(stream)
-    raise ShardReadError(f"{url}: failed after {retries + 1} attempts ({last})")
+        except ShardReadError as e:
+            if e.missing:
+                raise
+            last = str(e)
+    raise ShardReadError(f"{last} (after {retries + 1} attempts)")
 
 
 # -- shard sets ---------------------------------------------------------------------------------
@@ -585,20 +596,24 @@ class ShardCache:
         self.root.mkdir(parents=True, exist_ok=True)
         last = ""
         for attempt in _attempts(url, retries):
+            h, n = hashlib.sha256(), [0]
             try:
-                data = read_bytes(url, retries=0, timeout=timeout)
+                with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+                    def write(block: bytes) -> None:
+                        h.update(block)
+                        n[0] += len(block)
+                        f.write(block)
+
+                    _read_once(url, timeout, write)
+                    if size is not None and n[0] != size:
+                        raise ShardReadError(f"{n[0]} bytes, the manifest says {size}")
+                    if sha256 and h.hexdigest() != sha256:
+                        raise ShardReadError("sha256 differs from the manifest")
             except ShardReadError as e:
                 if e.missing:
                     raise
                 last = str(e)
                 continue
-            if size is not None and len(data) != size:
-                last = f"{len(data)} bytes, the manifest says {size}"
-                continue
-            if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-                last = "sha256 differs from the manifest"
-                continue
-            atomic.write_bytes(path, data)
             self._evict(keep=path)
             return str(path)
         raise ShardReadError(f"shard {url}: {last} (after {retries + 1} downloads)")

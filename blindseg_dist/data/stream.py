@@ -12,7 +12,8 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
   DataLoader runs with batch_size=None). Every rank therefore yields batches forever.
 - Inside a stream, `open_shards` shards are open at a time and mixed through a shuffle buffer; the
   order is computed before reading, so each shard is read sequentially (no random access): all
-  tar reading goes through `open_shard(location)`, which yields a shard's members in order.
+  tar reading goes through `open_shard(location)`, which yields a shard's members in order (a
+  remote location, through data.location.iter_shard: retries, deadline; docs/DATA.md, "Shard locations").
 - Global batch j of a rank comes from virtual stream v = j % workers (DataLoader consumes workers
   round-robin), as local batch j // workers of that stream. A worker that resumes at start_step=k
   plays stream (w + k) % workers, skips whole epochs without touching them and, inside the current
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blindseg_dist.data import location as _loc
 from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
 from blindseg_dist.data.views import TwoViewTransform
 
@@ -214,8 +216,16 @@ def open_shard(location: str) -> Iterator[tuple[str, bytes]]:
             yield ti.name, data
 
 
-def iter_samples(location: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Complete samples (an image, a label and meta) of a shard, ``(key, {ext: bytes})``, in order."""
+def iter_samples(location: str, remote: "_loc.RemoteOptions | None" = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Complete samples (an image, a label and meta) of a shard, ``(key, {ext: bytes})``, in order.
+
+    A remote location (http(s)://, pipe:CMD, s3://, ...) is streamed by data.location.iter_shard
+    with ``remote``'s retries and deadline (docs/DATA.md, "Shard locations"); after its retries it
+    raises ShardReadError, an OSError, which the stream treats as a corrupt shard."""
+    if _loc.is_remote(location):
+        r = remote or _loc.RemoteOptions()
+        yield from _loc.iter_shard(location, retries=r.retries, timeout=r.timeout)
+        return
     key, cur = None, {}
     for name, data in open_shard(location):
         mm = _MEMBER.match(name)
@@ -231,15 +241,15 @@ def iter_samples(location: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, cur
 
 
-def load_sample_table(shards) -> SampleTable:
-    """The sampler's table from a shard folder's manifest.json (or, for tar paths or a folder
-    without a manifest, by reading every shard's meta.json members once, with a warning)."""
-    paths, _ = resolve_shards(shards)
-    manifest = None
-    if isinstance(shards, (str, os.PathLike)) and Path(shards).is_dir() and (Path(shards) / "manifest.json").is_file():
-        manifest = json.loads((Path(shards) / "manifest.json").read_text())
+def load_sample_table(shards, remote: "_loc.RemoteOptions | None" = None) -> SampleTable:
+    """The sampler's table from a shard location's manifest.json (or, for tar paths or a location
+    without a manifest, by reading every shard's meta.json members once, with a warning). Any
+    location of data.location.resolve: a folder, a brace pattern, http(s)://, pipe:CMD, s3://, ..."""
+    r = remote or _loc.RemoteOptions()
+    found = _loc.resolve(shards, retries=r.retries, timeout=r.timeout)
+    paths, manifest = found.urls, found.manifest
     if manifest is not None and isinstance(manifest.get("samples"), list):
-        index = {Path(p).name: i for i, p in enumerate(paths)}
+        index = {_loc.shard_name(p): i for i, p in enumerate(paths)}
         samples = []
         for s in manifest["samples"]:
             if s.get("shard") in index:
@@ -253,7 +263,7 @@ def load_sample_table(shards) -> SampleTable:
     samples = []
     for i, p in enumerate(paths):
         try:
-            for key, members in iter_samples(p):
+            for key, members in iter_samples(p, remote):
                 meta = json.loads(members["meta.json"])
                 samples.append({"key": key, "shard": i, "size": meta.get("size") or [0, 0],
                                 "centroids": meta.get("centroids") or {}})
@@ -307,7 +317,7 @@ class _Readers:
             raise _Unreadable(f"shard {s.table.shards[si]} is corrupt")
         gen = self.gens.get(si)
         if gen is None:
-            gen = self.gens[si] = iter_samples(s.table.shards[si])
+            gen = self.gens[si] = iter_samples(s.table.shards[si], s.remote)
         need = self.need[si]
         try:
             for k, members in gen:
@@ -341,7 +351,8 @@ class ShardStream(IterableDataset):
     def __init__(self, table: SampleTable, transform: TwoViewTransform, *, batch_size: int,
                  class_uniform: float = 0.5, epoch_batches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_step: int = 0, on_corrupt: str = "warn",
-                 shuffle_buffer: int = 16, open_shards: int = 4, info: bool = False):
+                 shuffle_buffer: int = 16, open_shards: int = 4, info: bool = False,
+                 remote: "_loc.RemoteOptions | None" = None):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt (data.on_corrupt) must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         if batch_size < 1 or (epoch_batches is not None and epoch_batches < 1) or start_step < 0 \
@@ -351,6 +362,7 @@ class ShardStream(IterableDataset):
         if not 0.0 <= class_uniform <= 1.0:
             raise ValueError(f"class_uniform (data.class_uniform) must be in [0, 1], got {class_uniform}")
         self.table, self.transform = table, transform
+        self.remote = remote or _loc.RemoteOptions()  # retries and deadline of remote shards
         self.batch_size, self.pct = int(batch_size), float(class_uniform)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.num_workers, self.start_step = int(num_workers), int(start_step)
@@ -415,7 +427,7 @@ class ShardStream(IterableDataset):
             if si in self._dead:
                 continue
             try:
-                found = next(iter_samples(self.table.shards[si]), None)
+                found = next(iter_samples(self.table.shards[si], self.remote), None)
             except (tarfile.TarError, OSError, EOFError) as e:
                 self._corrupt(si, f"{type(e).__name__}: {e}")
                 continue
@@ -500,31 +512,35 @@ def train_loader_from_config(cfg, *, rank: int = 0, world_size: int = 1, start_s
         cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
         scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
         num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
-        start_step=start_step, on_corrupt=cfg.data.on_corrupt, info=info)
+        start_step=start_step, on_corrupt=cfg.data.on_corrupt, info=info,
+        remote=_loc.RemoteOptions.from_config(cfg.data))
 
 
 def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),
                       class_uniform: float = 0.5, num_workers: int = 2, seed: int = 0, rank: int = 0,
                       world_size: int = 1, start_step: int = 0, on_corrupt: str = "warn",
                       epoch_batches: int | None = None, shuffle_buffer: int = 16, open_shards: int = 4,
-                      prefetch_factor: int = 2, info: bool = False) -> DataLoader:
+                      prefetch_factor: int = 2, info: bool = False,
+                      remote: "_loc.RemoteOptions | None" = None) -> DataLoader:
     """The training loader of one rank: an infinite DataLoader of dict batches
     {"image", "image_aug": float32 (B,3,crop,crop), "label": int64 (B,crop,crop), "keys": [str],
     "corrupt_shards", "bad_samples": int64 counters of the producing worker} (plus "info": one dict
     per sample with key, class, centroid, crop and scale, when ``info``; used by `blindseg browse`).
 
-    shards: a shard directory (manifest.json) or a list of tar paths. class_uniform: the fraction
+    shards: a shard location (docs/DATA.md, "Shard locations": a folder with manifest.json, a brace
+    pattern, http(s)://, pipe:CMD, s3://, gs://) or a list of tar paths or URLs; ``remote``: the
+    retries and deadline of remote shards (data.location.RemoteOptions). class_uniform: the fraction
     of an epoch drawn class-uniformly (data/sampler.py). epoch_batches: batches per (rank, worker)
     and stream epoch; default: the whole class-uniform epoch split over world_size x workers.
     The batches from step k on with start_step=k equal those of an uninterrupted run."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    table = load_sample_table(shards)
+    table = load_sample_table(shards, remote)
     transform = TwoViewTransform(crop_size=crop_size, scale_range=scale_range)
     ds = ShardStream(table, transform, batch_size=batch_size, class_uniform=class_uniform,
                      epoch_batches=epoch_batches, seed=seed, rank=rank, world_size=world_size,
                      num_workers=num_workers, start_step=start_step, on_corrupt=on_corrupt,
-                     shuffle_buffer=shuffle_buffer, open_shards=open_shards, info=info)
+                     shuffle_buffer=shuffle_buffer, open_shards=open_shards, info=info, remote=remote)
     kw = {}
     if num_workers > 0:
         # forkserver, not fork: OpenCV's thread pool does not survive fork (cv2.setNumThreads in a

@@ -51,9 +51,9 @@ from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
 from .accelerator import make_accelerator
-from .evaluate import evaluate_targets
-from .hooks import (CheckpointHook, EvalHook, Hook, ImageHook, LogHook, ProgressBar, StepOutput,
-                    StreamRecordHook, SummaryHook)
+from .evaluate import evaluate_targets, selection_target
+from .hooks import (BestCheckpointHook, CheckpointHook, EvalHook, Hook, ImageHook, LogHook, MetricsFileHook,
+                    ProgressBar, StepOutput, StreamRecordHook, SummaryHook)
 from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
@@ -244,7 +244,8 @@ class Trainer(TrainLoop):
         # the stream position (exact while no step was skipped); `blindseg browse` uses the same call
         loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
                                           start_step=self.step * self.micro)
-        self.logger = RunLogger(self.out_dir / "tb")
+        self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
+                                purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
         self.data_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
         if rng is not None:
@@ -252,7 +253,7 @@ class Trainer(TrainLoop):
         elif resume_from is not None and self.is_main:
             print(f"[train] checkpoint {resume_from} has no RNG state for rank {self.rank}; continuing with fresh RNG")
         self.faults = _Faults(self.rank)
-        self.attempt, self.nonfinite_in_a_row, self.images_seen = 0, 0, 0
+        self.attempt, self.nonfinite_in_a_row, self.images_seen, self.grad_norm = 0, 0, 0, None
         self.last: StepOutput | None = None
         self.objective.train()
 
@@ -348,12 +349,21 @@ class Trainer(TrainLoop):
 
     def _optimizer_step(self) -> None:
         self.nonfinite_in_a_row = 0
-        if self.cfg.optim.grad_clip > 0 and not self.deepspeed:  # DeepSpeed clips inside its step
-            self.acc.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        self.grad_norm = self._grad_norm()
         self.optimizer.step()  # a no-op under DeepSpeed (the engine stepped in backward)
         self.scheduler.step()  # ours: once per optimizer step, on every engine
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+
+    def _grad_norm(self) -> torch.Tensor | float | None:
+        """The global gradient norm of this step (logged as grad_norm), clipping to optim.grad_clip
+        when set; DeepSpeed clips inside its own step and reports the norm it saw."""
+        if self.deepspeed:
+            return self.objective.get_global_grad_norm()
+        if self.cfg.optim.grad_clip > 0:
+            return self.acc.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
 
     # ---- what the hooks use -----------------------------------------------------------------
     @property
@@ -419,12 +429,14 @@ class Trainer(TrainLoop):
 def default_hooks(trainer: Trainer) -> list[Hook]:
     """The hooks of a `blindseg train` run, in their calling order."""
     run, ev = trainer.cfg.run, trainer.cfg.eval
-    bar = ProgressBar()
-    hooks: list[Hook] = [bar, LogHook(run.log_every, writers=[trainer.logger, bar]),
+    bar, files = ProgressBar(), MetricsFileHook()
+    hooks: list[Hook] = [bar, files, LogHook(run.log_every, writers=[trainer.logger, bar, files]),
                          ImageHook(run.image_every, trainer.logger), CheckpointHook(run.checkpoint_every)]
     if run.record_stream:
         hooks.append(StreamRecordHook(trainer.cfg.data.train))
-    hooks += [EvalHook(ev.every, at_end=ev.at_end and bool(ev.targets)), SummaryHook()]
+    best = BestCheckpointHook(*selection_target(ev, trainer.cfg.data.train), announce=bool(ev.targets))
+    hooks += [EvalHook(ev.every, at_end=ev.at_end and bool(ev.targets), listeners=[best.on_eval, files.on_eval]),
+              best, SummaryHook()]
     return hooks
 
 

@@ -13,6 +13,7 @@ import yaml
 from .. import atomic
 from ..config import find_config, load_config, load_yaml
 from ..launcher import blindseg_command, launch_env
+from .evaluate_cli import confusion_png
 
 
 def demo_config_path() -> Path:
@@ -25,6 +26,25 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"[demo] {what} failed with exit code {proc.returncode}")
+
+
+def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], png: Path, tb_dir: Path, cfg) -> Path:
+    """DIR/panels.png and the TensorBoard image ``demo/panels`` (at the final step): training crops
+    (input | augmented view | ground truth | prediction) and the first frame of every target."""
+    from PIL import Image
+
+    from ..engine.figures import prediction_panels
+    from ..engine.logging import RunLogger
+    from .evaluate_cli import load_checkpoint_model
+
+    _, net = load_checkpoint_model(ckpt)
+    panel = prediction_panels(net, train_shards, targets, crop_size=cfg.data.crop_size, seed=cfg.run.seed)
+    with atomic.replacing(png) as tmp:
+        Image.fromarray(panel).save(tmp, format="PNG")
+    logger = RunLogger(tb_dir, enabled=True)
+    logger.image("demo/panels", panel, cfg.optim.max_steps)
+    logger.close()
+    return png
 
 
 def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
@@ -104,6 +124,10 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     _run(cmd, launch_env(), f"evaluation on {processes} process(es)")
     timings["eval_s"] = time.perf_counter() - t
 
+    # 4. what a person looks at: prediction panels (DIR/panels.png and TensorBoard)
+    panels_png = write_demo_panels(ckpt, str(shards / "source-train"), eval_data, out / "panels.png",
+                                   run_dir / "tb", cfg)
+
     from .report import print_report
 
     result = json.loads(eval_json.read_text())
@@ -116,11 +140,14 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
         "config": str(run_dir / "config.yaml"),
         "tensorboard": str(run_dir / "tb"),
         "timings": timings,
+        "panels": str(panels_png),
+        "confusion_figures": {k: str(confusion_png(eval_json, k)) for k in eval_data},
         "source": "source",
         "unseen": [k for k in eval_data if k != "source"],
     }
     atomic.write_json(out / "report.json", report, indent=1)
     print_report(report)
+    print(f"[demo] prediction panels {panels_png}; confusion matrices {out}/eval-confusion-<target>.png")
     print(f"[demo] done in {timings['total_s']:.0f} s; report {out / 'report.json'}; "
           f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return report

@@ -165,6 +165,8 @@ class EvalDataset(Dataset):
             return out[0], out[1], str(item[0])
         sp, key, members = item
         if members is None:  # a remote shard: read from its cached copy
+            if sp in self._remote["index"] and not Path(self._remote["index"][sp][0]).is_file():
+                del self._remote["index"][sp]  # evicted from the cache since: fetch it again
             members = self._index(sp).get(key)
             if members is None:
                 raise RuntimeError(f"evaluation shard {sp} holds no sample {key!r} although its manifest lists it; "

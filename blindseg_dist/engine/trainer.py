@@ -373,7 +373,8 @@ class Trainer(TrainLoop):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]  # what the engine's optimizer uses
+        group = self.optimizer.param_groups[0]  # what the engine's optimizer uses, per unit lr scale
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""

@@ -423,9 +423,6 @@ def _validate_recipe(cfg: Config) -> None:
                           f"choose among {list(NO_WEIGHT_DECAY_KINDS)}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"config key 'optim.betas': value {o.betas!r} must be [beta1, beta2] in [0, 1)")
-    if o.warmup_steps >= o.max_steps:
-        raise ConfigError(f"config key 'optim.warmup_steps': value {o.warmup_steps!r} must be < optim.max_steps "
-                          f"({o.max_steps})")
     for key, value, hi in (("optim.layer_decay", o.layer_decay, 1.0), ("optim.warmup_ratio", o.warmup_ratio, 1.0),
                            ("optim.min_lr_ratio", o.min_lr_ratio, 1.0), ("model.drop_path", m.drop_path, 1.0)):
         if value > hi:

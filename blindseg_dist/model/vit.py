@@ -139,6 +139,10 @@ class ViTBackbone(Backbone):
         if taps[-1] < depth - 1:
             _log.info("%s: blocks %d..%d come after the last tapped block and are dropped", name, taps[-1] + 1, depth - 1)
             vit.blocks = vit.blocks[: taps[-1] + 1]
+        # The column runs inside vit's own __call__ (its forward is replaced by _call_inside), so module
+        # hooks see vit's direct parameters (position embedding, class / register tokens) in use:
+        # DeepSpeed ZeRO-3 gathers a module's parameters in its forward pre-hook.
+        vit.forward = _call_inside
         self.vit = vit
         self.depth = len(vit.blocks)
         self.embed_dim = vit.embed_dim
@@ -197,6 +201,9 @@ class ViTBackbone(Backbone):
     def column(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
         """The token column: the four tapped blocks' normalized patch tokens as NCHW maps on the
         patch grid, and the IN outputs recorded on the way (embed / block<i>)."""
+        return self.vit(self._column, x)
+
+    def _column(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
         vit = self.vit
         recorded: dict[str, Tensor] = {}
         t = vit.patch_embed(x)  # NHWC, padded to a multiple of the patch size
@@ -294,6 +301,11 @@ class ViTBackbone(Backbone):
                          path, len(missing), _preview(missing), len(unexpected), _preview(unexpected))
         self.pretrained_report = report
         return report
+
+
+def _call_inside(fn, *args):
+    """The forward of the wrapped timm ViT: run ``fn(*args)`` inside its module call (see __init__)."""
+    return fn(*args)
 
 
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")

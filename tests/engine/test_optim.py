@@ -140,7 +140,7 @@ def test_frozen_parameters_untouched_and_without_optimizer_state(freeze: str) ->
 def test_recipe_config_errors() -> None:
     for bad, match in (("optim.optimizer=lamb", "optim.optimizer"), ("optim.schedule=step", "optim.schedule"),
                        ("optim.no_weight_decay=[norms]", "optim.no_weight_decay"),
-                       ("optim.warmup_steps=40000", "optim.warmup_steps"), ("optim.layer_decay=1.5", "optim.layer_decay"),
+                       ("optim.warmup_steps=-1", "optim.warmup_steps"), ("optim.layer_decay=1.5", "optim.layer_decay"),
                        ("optim.betas=[0.9]", "optim.betas"), ("model.vit_in_points=[embed, p4]", "model.vit_in_points"),
                        ("model.proj_levels=[high, dec0, foo]", "model.proj_levels"),
                        ("model.vit_blocks=[1, 2]", "model.vit_blocks")):

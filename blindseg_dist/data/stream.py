@@ -415,7 +415,7 @@ class ShardStream(IterableDataset):
                     "centroid": [centroid[1], centroid[0]] if centroid else None,
                     "crop": [round(g["x0"] / sx, 2), round(g["y0"] / sy, 2), round((g["x0"] + g["cw"]) / sx, 2),
                              round((g["y0"] + g["ch"]) / sy, 2)],
-                    "scale": g["scale"], "flip": g["flip"], "geometry": g}
+                    "scale": g["scale"], "flip": g["flip"], "geometry": {**g, "source_hw": label.shape}}
         return x, xa, y, info
 
     def _fallback(self, start: int) -> tuple[str, dict[str, bytes]]:
@@ -503,6 +503,18 @@ class ShardStream(IterableDataset):
             finally:
                 readers.close()
             e, pos = e + 1, 0
+
+
+def train_loader_from_config(cfg, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                             info: bool = False, pin_memory: bool = False) -> DataLoader:
+    """The training loader of a Config (the trainer's, and `blindseg browse`'s with info=True;
+    pin_memory: the trainer's on CUDA)."""
+    return make_train_loader(
+        cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
+        scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
+        num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
+        start_step=start_step, on_corrupt=cfg.data.on_corrupt, info=info,
+        remote=_loc.RemoteOptions.from_config(cfg.data), pin_memory=pin_memory)
 
 
 def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),

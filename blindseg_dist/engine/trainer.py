@@ -44,8 +44,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
-from ..data.location import RemoteOptions
-from ..data.stream import make_train_loader
+from ..data.stream import train_loader_from_config
 from ..model import build_model
 from ..model.objective import BlindNetObjective
 from ..model.pretrained import check_pretrained
@@ -244,14 +243,11 @@ class Trainer(TrainLoop):
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
-        loader = make_train_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
-            scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
-            start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
-            on_corrupt=cfg.data.on_corrupt, remote=RemoteOptions.from_config(cfg.data),
-            pin_memory=self.acc.device.type == "cuda",  # page-locked batches: non_blocking copies below
-        )
+        # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
+        # page-locked batches on CUDA: the copies in _forward are non_blocking
+        loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
+                                          start_step=self.step * self.micro,
+                                          pin_memory=self.acc.device.type == "cuda")
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
@@ -382,7 +378,8 @@ class Trainer(TrainLoop):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]  # what the engine's optimizer uses
+        group = self.optimizer.param_groups[0]  # what the engine's optimizer uses, per unit lr scale
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""

@@ -73,7 +73,13 @@ def cmd_train(args) -> int:
     if args.max_steps is not None:
         overrides.append(f"optim.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=args.resume)
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        train(cfg, resume=args.resume)
+    except CheckpointError as e:  # disk full: the message says where and how much (one process; 2+: trainer)
+        print(f"blindseg train: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

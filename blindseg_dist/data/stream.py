@@ -22,6 +22,7 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blindseg_dist.data import workers
 from blindseg_dist.data.views import TwoViewTransform
 
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext may hold dots
@@ -356,8 +358,21 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     if num_workers > 0:
         # forkserver, not fork: OpenCV's thread pool does not survive fork (cv2.setNumThreads in a
         # forked worker deadlocks once the parent has used cv2); the preloaded server keeps worker
-        # start-up cheap.
+        # start-up cheap. Workers and the forkserver ignore SIGINT/SIGTERM (the training process
+        # checkpoints on them) and end with the training process (data/workers.py).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+        ctx.set_forkserver_preload(["blindseg_dist.data._forkserver"])
+        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx,
+                  worker_init_fn=functools.partial(workers.worker_init, os.getpid()))
+    return _TrainLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader whose worker iterator is shut down at interpreter exit: its workers ignore
+    SIGTERM, so multiprocessing's exit handler could not end them (data/workers.py)."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            workers.track(it)
+        return it

@@ -3,10 +3,19 @@ counters), rng-<rank>.pt (every rank's RNG states) and config.yaml.
 
 A checkpoint is written into a temporary folder and renamed when complete, so a folder named by a
 step number is always whole; the last ``keep_last`` are kept. Only rank 0 writes shared files;
-every rank writes its own RNG file; barriers order the steps.
+every rank writes its own RNG file; after each phase the ranks agree on whether every rank's part
+succeeded (one all-gather of a flag), so a failure on one rank stops them all in step.
+
+A disk that is full, or too full for another checkpoint (free space below the size of the last
+one, or of the weights for the first), stops with :class:`CheckpointError` on every rank: the
+message names the folder, the free space and the size needed; the temporary folder is removed and
+the previous checkpoints are untouched. Testing hook: BLINDSEG_FAULT_DISK_FREE=BYTES makes the
+free-space check see that many free bytes (tests/engine/test_faults.py).
 """
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -55,6 +64,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, I/O error); nothing of it was left behind."""
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system holding ``path`` (BLINDSEG_FAULT_DISK_FREE overrides: tests)."""
+    fake = os.environ.get("BLINDSEG_FAULT_DISK_FREE")
+    return int(fake) if fake else shutil.disk_usage(path).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _agree(error: str | None, step: int, tmp: Path) -> None:
+    """Collective: every rank learns which ranks failed their part; on any failure rank 0 removes
+    the temporary folder and every rank raises CheckpointError."""
+    failed = [r for r, bad in enumerate(dist.gather_sizes(int(error is not None), tag="checkpoint")) if bad]
+    if not failed:
+        return
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        error = f"rank(s) {failed} could not write their part (see their message)"
+    err = CheckpointError(f"checkpoint step {step} not written: {error}; its temporary folder {tmp} was removed, "
+                          f"the previous checkpoints are kept")
+    err.errno = errno.ENOSPC if "No space left" in error else errno.EIO
+    raise err
+
+
+def _attempt(fn: Callable[[], None], root: Path, errors: tuple = (OSError,)) -> str | None:
+    """None when ``fn()`` succeeded, else what went wrong (saying so when the disk is full: torch.save
+    reports ENOSPC as a RuntimeError about positions)."""
+    try:
+        fn()
+    except errors as e:
+        msg = f"{type(e).__name__}: {e}"
+        try:
+            full = getattr(e, "errno", None) == errno.ENOSPC or free_bytes(root) < 2**20
+        except OSError:
+            full = False
+        if full and "No space left" not in msg:
+            msg = f"No space left on device in {root} ({_mb(free_bytes(root))} free): {msg}"
+        return msg
+    return None
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -72,26 +133,39 @@ def save_checkpoint(
     root = checkpoint_dir(output_dir)
     final = root / str(step)
     tmp = root / f".tmp-{step}"
-    if dist.rank() == 0:
+
+    def prepare() -> None:  # rank 0: the temporary folder, if the disk can take a checkpoint
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        previous = [p for p in list_checkpoints(output_dir) if p != final]
+        needed = folder_bytes(previous[-1]) if previous else sum(
+            v.numel() * v.element_size() for v in model_state.values())
+        free = free_bytes(root)
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"No space left for it in {root}: {_mb(free)} free, the "
+                          f"{'last checkpoint takes' if previous else 'weights alone take'} {_mb(needed)}. "
+                          f"Free space or set run.output_dir on a larger disk, then continue with --resume")
         tmp.mkdir()
-    dist.barrier()
-    torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
-    if collective_save is not None:
-        collective_save(tmp)
-    if dist.rank() == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
-    dist.barrier()
-    if dist.rank() == 0:
+
+    def write_rank_part() -> None:
+        torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+        if dist.rank() == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+            torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
+
+    def publish() -> None:
         atomic.replace_dir(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    _agree(_attempt(prepare, root) if dist.rank() == 0 else None, step, tmp)
+    error = _attempt(lambda: collective_save(tmp), root) if collective_save is not None else None
+    error = error or _attempt(write_rank_part, root, (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
+    _agree(error, step, tmp)
+    _agree(_attempt(publish, root) if dist.rank() == 0 else None, step, tmp)
     return final
 
 

@@ -19,14 +19,16 @@ Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
   and whose explicit values must agree with it (accelerator.configure_deepspeed). Never no_sync
   (ZeRO 2/3).
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 2 config error;
-3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint written);
-4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 1 an error (on
+2+ processes the rank that had it prints it, the others name that rank and its error and exit with
+its code); 2 config error; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint
+written); 4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
 
 Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
 non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
-the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there.
+the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
+BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +48,7 @@ import yaml
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import make_train_loader
+from ..data.workers import shutdown_workers
 from ..model import build_model
 from ..model.objective import BlindNetObjective
 from ..model.pretrained import check_pretrained
@@ -57,18 +61,25 @@ from .hooks import (CheckpointHook, EvalHook, Hook, ImageHook, LogHook, Progress
 from .logging import RunLogger
 from .optim import build_optimizer
 
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary.
+
+    Installed from the start of the set-up (a signal during set-up stops the run after its first
+    step) until the end of ``train()``; restored on exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self):
+    def install(self) -> "_StopFlag":
+        if self._old:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -76,12 +87,19 @@ class _StopFlag:
                 pass
         return self
 
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    def __enter__(self):
+        return self.install()
+
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self.restore()
 
 
 class _Faults:
@@ -93,11 +111,14 @@ class _Faults:
         self.nan = {int(v) for v in env("BLINDSEG_FAULT_NAN", "").split(",") if v.strip()} if on else set()
         self.exit_at = int(env("BLINDSEG_FAULT_EXIT")) if on and env("BLINDSEG_FAULT_EXIT") else None
         self.hang_at = int(env("BLINDSEG_FAULT_HANG")) if on and env("BLINDSEG_FAULT_HANG") else None
+        self.raise_at = int(env("BLINDSEG_FAULT_RAISE")) if on and env("BLINDSEG_FAULT_RAISE") else None
 
     def before_step(self, attempt: int, rank: int) -> None:
         if attempt == self.exit_at:
             print(f"[fault] rank {rank}: exiting abruptly at step attempt {attempt}", flush=True)
             os._exit(17)
+        if attempt == self.raise_at:
+            raise RuntimeError(f"injected fault: rank {rank} raises at step attempt {attempt}")
         if attempt == self.hang_at:
             print(f"[fault] rank {rank}: hanging at step attempt {attempt}", flush=True)
             while True:
@@ -141,16 +162,16 @@ class TrainLoop(abc.ABC):
         """Run the loop; returns the summary. Exits 3 after too many non-finite losses, 4 when a
         collective fails on a multi-process run."""
         t_start = time.perf_counter()
-        with self.signal, self._exit_on_collective_failure():
+        with self.signal, self._exit_on_collective_failure():  # a signal until the very end only sets the flag
             self.call_hooks("before_train")
             while self.step < self.max_steps and self.stop_reason is None:
                 if self.train_step():
                     self.call_hooks("after_step")
             self.stop_reason = self.stop_reason or "finished"
             self.call_hooks("after_train")
-        summary = self.summary(time.perf_counter() - t_start)
-        self.call_hooks("summarize", summary)
-        self.close()
+            summary = self.summary(time.perf_counter() - t_start)
+            self.call_hooks("summarize", summary)
+            self.close()
         if self.stop_reason.startswith("stopped: "):
             print(f"[train] {self.stop_reason}; last checkpoint {self.last_checkpoint}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_NONFINITE)
@@ -170,24 +191,54 @@ class TrainLoop(abc.ABC):
 
     @contextlib.contextmanager
     def _exit_on_collective_failure(self) -> Iterator[None]:
+        """On 2+ processes, an exception ends this rank at once (any further collective would wait
+        for the others): this rank's own error is printed, recorded for the others (exit 1, or 2
+        for a config error); a failed collective names the rank that failed first and its error
+        (and exits with its code), or, when no rank recorded one, a dead or hung peer (exit 4)."""
         try:
             yield
-        except RuntimeError as err:
+        except Exception as err:
             if self.world == 1:
                 raise
-            # A collective failed: a peer died (connection closed) or hung past run.dist_timeout_s.
-            # Exit at once: any further collective (checkpoint, barrier) would wait for it again.
-            print(f"\n[train] rank {self.rank}: a collective failed at step {self.step} ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0] if str(err) else ''}). Another rank died or hung longer than "
-                  f"run.dist_timeout_s={self.dist_timeout_s}; see its log. Last checkpoint: "
-                  f"{self.last_checkpoint}; continue with --resume.", file=sys.stderr, flush=True)
-            os._exit(EXIT_COLLECTIVE)
+            first = str(err).splitlines()[0] if str(err) else ""
+            if dist.is_collective_failure(err):
+                peer = dist.read_failure()
+                if peer is not None and peer.get("rank") != self.rank:
+                    print(f"\n[train] rank {self.rank}: stopping at step {self.step}: rank {peer['rank']} failed at "
+                          f"step {peer['step']} with {peer['error']} (its traceback is in its output). Last "
+                          f"checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
+                    os._exit(int(peer.get("exit", 1)))
+                # A peer died (connection closed) or hung past run.dist_timeout_s without a word.
+                print(f"\n[train] rank {self.rank}: a collective failed at step {self.step} ({type(err).__name__}: "
+                      f"{first}). Another rank died or hung longer than run.dist_timeout_s="
+                      f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
+                      f"with --resume.", file=sys.stderr, flush=True)
+                os._exit(EXIT_COLLECTIVE)
+            from ..config import ConfigError
+
+            code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_ERROR
+            dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
+                                  "exit": code})
+            traceback.print_exc()
+            print(f"[train] rank {self.rank}: failed at step {self.step} ({type(err).__name__}: {first}); the other "
+                  f"ranks stop too. Last checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(code)
 
 
 class Trainer(TrainLoop):
     """BlindNet training with the resolved config ``cfg`` (``resume``: from the run's latest checkpoint)."""
 
     def __init__(self, cfg: Config, *, resume: bool = False, hooks: list[Hook] | None = None) -> None:
+        stop = _StopFlag().install()  # from now on SIGTERM/SIGINT stop the run after its next step
+        try:
+            self._setup(cfg, resume, hooks)
+        except BaseException:
+            stop.restore()
+            raise
+        self.signal = stop
+
+    def _setup(self, cfg: Config, resume: bool, hooks: list[Hook] | None) -> None:
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -245,7 +296,8 @@ class Trainer(TrainLoop):
         )
         self.logger = RunLogger(self.out_dir / "tb")
         self._print_header()
-        self.data_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
+        self.loader_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
+        self.data_iter: Iterator[dict] = self.loader_iter
         if rng is not None:
             ckpt.set_rng_state(rng)
         elif resume_from is not None and self.is_main:
@@ -410,6 +462,7 @@ class Trainer(TrainLoop):
 
     def close(self) -> None:
         self.logger.close()
+        shutdown_workers(self.loader_iter)  # the loader's workers end now, not at interpreter exit
         dist.barrier()
 
 

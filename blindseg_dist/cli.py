@@ -29,14 +29,18 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+class UsageError(Exception):
+    """A bad command-line value that argparse cannot check (exit 2, like a config error)."""
+
+
 def _named_paths(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --data takes NAME=PATH pairs, got {pair!r}")
+            raise UsageError(f"--data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
         if not Path(path).exists():
-            raise SystemExit(f"error: evaluation data {name!r}: {path!r} does not exist")
+            raise FileNotFoundError(f"evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out
 
@@ -58,8 +62,12 @@ def cmd_shard(args) -> int:
     if args.label_map:
         opts["label_map"] = args.label_map
     source = get_source(args.dataset, args.root, split=args.split, **opts)
-    write_shards(source, args.out, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                 workers=args.workers)
+    manifest = write_shards(source, args.out, samples_per_shard=args.samples_per_shard,
+                            image_format=args.image_format, workers=args.workers)
+    if manifest["num_samples"] == 0:  # nothing to train on: not a success
+        print(f"blindseg shard: every pair was skipped ({len(manifest['skipped'])}; reasons in "
+              f"{Path(args.out) / 'manifest.json'}); no shard written", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -87,7 +95,7 @@ def _named_protocols(pairs: list[str] | None) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --protocol takes NAME=PROTOCOL pairs, got {pair!r}")
+            raise UsageError(f"--protocol takes NAME=PROTOCOL pairs, got {pair!r}")
         name, proto = pair.split("=", 1)
         out[name] = proto
     return out
@@ -100,7 +108,7 @@ def cmd_eval(args) -> int:
     protocols = _named_protocols(args.protocol)
     unknown = sorted(set(protocols) - set(data))
     if unknown:
-        raise SystemExit(f"error: --protocol names {unknown}, which are not --data targets ({', '.join(data)})")
+        raise UsageError(f"--protocol names {unknown}, which are not --data targets ({', '.join(data)})")
     evaluate_checkpoint(args.checkpoint, data, args.json, max_images=args.max_images,
                         tb_dir=args.tb_dir, protocols=protocols, sliding_window=args.sliding_window)
     return 0
@@ -118,11 +126,12 @@ def cmd_predict(args) -> int:
     from .tools.predict import predict_folder
 
     try:
-        predict_folder(args.checkpoint, args.images, args.out, alpha=args.alpha, sliding_window=args.sliding_window)
-    except ValueError as e:  # an unreadable image, a bad --alpha: the message names it
+        summary = predict_folder(args.checkpoint, args.images, args.out, alpha=args.alpha,
+                                 sliding_window=args.sliding_window)
+    except ValueError as e:  # a bad --alpha: the message names it
         print(f"blindseg predict: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if summary["skipped"] else 0  # unreadable images were skipped and listed
 
 
 def cmd_report(args) -> int:
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
 

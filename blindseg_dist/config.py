@@ -322,6 +322,9 @@ def validate(cfg: Config) -> Config:
               "eval.max_images", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
               "run.threads"):
         positive(p, strict=False)
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"config key 'optim.momentum': value {cfg.optim.momentum!r} must be in [0, 1) (SGD momentum)")
+    _validate_backbone(cfg.model.backbone)
     lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
     if lo is None or not (0 < lo <= hi):
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
@@ -336,6 +339,21 @@ def validate(cfg: Config) -> Config:
                 "set loss.two_view=true or their weights to 0 (baseline)"
             )
     return cfg
+
+
+def _validate_backbone(name: str) -> None:
+    from .model.backbones import BACKBONES
+
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[len("timm:"):]):
+            close = timm.list_models(f"*{name[len('timm:'):][:8]}*")[:5]
+            raise ConfigError(f"config key 'model.backbone': value {name!r}: timm has no model "
+                              f"{name[len('timm:'):]!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    elif name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': value {name!r} is not allowed; choose one of "
+                          f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
 EVAL_PROTOCOLS = ("full", "mapillary_1536", "mapillary_1024", "synthia")

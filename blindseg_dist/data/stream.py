@@ -80,6 +80,11 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> t
                 counts = {str(root / s["name"]): int(s["count"]) for s in entries if "count" in s}
             else:
                 paths = sorted(str(p) for p in root.glob("*.tar"))
+        elif root.is_file():
+            hint = f" (its folder {root.parent} holds the shards)" if root.name == "manifest.json" else ""
+            raise FileNotFoundError(f"shard path {root} is a file, not a .tar shard or a shard folder{hint}; "
+                                    f"point data paths at a folder written by the sharder (with manifest.json) "
+                                    f"or at .tar files")
         else:
             raise FileNotFoundError(f"shard path {root} does not exist; point data paths at a folder "
                                     f"written by the sharder (with manifest.json) or at .tar files")
@@ -329,6 +334,17 @@ class ShardStream(IterableDataset):
             for _ in range(self.epoch_batches - pos):
                 yield self._batch([next(refs) for _ in range(B)])
             e, pos = e + 1, 0
+
+
+def smallest_frame(shards) -> tuple[int, int] | None:
+    """(h, w) of the frame with the smallest side in a shard folder's manifest (None: unknown)."""
+    if not isinstance(shards, (str, os.PathLike)) or not (Path(shards) / "manifest.json").is_file():
+        return None
+    try:
+        sizes = [tuple(s["size"]) for s in json.loads((Path(shards) / "manifest.json").read_text())["samples"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return min(sizes, key=min) if sizes else None
 
 
 def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),

@@ -178,15 +178,50 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"no model weights at {str(f)!r}: pass a checkpoint folder (runs/<name>/checkpoints/<step>) "
             f"or its {MODEL_FILE}"
         )
-    return load_file(str(f))
+    try:
+        return load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - truncated, or not a safetensors file
+        from ..config import ConfigError
+
+        raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: {e}): truncated or "
+                          f"not a {MODEL_FILE}; use another checkpoint (for --resume: remove this folder to "
+                          f"continue from the one before)") from None
+
+
+def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``net.load_state_dict(weights)``, or a ConfigError naming ``source`` and what does not fit
+    (a checkpoint of another backbone or class count)."""
+    own = net.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = [f"{k}: file {tuple(weights[k].shape)} vs network {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        from ..config import ConfigError
+
+        raise ConfigError(f"checkpoint {str(source)!r} does not fit this network (another model.backbone or "
+                          f"model.num_classes?): {len(missing)} missing {missing[:3]}, {len(unexpected)} "
+                          f"unexpected {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}")
+    net.load_state_dict(weights)
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(training state, this rank's RNG state or None if the checkpoint came from fewer ranks)."""
     p = Path(path)
-    state = torch.load(p / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def read(f: Path):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated or not a torch file
+            from ..config import ConfigError
+
+            raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): truncated?; use another checkpoint "
+                              f"(for --resume: remove {str(p)!r} to continue from the one before)") from None
+
+    state = read(p / STATE_FILE)
     rng_file = p / f"rng-{dist.rank()}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    rng = read(rng_file) if rng_file.is_file() else None
     return state, rng
 
 

@@ -247,6 +247,7 @@ class Trainer(TrainLoop):
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
+        self._check_data(cfg)
         self.out_dir = Path(cfg.run.output_dir)
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +260,24 @@ class Trainer(TrainLoop):
         self._build_stream(resume_from, rng)
         self.register_hooks(default_hooks(self) if hooks is None else hooks)
 
+    def _check_data(self, cfg: Config) -> None:
+        """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
+        ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
+        from ..config import ConfigError
+        from ..data.stream import smallest_frame
+
+        if cfg.data.batch_size * self.world < 2:
+            raise ConfigError(f"config key 'data.batch_size': value {cfg.data.batch_size} on {self.world} process: "
+                              "BatchNorm in training needs at least 2 images per step over all processes; use "
+                              "data.batch_size >= 2 or more processes")
+        frame = smallest_frame(cfg.data.train)
+        if frame is not None and cfg.data.crop_size > min(frame) and self.is_main:
+            import logging
+
+            logging.getLogger("blindseg_dist").warning(
+                "data.crop_size=%d is larger than the smallest training frame (%dx%d in %s): such crops are padded "
+                "(image 0, label ignored) at scale 1", cfg.data.crop_size, frame[1], frame[0], cfg.data.train)
+
     def _build_model(self, resume_from: Path | None) -> dict | None:
         """Model, objective, optimizer and scheduler, prepared; restored from ``resume_from``.
         Returns this rank's RNG state from the checkpoint (None: none to restore)."""
@@ -268,7 +287,7 @@ class Trainer(TrainLoop):
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
         if resume_from is not None:
-            net.load_state_dict(ckpt.load_model_weights(resume_from))
+            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)

@@ -1,6 +1,8 @@
 """Samples/s per CPU core of the two-view training pipeline (decode + class-uniform crop 768 +
 both views' photometric transforms) on 1914x1052 frames: read from shards through the training
-loader (num_workers=0, one thread) vs read from a raw PNG folder with the same transform.
+loader (num_workers=0, one thread) vs read from a raw PNG folder with the same transform, and the
+same shards streamed over HTTP from a local server (`python -m http.server` on 127.0.0.1, in its
+own process; the CPU of the curl processes that fetch the shards is counted, the server's is not).
 
     .venv/bin/python bench/data_throughput.py [--frames 32] [--samples 64] [--out bench/results/data_throughput.json]
 
@@ -15,6 +17,9 @@ import argparse
 import json
 import os
 import platform
+import resource
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,18 +98,52 @@ def build_data(root: Path, n: int, per_shard: int = 8, seed: int = 0):
     return metas
 
 
-def bench_shards(root: Path, samples: int, batch: int, crop: int) -> dict:
-    loader = make_train_loader(root / "shards", batch_size=batch, crop_size=crop, num_workers=0, seed=0,
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_shards(location, samples: int, batch: int, crop: int) -> dict:
+    """The training loader over ``location`` (a folder or URL); CPU = this process + finished children
+    (the curl pipes of http shards)."""
+    loader = make_train_loader(location, batch_size=batch, crop_size=crop, num_workers=0, seed=0,
                                epoch_batches=4)
     it = iter(loader)
     next(it)  # warm-up (indexing, first decode)
     steps = max(1, samples // batch)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
     for _ in range(steps):
         next(it)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"samples": steps * batch, "wall_s": wall, "cpu_s": cpu,
-            "samples_per_s_wall": steps * batch / wall, "samples_per_s_cpu": steps * batch / cpu}
+    del it, loader  # close open shard streams: their curl processes are reaped and counted
+    import gc
+
+    gc.collect()
+    child = _children_cpu() - k0
+    return {"samples": steps * batch, "wall_s": wall, "cpu_s": cpu + child, "child_cpu_s": child,
+            "samples_per_s_wall": steps * batch / wall, "samples_per_s_cpu": steps * batch / (cpu + child)}
+
+
+def http_server(folder: Path):
+    """`python -m http.server` serving ``folder`` on 127.0.0.1 in its own process -> (process, URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _centroid(meta: dict, i: int):
+    """Every other sample class-uniform (like data.class_uniform 0.5): a centroid of one of its classes."""
+    cents = [tuple(c) for v in meta["centroids"].values() for c in v]
+    return cents[i % len(cents)] if cents and i % 2 else None
 
 
 def bench_raw(root: Path, metas: dict, samples: int, crop: int) -> dict:
@@ -120,7 +159,7 @@ def bench_raw(root: Path, metas: dict, samples: int, crop: int) -> dict:
                              cv2.COLOR_BGR2RGB)
         label = cv2.imread(str(root / "raw" / "labels" / f"{key}.png"), cv2.IMREAD_UNCHANGED)
         dec += time.perf_counter() - d0
-        t(image, label, metas[key], np.random.default_rng(i))
+        t(image, label, np.random.default_rng(i), centroid=_centroid(metas[key], i))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"samples": samples, "wall_s": wall, "cpu_s": cpu, "decode_s": dec,
             "samples_per_s_wall": samples / wall, "samples_per_s_cpu": samples / cpu}
@@ -139,11 +178,11 @@ def bench_stages(root: Path, metas: dict, n: int, crop: int) -> dict:
     out["decode_ms"] = (time.process_time() - s) / n * 1e3
     s = time.process_time()
     for i in range(n):
-        t.crop(image, label, metas[key], np.random.default_rng(i))
+        t.crop(image, label, np.random.default_rng(i), centroid=_centroid(metas[key], i))
     out["geometry_ms"] = (time.process_time() - s) / n * 1e3
     s = time.process_time()
     for i in range(n):
-        t(image, label, metas[key], np.random.default_rng(i))
+        t(image, label, np.random.default_rng(i), centroid=_centroid(metas[key], i))
     out["transform_total_ms"] = (time.process_time() - s) / n * 1e3
     out["photometric_ms"] = out["transform_total_ms"] - out["geometry_ms"]
     out["png_bytes_image"] = len(ib)
@@ -171,12 +210,19 @@ def main(argv=None):
         print(f"wrote {args.frames} synthetic 1914x1052 frames (raw PNG + shards) in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
         stages = bench_stages(root, metas, 8, args.crop)
-        shards = bench_shards(root, args.samples, args.batch, args.crop)
+        shards = bench_shards(root / "shards", args.samples, args.batch, args.crop)
         raw = bench_raw(root, metas, args.samples, args.crop)
+        server, url = http_server(root / "shards")
+        try:
+            http = bench_shards(url, args.samples, args.batch, args.crop)
+        finally:
+            server.terminate()
+            server.wait()
 
     need = args.gpu_batch / args.gpu_step_s  # images/s one GPU consumes
     rows = []
-    for name, r in (("shards (loader, 1 thread)", shards), ("raw folder (cv2 PNG, 1 thread)", raw)):
+    for name, r in (("shards (loader, 1 thread)", shards), ("raw folder (cv2 PNG, 1 thread)", raw),
+                    ("shards over HTTP (local server)", http)):
         per_core = r["samples_per_s_cpu"]
         rows.append({"pipeline": name, "samples_per_s_per_core": per_core,
                      "samples_per_s_wall": r["samples_per_s_wall"], "speedup_vs_reference": per_core / REFERENCE,
@@ -197,8 +243,8 @@ def main(argv=None):
               "stages_ms": stages, "results": rows,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "opencv": cv2.__version__, "torch": torch.__version__},
-              "note": "samples/s per core = samples / process CPU time (the machine may be shared); "
-                      "wall = samples / elapsed time"}
+              "note": "samples/s per core = samples / process CPU time (with the curl children of the HTTP "
+                      "row; the machine may be shared); wall = samples / elapsed time"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

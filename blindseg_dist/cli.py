@@ -39,7 +39,13 @@ def _named_paths(pairs: list[str]) -> dict[str, str]:
         if "=" not in pair:
             raise UsageError(f"--data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
-        if not Path(path).exists():
+        from .data.location import has_braces, is_remote
+        from .engine.evaluate import raw_target
+
+        raw = raw_target(path)  # NAME=DATASET:PATH, or a raw dataset folder detected from its layout
+        if raw is not None and not Path(raw[1]).is_dir():
+            raise FileNotFoundError(f"evaluation data {name!r}: {raw[0]} folder {raw[1]!r} does not exist")
+        if raw is None and not is_remote(path) and not has_braces(path) and not Path(path).exists():
             raise FileNotFoundError(f"evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out
@@ -56,18 +62,43 @@ def cmd_synth(args) -> int:
 
 def cmd_shard(args) -> int:
     from .data.shards import write_shards
-    from .data.sources import get_source
+    from .data.sources import DEFAULT_SPLITS, TARGETS, get_source
 
     opts = {}
     if args.label_map:
         opts["label_map"] = args.label_map
-    source = get_source(args.dataset, args.root, split=args.split, **opts)
+    if args.dataset == "hf":
+        opts.update(image_column=args.image_column, label_column=args.label_column, key_column=args.key_column)
+    elif args.image_column != "image" or args.label_column != "label" or args.key_column:
+        raise SystemExit("error: --image-column / --label-column / --key-column are for `blindseg shard hf`")
+    upload = None
+    if args.upload_to:
+        from .data.location import upload_command
+
+        try:
+            upload = upload_command(args.out, args.upload_to)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    split = args.split
+    if split is None and args.dataset in TARGETS:
+        split = DEFAULT_SPLITS[args.dataset]
+        print(f"blindseg shard: no --split given: {args.dataset} is an evaluation target, taking its evaluation "
+              f"split '{split}' (pass --split train, all or a list file for another one)")
+    try:
+        source = get_source(args.dataset, args.root, split=split, **opts)
+    except ValueError as e:  # a bad split, column or label map: the message names it
+        print(f"blindseg shard: {e}", file=sys.stderr)
+        return 2
     manifest = write_shards(source, args.out, samples_per_shard=args.samples_per_shard,
-                            image_format=args.image_format, workers=args.workers)
+                            image_format=args.image_format, workers=args.workers, centroid_tile=args.centroid_tile,
+                            shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     if manifest["num_samples"] == 0:  # nothing to train on: not a success
         print(f"blindseg shard: every pair was skipped ({len(manifest['skipped'])}; reasons in "
               f"{Path(args.out) / 'manifest.json'}); no shard written", file=sys.stderr)
         return 1
+    if upload:
+        print(f"upload (tars first, manifest.json last):\n  {upload}\nthen train with "
+              f"data.train={args.upload_to.rstrip('/')}")
     return 0
 
 
@@ -75,7 +106,12 @@ def cmd_train(args) -> int:
     from .config import load_config
     from .engine.trainer import train
 
-    overrides = list(args.overrides)
+    overrides, resume = list(args.overrides), args.resume
+    allow = [k for k in args.allow_changed or () if "=" not in k]
+    overrides += [k for k in args.allow_changed or () if "=" in k]  # overrides after --allow-changed KEY...
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        overrides.insert(0, resume)  # `--resume key=value ...`: an override, not a checkpoint path
+        resume = True
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.max_steps is not None:
@@ -84,7 +120,7 @@ def cmd_train(args) -> int:
     from .engine.checkpoint import CheckpointError
 
     try:
-        train(cfg, resume=args.resume)
+        train(cfg, resume=resume, allow_changed=tuple(allow))
     except CheckpointError as e:  # disk full: the message says where and how much (one process; 2+: trainer)
         print(f"blindseg train: {e}", file=sys.stderr)
         return 1
@@ -132,6 +168,23 @@ def cmd_predict(args) -> int:
         print(f"blindseg predict: {e}", file=sys.stderr)
         return 2
     return 1 if summary["skipped"] else 0  # unreadable images were skipped and listed
+
+
+def cmd_browse(args) -> int:
+    from .config import load_config
+    from .tools.browse import browse
+
+    cfg = load_config(args.config, list(args.overrides))
+    try:
+        records = browse(cfg, args.num, args.out, rank=args.rank, world_size=args.world_size, tile=args.tile)
+    except ValueError as e:  # a bad --num / --tile / --rank: the message names it
+        print(f"blindseg browse: {e}", file=sys.stderr)
+        return 2
+    n_cls = sum(r["class"] is not None for r in records)
+    print(f"browse: {len(records)} samples of {cfg.data.train} ({n_cls} class-uniform, "
+          f"{len(records) - n_cls} uniform; rank {args.rank} of {args.world_size}) -> "
+          f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.jsonl'}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -201,28 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="write a dataset as WebDataset shards with a manifest")
-    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia"])
+    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia", "hf"],
+                   help="hf: a local Hugging Face datasets folder (save_to_disk or parquet files)")
     s.add_argument("root")
     s.add_argument("--out", required=True)
     s.add_argument("--split", default=None, help="split name (train/val/test/all) or a file listing frames")
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--label-map", default=None, help="mapillary: robustnet (default) or openseg")
+    s.add_argument("--centroid-tile", type=int, default=1024,
+                   help="tile of the class-uniform centroids (whole tiles only; default 1024 as released)")
+    s.add_argument("--shuffle-seed", type=int, default=0, help="seed of the sample order across shards")
+    s.add_argument("--no-shuffle", action="store_true", help="keep key order in the shards (consecutive frames)")
+    s.add_argument("--label-map", default=None,
+                   help="mapillary: robustnet (default) or openseg; hf: trainids (default), cityscapes_ids, ...")
+    s.add_argument("--image-column", default="image", help="hf: the image column (default image)")
+    s.add_argument("--label-column", default="label", help="hf: the label column of ids (default label)")
+    s.add_argument("--key-column", default=None, help="hf: a column of unique sample names (default: row number)")
+    s.add_argument("--upload-to", default=None, metavar="URL",
+                   help="print the command that uploads the shards there (s3://, gs://, HOST:PATH) and the data.train to use")
     s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("train", help="train (launch with accelerate for several processes)")
     s.add_argument("--config", required=True,
                    help="a YAML file, or a shipped config by name (demo, blindnet_r50_gta5, scaling/resnet50, ...)")
-    s.add_argument("--output-dir", default=None)
+    s.add_argument("--output-dir", default=None,
+                   help="run folder (default: run.output_dir, else runs/<config name>/<UTC timestamp>/)")
     s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue a run: alone, from the run folder's latest checkpoint (with no --output-dir: the "
+                        "newest run of this config); PATH: a checkpoint folder or a run folder")
+    s.add_argument("--allow-changed", nargs="+", default=None, metavar="KEY",
+                   help="let --resume change these: world_size data.batch_size optim.grad_accum optim.lr "
+                        "optim.poly_power optim.max_steps (refused otherwise)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=0.02")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on target datasets")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH")
+    s.add_argument("--checkpoint", required=True,
+                   help="a run folder (its best checkpoint, else its latest), RUN/checkpoints/<step>, or an "
+                        "import-checkpoint folder")
+    s.add_argument("--data", nargs="+", required=True, metavar="NAME=PATH",
+                   help="PATH: shards (folder, pattern, URL), or a raw dataset folder as downloaded (format "
+                        "detected from its layout, or named: NAME=cityscapes:/data/cityscapes; default split "
+                        "of `blindseg shard`)")
     s.add_argument("--json", required=True)
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")
@@ -264,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--processes", type=int, default=2)
     s.add_argument("--images-per-domain", type=int, default=None)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("browse", help="what the training loader feeds: a PNG grid and samples.jsonl")
+    s.add_argument("--config", required=True)
+    s.add_argument("--num", type=int, default=16, help="number of training samples (default 16)")
+    s.add_argument("--out", required=True, help="output folder: grid.png, samples.jsonl")
+    s.add_argument("--rank", type=int, default=0, help="the rank whose stream to show (default 0)")
+    s.add_argument("--world-size", type=int, default=1, help="processes of the launch (default 1)")
+    s.add_argument("--tile", type=int, default=256, help="pixel size of each view in the grid (default 256)")
+    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.train=DIR)")
+    s.set_defaults(func=cmd_browse)
 
     s = sub.add_parser("flops", help="fvcore FLOPs and parameters of a config and its baseline")
     s.add_argument("--config", required=True)
@@ -328,6 +413,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, UsageError) as e:
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a shard location whose backend is not installed (data.location)
+        from .data.location import MissingBackendError
+
+        if not isinstance(e, MissingBackendError):
+            raise
+        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a shard location that cannot be read after its retries
+        from .data.location import ShardReadError
+
+        if not isinstance(e, ShardReadError):
+            raise
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
 

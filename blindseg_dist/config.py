@@ -63,7 +63,23 @@ class ModelConfig:
     channels_last: bool = False
     """Use the channels_last memory format (faster convolutions on recent GPUs)."""
     grad_checkpointing: bool = False
-    """Activation checkpointing of the backbone stages (large backbones on small GPUs)."""
+    """Activation checkpointing of the backbone stages, every block for a ViT (large backbones on small GPUs)."""
+    timm_kwargs: dict[str, typing.Any] = field(default_factory=dict)
+    """Extra timm.create_model arguments for a timm:<name> backbone, e.g. {depth: 2} (small test models)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of a timm backbone (ViT, ConvNeXt, Swin recipes)."""
+    vit_blocks: list[int] = field(default_factory=list)
+    """ViT: the 4 blocks (0-based, increasing) tapped for the pyramid levels 1/4, 1/8, 1/16, 1/os; [] = last block of each quarter."""
+    vit_in_points: list[str] = field(default_factory=lambda: ["embed", "p4", "p8"])
+    """ViT: the 3 affine-free IN points: embed (after the patch embedding) | block<i> | p4 | p8 | p16 | p32 (pyramid outputs)."""
+    vit_pyramid_channels: int = 256
+    """ViT: channels of every pyramid level."""
+    proj_levels: list[str] = field(default_factory=lambda: ["high", "dec0", "dec1"])
+    """Features read by the 3 projection heads: low | mid | aux | high (backbone outputs) | dec0 | dec1 (decoder in/out)."""
+    freeze_backbone: bool = False
+    """requires_grad=False on the whole encoder (ViT: its pyramid stays trainable); no optimizer state, no all-reduce."""
+    freeze_blocks: int = 0
+    """Freeze the stem / patch embedding and the first k blocks of the encoder (0: none)."""
 
 
 @dataclass
@@ -88,6 +104,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: str = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
+    cwcl_global_keys: int = 6000
+    """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
+    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
+    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -95,25 +115,37 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train: str = "data_shards/gta5-train"
-    """Training shard directory (with manifest.json) written by `blindseg shard`."""
+    """Training shards written by `blindseg shard`: a folder with manifest.json, a brace pattern
+    (dir/gta5-train-{000000..000127}.tar), http(s)://HOST/DIR, pipe:CMD, s3://, gs:// (fsspec)."""
     crop_size: int = 768
     """Square crop of both views."""
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """Random scale range of the full image before cropping."""
     class_uniform: float = 0.5
-    """Fraction of crops centred on a centroid of a uniformly drawn class."""
+    """Class-uniform fraction of an epoch (released class_uniform_pct): N - 19k uniform images plus
+    k = int(N x class_uniform / 19) (image, centroid) pairs of every class (docs/DATA.md)."""
     batch_size: int = 4
     """Images per process (the global batch is batch_size x processes)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     on_corrupt: str = "warn"
     """A corrupt or truncated shard: warn (skip it, count it) | fail (stop the run)."""
+    remote_retries: int = 3
+    """Remote shards (URL, pipe:): extra attempts after a failed read, resuming after the last sample."""
+    remote_timeout: float = 600.0
+    """Remote shards: seconds one shard may spend blocked waiting for bytes (a stalled read fails, then retries)."""
+    cache_dir: str = ""
+    """Remote evaluation shards are downloaded here, verified by sha256 ('' = $BLINDSEG_CACHE or
+    ~/.cache/blindseg_dist/shards)."""
+    cache_gb: float = 50.0
+    """Size bound of cache_dir: least recently used shards are removed beyond it."""
 
 
 @dataclass
 class EvalConfig:
     targets: dict[str, str] = field(default_factory=dict)
-    """Evaluation targets: name -> shard directory or dataset folder."""
+    """Evaluation targets: name -> shard directory or dataset folder, or a shard location as data.train
+    (brace pattern, http(s)://, pipe:CMD, s3://, gs://)."""
     every: int = 0
     """Evaluate every N optimizer steps during training (0: only at the end)."""
     at_end: bool = True
@@ -123,20 +155,42 @@ class EvalConfig:
     protocols: dict[str, str] = field(default_factory=dict)
     """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
     inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    selection: str | None = None
+    """Target whose mIoU picks the best checkpoint (DIR/best.json; never deleted by keep_last). null = the
+    held-out source split (the target named 'source', or whose shards come from data.train's dataset);
+    an unseen target is allowed and labelled as such in eval.jsonl, best.json and reports."""
     sliding_window: list[int] = field(default_factory=list)
     """Sliding-window inference: [] = whole image; [crop, stride] or [crop_h, crop_w, stride_h, stride_w] px."""
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "sgd"
+    """sgd (momentum, the BlindNet recipe) | adamw."""
     lr: float = 0.01
-    """Base learning rate (SGD, one parameter group)."""
+    """Base learning rate (of the decoder and heads times optim.head_lr_mult; the encoder's scaled by layer_decay)."""
     momentum: float = 0.9
     """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
     weight_decay: float = 5e-4
-    """SGD weight decay."""
+    """Weight decay (SGD: L2 in the gradient; AdamW: decoupled)."""
+    no_weight_decay: list[str] = field(default_factory=list)
+    """Parameter kinds without weight decay: norm (1-D weights: norm scales, layer scales) | bias | pos_embed (position embeddings, class / register tokens, relative position tables)."""
+    schedule: str = "poly"
+    """poly | cosine decay over optim.max_steps, stepped once per optimizer step."""
     poly_power: float = 0.9
-    """Poly decay power, stepped once per optimizer step, no warm-up."""
+    """Poly decay power."""
+    min_lr_ratio: float = 0.0
+    """The decay ends at min_lr_ratio x lr."""
+    warmup_steps: int = 0
+    """Linear warm-up over the first N optimizer steps (0: none)."""
+    warmup_ratio: float = 1e-6
+    """LR factor at step 0 of the warm-up (it rises linearly to the decayed value at warmup_steps)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay: encoder layer i of n gets lr x layer_decay ** (n - i) (ViT / ConvNeXt / Swin / ResNet blocks); 1 = off."""
+    head_lr_mult: float = 1.0
+    """LR multiplier of everything outside the encoder's blocks: decoder, aux and projection heads, a ViT's pyramid."""
     max_steps: int = 40000
     """Optimizer steps."""
     grad_clip: float = 0.0
@@ -149,10 +203,14 @@ class OptimConfig:
 class RunConfig:
     seed: int = 304
     """Run seed (model init, data stream, loss sampling)."""
-    output_dir: str = "runs/blindnet"
-    """Run directory: config.yaml, TensorBoard events, checkpoints/, eval.json."""
-    mixed_precision: str = "no"
-    """no | bf16 | fp16 (covariance and contrastive math stay float32)."""
+    output_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints/, eval.json; null =
+    runs/<run.name>/<UTC timestamp>/ (a new folder per run)."""
+    name: str | None = None
+    """Run name for the default run directory runs/<name>/<timestamp>/; null = the config file's name."""
+    mixed_precision: str | None = None
+    """no | bf16 | fp16 (covariance and contrastive math stay float32); null = the launcher's
+    (accelerate config / --mixed_precision), else no. A value set here wins over the launcher's, with a warning."""
     log_every: int = 10
     """Log scalars every N optimizer steps."""
     checkpoint_every: int = 1000
@@ -167,6 +225,10 @@ class RunConfig:
     """Non-finite losses in a row that stop the run (each one skips its step)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers of the logged scalars, images and figures, through accelerate's tracker support:
+    tensorboard (DIR/tb) | wandb | mlflow | aim | comet_ml | clearml | dvclive | swanlab | trackio
+    (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
 
@@ -213,9 +275,14 @@ CHOICES: dict[str, tuple] = {
     "loss.contrastive_scope": contrastive.SCOPES,
     "loss.cwcl_negatives": contrastive.NEGATIVES,
     "data.on_corrupt": ON_CORRUPT,
-    "run.mixed_precision": ("no", "bf16", "fp16"),
+    "run.mixed_precision": (None, "no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.schedule": ("poly", "cosine"),
 }
+
+NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = ("norm", "bias", "pos_embed")
+"""Allowed entries of optim.no_weight_decay (engine/optim.py)."""
 
 
 KEEPS_NONE: tuple[str, ...] = ("model.pretrained",)
@@ -315,21 +382,31 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{path}': value {v!r} must be {'> 0' if strict else '>= 0'}")
 
     for p in ("data.crop_size", "data.batch_size", "optim.max_steps", "optim.grad_accum", "model.num_classes",
-              "optim.lr", "loss.tau", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
+              "optim.lr", "loss.tau", "loss.cwcl_global_keys", "data.remote_timeout", "data.cache_gb", "run.log_every",
+              "run.checkpoint_every", "run.keep_last", "run.dist_timeout_s",
               "run.max_nonfinite"):
         positive(p)
     for p in ("loss.aux", "loss.cml", "loss.ccl", "loss.cwcl", "loss.sdcl", "data.num_workers", "eval.every",
-              "eval.max_images", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
-              "run.threads"):
+              "eval.max_images", "data.remote_retries", "optim.grad_clip", "optim.weight_decay", "optim.momentum",
+              "run.image_every", "run.threads", "model.drop_path", "model.freeze_blocks", "optim.warmup_steps",
+              "optim.min_lr_ratio"):
         positive(p, strict=False)
     if not 0.0 <= cfg.optim.momentum < 1.0:
         raise ConfigError(f"config key 'optim.momentum': value {cfg.optim.momentum!r} must be in [0, 1) (SGD momentum)")
     _validate_backbone(cfg.model.backbone)
+    for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay"):
+        positive(p)
+    _validate_recipe(cfg)
     lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
     if lo is None or not (0 < lo <= hi):
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
     if not 0.0 <= cfg.data.class_uniform <= 1.0:
         raise ConfigError(f"config key 'data.class_uniform': value {cfg.data.class_uniform!r} must be in [0, 1]")
+    from .engine.logging import TRACKERS
+
+    bad = [t for t in cfg.run.log_with if t not in TRACKERS]
+    if bad:
+        raise ConfigError(f"config key 'run.log_with': {bad} not a tracker; choose from {list(TRACKERS)}")
     _validate_eval(cfg)
     if not cfg.loss.two_view:
         used = [k for k in ("cml", "ccl", "cwcl", "sdcl") if getattr(cfg.loss, k) > 0]
@@ -356,6 +433,33 @@ def _validate_backbone(name: str) -> None:
                           f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
+def _validate_recipe(cfg: Config) -> None:
+    o, m = cfg.optim, cfg.model
+    bad = [k for k in o.no_weight_decay if k not in NO_WEIGHT_DECAY_KINDS]
+    if bad:
+        raise ConfigError(f"config key 'optim.no_weight_decay': value {o.no_weight_decay!r}: {bad} not allowed; "
+                          f"choose among {list(NO_WEIGHT_DECAY_KINDS)}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas': value {o.betas!r} must be [beta1, beta2] in [0, 1)")
+    for key, value, hi in (("optim.layer_decay", o.layer_decay, 1.0), ("optim.warmup_ratio", o.warmup_ratio, 1.0),
+                           ("optim.min_lr_ratio", o.min_lr_ratio, 1.0), ("model.drop_path", m.drop_path, 1.0)):
+        if value > hi:
+            raise ConfigError(f"config key '{key}': value {value!r} must be <= {hi}")
+    if m.freeze_backbone and m.freeze_blocks:
+        raise ConfigError("config key 'model.freeze_blocks': set either model.freeze_backbone=true (the whole "
+                          f"encoder) or model.freeze_blocks={m.freeze_blocks}, not both")
+    if m.vit_blocks and len(m.vit_blocks) != 4:
+        raise ConfigError(f"config key 'model.vit_blocks': value {m.vit_blocks!r} must be [] or 4 block indices")
+    from .model.blindnet import PROJ_LEVELS
+
+    if len(m.proj_levels) != 3 or any(p not in PROJ_LEVELS for p in m.proj_levels):
+        raise ConfigError(f"config key 'model.proj_levels': value {m.proj_levels!r} must be 3 of {list(PROJ_LEVELS)}")
+    if len(m.vit_in_points) != 3 or len(set(m.vit_in_points)) != 3 or not all(
+            re.fullmatch(r"embed|block\d+|p(4|8|16|32)", p) for p in m.vit_in_points):
+        raise ConfigError(f"config key 'model.vit_in_points': value {m.vit_in_points!r} must be 3 distinct of "
+                          "embed, block<i>, p4, p8, p16, p32")
+
+
 EVAL_PROTOCOLS = ("full", "mapillary_1536", "mapillary_1024", "synthia")
 
 
@@ -367,6 +471,10 @@ def _validate_eval(cfg: Config) -> None:
         if cfg.eval.targets and name not in cfg.eval.targets:
             raise ConfigError(f"config key 'eval.protocols.{name}': no target {name!r} in eval.targets "
                               f"({', '.join(cfg.eval.targets)}); name an evaluation target")
+    sel = cfg.eval.selection
+    if sel is not None and sel not in cfg.eval.targets:
+        raise ConfigError(f"config key 'eval.selection': {sel!r} is not in eval.targets "
+                          f"({', '.join(cfg.eval.targets) or 'none'}); name an evaluation target or null")
     sw = cfg.eval.sliding_window
     if sw:
         if len(sw) not in (2, 4) or min(sw) <= 0:
@@ -410,7 +518,7 @@ def shipped_config_names() -> list[str]:
     """Names of the shipped training configs ("demo", "scaling/resnet50", ...; ablation grids excluded)."""
     root = shipped_configs()
     names = (q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("ablation/"))
+    return sorted(n for n in names if not n.startswith("ablation/") and not n.rsplit("/", 1)[-1].startswith("_"))
 
 
 def find_config(path: str | os.PathLike) -> Path:
@@ -430,19 +538,55 @@ def find_config(path: str | os.PathLike) -> Path:
                       f"{', '.join(shipped_config_names())}")
 
 
+BASE_KEY = "_base_"
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file with its ``_base_`` chain merged in: ``_base_: other.yaml`` (or a
+    list, merged in order) names files relative to this one, or shipped config names; this file's
+    keys override the bases' (sections merge key by key)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {str(path)!r}: _base_ cycle through {[str(p) for p in _seen]}")
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        local = path.parent / str(base)
+        try:
+            target = local if local.is_file() else find_config(base)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r}: _base_ {base!r} not found next to it nor shipped ({e})") from None
+        merged = _deep_merge(merged, read_config_tree(target, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (a path or a shipped name, see find_config) <- overrides, validated.
+    """Defaults <- YAML file (a path or a shipped name, see find_config; its ``_base_`` chain first,
+    see read_config_tree) <- overrides, validated.
     Raises ConfigError with the bad key."""
     cfg = Config()
     if path is not None:
         p = find_config(path)
-        try:
-            data = load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        _merge(cfg, data)
+        _merge(cfg, read_config_tree(p))
+        if cfg.run.name is None:
+            cfg.run.name = p.stem
     if overrides:
         _merge(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if cfg.run.name is None:
+        cfg.run.name = "run"
     return validate(cfg)
 
 
@@ -465,4 +609,11 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         proj_heads=cfg.loss.two_view and (cfg.loss.cwcl > 0 or cfg.loss.sdcl > 0),
         channels_last=cfg.model.channels_last,
         grad_checkpointing=cfg.model.grad_checkpointing,
+        proj_levels=tuple(cfg.model.proj_levels),
+        vit=dict(blocks=list(cfg.model.vit_blocks) or None, in_points=tuple(cfg.model.vit_in_points),
+                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path),
+        timm_kwargs=dict(cfg.model.timm_kwargs),
+        freeze_backbone=cfg.model.freeze_backbone,
+        freeze_blocks=cfg.model.freeze_blocks,
+        in_losses=cfg.loss.two_view and (cfg.loss.cml > 0 or cfg.loss.ccl > 0),
     )

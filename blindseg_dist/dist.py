@@ -19,14 +19,22 @@ Rules for callers (a rank that skips a collective hangs the others):
 - a tensor returned by an autograd collective must reach the loss on every rank (add
   `t.sum() * 0` when it is otherwise unused), or that rank skips the backward collective.
 
-Byte counter: every collective adds the bytes this rank hands to it (for the autograd ones
-also the bytes of the backward collective, counted when the forward runs) to a per-tag
-counter; `comm_stats()` reads it, `reset_comm_stats()` clears it (the trainer's LogHook does
-both at every log and reports bytes per optimizer step). Single-process paths count nothing.
+Byte counter: every collective adds, per tag, the bytes this rank sends and the bytes it
+receives on the wire (for the autograd ones also those of the backward collective, counted
+when the forward runs). Wire model, W ranks, S = bytes of the tensor this rank hands in:
+- all-reduce: ring, sends and receives 2 (W-1)/W x S (reduce-scatter + all-gather phases);
+- all-gather of m padded rows per rank: sends and receives (W-1) x m rows (exact); its
+  backward reduce-scatter of the (W*m)-row gradient: (W-1) x m rows each way (ring);
+- all-to-all: exactly the rows sent to / received from the other ranks (its backward: the
+  same counts the other way round).
+`comm_stats()` reads {tag: {"sent": bytes, "received": bytes}}, `reset_comm_stats()` clears
+it (the trainer's LogHook does both at every log and reports bytes per optimizer step).
+Single-process paths count nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -44,6 +52,9 @@ __all__ = [
     "gather_sizes",
     "all_gather",
     "all_gather_detached",
+    "all_to_all",
+    "share_rows",
+    "all_reduce_sum_identical",
     "global_mean",
     "comm_stats",
     "reset_comm_stats",
@@ -52,7 +63,7 @@ __all__ = [
     "read_failure",
 ]
 
-_BYTES: dict[str, int] = defaultdict(int)
+_BYTES: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # tag -> [sent, received]
 
 
 def is_distributed() -> bool:
@@ -76,9 +87,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def comm_stats() -> dict[str, int]:
-    """Bytes handed to collectives per tag since the last reset_comm_stats()."""
-    return dict(_BYTES)
+def comm_stats() -> dict[str, dict[str, int]]:
+    """{tag: {"sent": bytes, "received": bytes}} of this rank since the last reset_comm_stats()
+    (wire model in the module docstring)."""
+    return {tag: {"sent": v[0], "received": v[1]} for tag, v in _BYTES.items()}
 
 
 def reset_comm_stats() -> None:
@@ -86,8 +98,16 @@ def reset_comm_stats() -> None:
     _BYTES.clear()
 
 
-def _count(tag: str, nbytes: int) -> None:
-    _BYTES[tag] += int(nbytes)
+def _count(tag: str, sent: float, received: float | None = None) -> None:
+    v = _BYTES[tag]
+    v[0] += int(round(sent))
+    v[1] += int(round(sent if received is None else received))
+
+
+def _ring(nbytes: int) -> float:
+    """Bytes each rank sends (and receives) in a ring all-reduce of `nbytes`."""
+    w = world_size()
+    return 2 * (w - 1) / w * nbytes
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -125,12 +145,45 @@ def all_reduce_sum(t: torch.Tensor, *, tag: str) -> torch.Tensor:
     if not is_distributed():
         return t
     if _needs_grad(t):
-        _count(tag, 2 * _nbytes(t))  # forward + backward all_reduce of the same size
+        _count(tag, 2 * _ring(_nbytes(t)))  # forward + backward all_reduce of the same size
         return _wait(funcol.all_reduce(t.contiguous(), "sum", dist.group.WORLD))
     out = t.detach().clone().contiguous()
-    _count(tag, _nbytes(out))
+    _count(tag, _ring(_nbytes(out)))
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+class _SumIdentical(torch.autograd.Function):
+    """Forward: all-reduce(sum). Backward: W x the incoming gradient, no communication."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = t.detach().clone().contiguous()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * world_size()
+
+
+def all_reduce_sum_identical(t: torch.Tensor, *, tag: str) -> torch.Tensor:
+    """all_reduce_sum for a result that reaches a loss IDENTICAL on every rank: the backward
+    all-reduce is skipped.
+
+    Why that is exact: every rank computes the same function L of the same reduced tensor
+    s = sum_q t_q, so every rank's incoming gradient dL/ds is the same tensor g. The autograd
+    all-reduce's backward would return sum_q g = W g to each rank; multiplying the local g by
+    W gives that without moving a byte (the contract's W x the 1-process gradient, which DDP's
+    1/W averaging turns back into the exact gradient). Wrong for a loss that differs per rank:
+    use all_reduce_sum there.
+    """
+    if not is_distributed():
+        return t
+    _count(tag, _ring(_nbytes(t)))
+    if _needs_grad(t):
+        return _SumIdentical.apply(t)
+    return _SumIdentical.forward(None, t)
 
 
 def all_reduce_count(counts: int | Sequence[int] | torch.Tensor, *, tag: str,
@@ -140,7 +193,7 @@ def all_reduce_count(counts: int | Sequence[int] | torch.Tensor, *, tag: str,
     if not is_distributed():
         return t.to(device) if device is not None else t
     t = t.to(device if device is not None else _comm_device()).clone()
-    _count(tag, _nbytes(t))
+    _count(tag, _ring(_nbytes(t)))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -152,7 +205,7 @@ def gather_sizes(n: int, *, tag: str, device: torch.device | None = None) -> lis
     t = torch.tensor([int(n)], dtype=torch.int64,
                      device=device if device is not None else _comm_device())
     out = [torch.empty_like(t) for _ in range(world_size())]
-    _count(tag, _nbytes(t))
+    _count(tag, (world_size() - 1) * _nbytes(t))
     dist.all_gather(out, t)
     return [int(x.item()) for x in out]
 
@@ -187,10 +240,10 @@ def all_gather(t: torch.Tensor, *, tag: str, sizes: list[int] | None = None) -> 
     padded = _pad_rows(t, m)  # (m, ...)
     if _needs_grad(t):
         # forward all_gather + backward reduce_scatter of the (W*m, ...) gradient
-        _count(tag, _nbytes(padded) * (1 + world_size()))
+        _count(tag, 2 * (world_size() - 1) * _nbytes(padded))
         g = _wait(funcol.all_gather_single(padded, 0, dist.group.WORLD))  # (W*m, ...)
     else:
-        _count(tag, _nbytes(padded))
+        _count(tag, (world_size() - 1) * _nbytes(padded))
         parts = [torch.empty_like(padded) for _ in range(world_size())]
         dist.all_gather(parts, padded.detach())
         g = torch.cat(parts, dim=0)
@@ -202,6 +255,50 @@ def all_gather_detached(t: torch.Tensor, *, tag: str,
     """all_gather of `t.detach()` (no gradient; for keys, ids, sort keys)."""
     with torch.no_grad():
         return all_gather(t.detach(), tag=tag, sizes=sizes)
+
+
+def all_to_all(t: torch.Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], *,
+               tag: str) -> torch.Tensor:
+    """Rows t[sum(send_sizes[:q]) : ...+send_sizes[q]] go to rank q; returns the rows received,
+    concatenated in source-rank order (recv_sizes[q] from rank q; both lists known on every
+    rank, and recv_sizes[q] on this rank == send_sizes[this rank] on rank q).
+
+    Autograd-aware (functional all_to_all_single): the backward sends each received row's
+    gradient back to its owner, where it is summed into the sent row. Moves exactly the rows
+    asked for: the way to move chosen rows without padding. All ranks must call it.
+    """
+    send_sizes, recv_sizes = [int(x) for x in send_sizes], [int(x) for x in recv_sizes]
+    if sum(send_sizes) != t.shape[0]:
+        raise ValueError(f"all_to_all: send sizes {send_sizes} do not add up to {t.shape[0]} rows")
+    if not is_distributed():
+        return t
+    me = rank()
+    row = math.prod(t.shape[1:]) * t.element_size()
+    sent = (sum(send_sizes) - send_sizes[me]) * row
+    recv = (sum(recv_sizes) - recv_sizes[me]) * row
+    t = t.contiguous()
+    if _needs_grad(t):
+        _count(tag, sent + recv, recv + sent)  # backward: the same rows the other way round
+        return _wait(funcol.all_to_all_single(t, recv_sizes, send_sizes, dist.group.WORLD))
+    _count(tag, sent, recv)
+    out = t.new_empty((sum(recv_sizes), *t.shape[1:]))
+    dist.all_to_all_single(out, t.detach(), recv_sizes, send_sizes)
+    return out
+
+
+def share_rows(t: torch.Tensor, sizes: Sequence[int], *, tag: str) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (sizes[q] rows from rank q, known on
+    every rank): an all-gather without padding, as an all-to-all. Autograd-aware like
+    all_to_all (each owner receives the sum of the gradients every rank sends its rows).
+    Received bytes: exactly the other ranks' rows."""
+    if not is_distributed():
+        return t
+    w = world_size()
+    if t.shape[0] != sizes[rank()]:
+        raise ValueError(f"share_rows: rank {rank()} holds {t.shape[0]} rows, sizes say {sizes[rank()]}")
+    if sum(sizes) == 0:
+        return t[:0]
+    return all_to_all(t.repeat(w, *([1] * (t.dim() - 1))), [t.shape[0]] * w, sizes, tag=tag)
 
 
 def global_mean(local_sum: torch.Tensor, global_count: int | torch.Tensor) -> torch.Tensor:

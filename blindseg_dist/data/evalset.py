@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from blindseg_dist.data.location import RemoteOptions, ShardReadError, has_braces, is_remote, shard_name, resolve as resolve_location
 from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
 from blindseg_dist.data.labels import IGNORE
-from blindseg_dist.data.views import normalize, to_unit_float
+from blindseg_dist.data.views import normalize, resize_bicubic, to_unit_float
 
 Protocol = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -34,18 +35,18 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 
 
 def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
-    """Resize so the height is `height` (bicubic image, nearest label); then, with crop=True, a
+    """Resize so the height is `height` (PIL bicubic image, antialiased; nearest label); then, with crop=True, a
     centre crop height x height, padding narrow frames with 0 (image) and 255 = ignore (label)."""
 
     def apply(image: np.ndarray, label: np.ndarray):
         h, w = label.shape
-        nw = max(1, int(round(w * height / h)))
-        image = cv2.resize(image, (nw, height), interpolation=cv2.INTER_CUBIC)
+        nw = max(1, int(w / h * height))  # the released ResizeHeight: int(w / h * target_h)
+        image = resize_bicubic(image, (height, nw))  # PIL's bicubic: antialiased when shrinking
         label = cv2.resize(label, (nw, height), interpolation=cv2.INTER_NEAREST_EXACT)
         if not crop:
             return image, label
         if nw >= height:
-            x0 = (nw - height) // 2
+            x0 = int(round((nw - height) / 2.0))  # the released CenterCrop offset
             return image[:, x0:x0 + height], label[:, x0:x0 + height]
         px = (height - nw) // 2
         img_o = np.zeros((height, height, 3), np.uint8)
@@ -79,12 +80,19 @@ class EvalDataset(Dataset):
     `load_pair(item) -> (image uint8 HxWx3 RGB, label uint8 HxW[, unknown_ids])` (data/sources).
     protocol: optional (image, label) -> (image, label) on uint8 arrays, before normalization,
     e.g. mapillary_protocol(1536), or its name (see resolve_protocol).
+
+    path may also be a remote location (http(s)://, pipe:CMD, s3://, ..., or a brace pattern; see
+    data/location.py): its manifest lists the samples, and each shard is downloaded into the
+    verified local cache (``remote``: retries, timeout, cache folder and size) when a sample of it
+    is first read, so a rank fetches only the shards of its own slice.
     """
 
-    def __init__(self, path=None, *, source=None, protocol: str | Protocol | None = None):
+    def __init__(self, path=None, *, source=None, protocol: str | Protocol | None = None,
+                 remote: RemoteOptions | None = None):
         self.protocol = resolve_protocol(protocol)
         self.source = source
         self._files = _Files()
+        self._remote = None
         if source is not None:
             if not hasattr(source, "items") or not hasattr(source, "load_pair"):
                 raise TypeError(f"source must have `items` and `load_pair(item)`, got {type(source).__name__}")
@@ -92,6 +100,9 @@ class EvalDataset(Dataset):
             return
         if path is None:
             raise ValueError("EvalDataset needs a shard directory or tar list, or source=get_source(...)")
+        if is_remote(path) or (isinstance(path, str) and has_braces(path)):
+            self._init_location(path, remote or RemoteOptions())
+            return
         p = Path(path) if not isinstance(path, (list, tuple)) else None
         if p is not None and p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
             raise FileNotFoundError(f"{p} holds no shards (manifest.json or *.tar); for a raw dataset folder pass "
@@ -108,6 +119,38 @@ class EvalDataset(Dataset):
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate sample keys in {path}; each shard set must hold every frame once")
 
+    def _init_location(self, path, remote: RemoteOptions) -> None:
+        ss = resolve_location(path, retries=remote.retries, timeout=remote.timeout)
+        self._remote = {"options": remote, "cache": remote.cache(), "set": ss, "index": {}}
+        name_of = {shard_name(u): u for u in ss.urls}
+        if ss.manifest is not None and ss.manifest.get("samples") and \
+                {s["shard"] for s in ss.manifest["samples"]} >= set(name_of):
+            self._items = [(name_of[s["shard"]], s["key"], None) for s in ss.manifest["samples"]
+                           if s["shard"] in name_of]
+        else:  # no per-sample list: fetch and index every shard now
+            self._items = [(u, key, None) for u in ss.urls for key in self._index(u)]
+        keys = [it[1] for it in self._items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate sample keys in {path}; each shard set must hold every frame once")
+
+    def _index(self, url: str) -> dict:
+        """{key: members} of a remote shard, after fetching it into the cache (once per process)."""
+        r = self._remote
+        if url not in r["index"]:
+            ss, opt = r["set"], r["options"]
+            try:
+                local = r["cache"].fetch(url, sha256=ss.sha256.get(url), size=ss.sizes.get(url),
+                                         retries=opt.retries, timeout=opt.timeout)
+            except ShardReadError as e:
+                raise RuntimeError(f"evaluation shard {url} cannot be read: {e} (evaluation never skips samples)") \
+                    from None
+            samples, error = index_shard(local, ss.counts.get(url))
+            if error is not None:
+                raise RuntimeError(f"corrupt evaluation shard {url}: {error}; rewrite it with the sharder "
+                                   f"(evaluation never skips samples)")
+            r["index"][url] = (local, dict(samples))
+        return r["index"][url][1]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -121,6 +164,14 @@ class EvalDataset(Dataset):
             out = self.source.load_pair(item)
             return out[0], out[1], str(item[0])
         sp, key, members = item
+        if members is None:  # a remote shard: read from its cached copy
+            if sp in self._remote["index"] and not Path(self._remote["index"][sp][0]).is_file():
+                del self._remote["index"][sp]  # evicted from the cache since: fetch it again
+            members = self._index(sp).get(key)
+            if members is None:
+                raise RuntimeError(f"evaluation shard {sp} holds no sample {key!r} although its manifest lists it; "
+                                   f"rewrite the shards")
+            sp = self._remote["index"][sp][0]
         ext = next(e for e in _IMAGE_EXTS if e in members)
         image = decode_image(self._files.read(sp, *members[ext]))
         label = decode_label(self._files.read(sp, *members["label.png"]))

@@ -1,9 +1,9 @@
 """Write a dataset split as WebDataset tar shards plus ``manifest.json`` (schema:
 docs/DATA.md, "Shards", and data_shards/README.md).
 
-Samples are assigned to shards deterministically (sorted items, ``samples_per_shard`` per
-chunk), every shard is written to a temporary name and renamed when complete, and a small
-sidecar ``<shard>.json`` (written atomically after the tar) records what the shard holds. A
+Samples are assigned to shards deterministically (items sorted by key, then permuted with a
+recorded seed, ``samples_per_shard`` per chunk), every shard is written to a temporary name and
+renamed when complete, and a small sidecar ``<shard>.json`` (written atomically after the tar) records what the shard holds. A
 rerun therefore finds the completed shards (sidecar + size + sha256 verified), keeps them and
 writes only what is missing; ``manifest.json`` is written last, atomically. Tars are byte-
 deterministic (fixed mtimes/owners, sorted JSON), so a rewritten shard has the same sha256.
@@ -27,8 +27,9 @@ from .. import __version__, atomic
 from .labels import NUM_CLASSES
 from .sources.base import Item, SampleError, Source
 
-FORMAT = "blindseg-shards/1"
-TILE = 1024  # RobustNet class-uniform tile size
+FORMAT = "blindseg-shards/2"  # /2: whole-tile centroids, centroid_tile, shuffled sample order
+TILE = 1024  # the released class-uniform tile size
+SHUFFLE_SEED = 0  # default seed of the sample order written into the shards
 DEFAULT_MIN_SHARDS = 16  # ranks x workers of a typical launch (8 GPUs x 2 workers)
 JPEG_QUALITY = 95
 PNG_COMPRESSION = 3
@@ -43,17 +44,19 @@ def shard_prefix(source: Source) -> str:
 
 
 def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
-    """(class_pixels, centroids) of a trainId label; centroids per ``tile`` x ``tile`` tile.
+    """(class_pixels, centroids) of a trainId label; centroids per whole ``tile`` x ``tile`` tile.
 
-    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer centroid of class c
-    in every tile that contains it, absolute image coordinates, tiles in row-major order.
+    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer (floor) centroid of
+    class c in every whole tile that contains it, absolute image coordinates, tiles in row-major
+    order. As in the released code only whole tiles count: a 1914x1052 GTA5 frame has one tile (top
+    left), a frame smaller than a tile none (a class present only outside whole tiles gets []).
     """
     h, w = label.shape
     counts = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
     pixels = {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
     cents: dict[str, list[list[int]]] = {k: [] for k in pixels}
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
+    for y0 in range(0, h - tile + 1, tile):
+        for x0 in range(0, w - tile + 1, tile):
             t = label[y0:y0 + tile, x0:x0 + tile]
             th, tw = t.shape
             flat = t.ravel()
@@ -67,7 +70,7 @@ def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
     return pixels, cents
 
 
-def _encode(source: Source, item: Item, image_format: str) -> tuple[dict[str, bytes], dict]:
+def _encode(source: Source, item: Item, image_format: str, tile: int = TILE) -> tuple[dict[str, bytes], dict]:
     """Decode one pair and encode the tar members; raises SampleError to skip it."""
     image, label, unknown = source.decode(item)
     if unknown:
@@ -87,7 +90,7 @@ def _encode(source: Source, item: Item, image_format: str) -> tuple[dict[str, by
     ok, lab = cv2.imencode(".png", label, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise SampleError(f"could not encode label of {item.key}")
-    pixels, cents = class_stats(label)
+    pixels, cents = class_stats(label, tile)
     meta = {"key": item.key, "size": [int(label.shape[0]), int(label.shape[1])],
             "class_pixels": pixels, "centroids": cents}
     files = {f"{item.key}.image.{image_format}": img_bytes, f"{item.key}.label.png": lab.tobytes(),
@@ -105,7 +108,7 @@ def _sha256(path: Path) -> str:
 
 def _write_shard(task: tuple) -> dict:
     """Write one whole shard (tar, then sidecar); return the sidecar record."""
-    source, out_dir, name, items, image_format = task
+    source, out_dir, name, items, image_format, tile = task
     cv2.setNumThreads(1)
     out_dir = Path(out_dir)
     samples, skipped = [], []
@@ -114,7 +117,7 @@ def _write_shard(task: tuple) -> dict:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for item in items:
                 try:
-                    files, meta = _encode(source, item, image_format)
+                    files, meta = _encode(source, item, image_format, tile)
                 except SampleError as e:
                     skipped.append({"key": item.key, "reason": str(e)})
                     continue
@@ -131,7 +134,7 @@ def _write_shard(task: tuple) -> dict:
         if not samples:  # every pair skipped: no empty tar
             tmp.unlink()
     record = {"name": f"{name}.tar", "keys": [it.key for it in items],
-              "image_format": image_format, "label_map": source.label_map_name,
+              "image_format": image_format, "label_map": source.label_map_name, "centroid_tile": tile,
               "count": len(samples), "samples": samples, "skipped": skipped}
     if samples:
         record.update(bytes=tar_path.stat().st_size, sha256=_sha256(tar_path))
@@ -142,7 +145,7 @@ def _write_shard(task: tuple) -> dict:
 
 
 def _completed(out_dir: Path, name: str, keys: list[str], image_format: str,
-               label_map: str) -> dict | None:
+               label_map: str, tile: int = TILE) -> dict | None:
     """The sidecar of a finished shard matching this plan, or None (then it is rewritten)."""
     side = out_dir / f"{name}.json"
     try:
@@ -150,7 +153,7 @@ def _completed(out_dir: Path, name: str, keys: list[str], image_format: str,
     except (OSError, ValueError):
         return None
     if (rec.get("keys") != keys or rec.get("image_format") != image_format
-            or rec.get("label_map") != label_map):
+            or rec.get("label_map") != label_map or rec.get("centroid_tile") != tile):
         return None
     tar_path = out_dir / f"{name}.tar"
     if rec.get("count", 0) == 0:
@@ -162,12 +165,17 @@ def _completed(out_dir: Path, name: str, keys: list[str], image_format: str,
 
 def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shard: int = 64,
                  image_format: str = "png", workers: int = 1, progress: bool = True,
-                 min_shards: int = DEFAULT_MIN_SHARDS) -> dict:
+                 min_shards: int = DEFAULT_MIN_SHARDS, centroid_tile: int = TILE,
+                 shuffle_seed: int | None = SHUFFLE_SEED) -> dict:
     """Write ``source`` as WebDataset shards in ``out_dir`` and return the manifest.
 
     Resumable: completed shards are verified and kept. Pairs with mismatched sizes, unreadable
     files or ids outside the dataset's table are skipped and listed under ``skipped``.
     ``min_shards``: warn when fewer shards are written (ranks x loader workers of the launch).
+    ``centroid_tile``: tile of the class-uniform centroids (whole tiles only; the released 1024).
+    ``shuffle_seed``: the items (sorted by key) are permuted with this seed before they are cut into
+    shards, so a shard holds frames from all over the split instead of consecutive (video-like)
+    frame ids; None keeps key order. Recorded in the manifest.
     """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' (lossless) or 'jpg', got {image_format!r}")
@@ -180,7 +188,12 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = shard_prefix(source)
+    if centroid_tile < 1:
+        raise ValueError(f"centroid_tile must be >= 1, got {centroid_tile}")
     items = sorted(source.items, key=lambda it: it.key)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(np.random.SeedSequence([int(shuffle_seed), 0x5B0FF1E])).permutation(len(items))
+        items = [items[i] for i in order]
     chunks = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     names = [f"{prefix}-{i:06d}" for i in range(len(chunks))]
 
@@ -196,9 +209,9 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
     todo = []
     for i, (name, chunk) in enumerate(zip(names, chunks)):
         rec = _completed(out, name, [it.key for it in chunk], image_format,
-                         source.label_map_name)
+                         source.label_map_name, centroid_tile)
         if rec is None:
-            todo.append((i, (source, str(out), name, chunk, image_format)))
+            todo.append((i, (source, str(out), name, chunk, image_format, centroid_tile)))
         else:
             records[i] = rec
     reused = len(records)
@@ -234,6 +247,7 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
     manifest = {"format": FORMAT, "tool_version": __version__, "dataset": source.name,
                 "split": source.split, "label_map": source.label_map_name,
                 "image_format": image_format, "samples_per_shard": samples_per_shard,
+                "centroid_tile": centroid_tile, "shuffle_seed": shuffle_seed,
                 "num_samples": len(samples), "shards": shards, "samples": samples,
                 "skipped": skipped, "warnings": warnings}
     atomic.write_json(out / "manifest.json", manifest, indent=1, sort_keys=True)

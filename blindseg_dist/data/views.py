@@ -4,8 +4,10 @@ One shared geometric transform (random scale of the full frame, class-uniform or
 horizontal flip) is applied once to the uint8 frame; the original view x and the augmented view
 x_a are then derived from that same crop with independent photometric transforms.
 
-Speed: the crop window is computed in source coordinates and only that window is resampled
-(one cv2.warpAffine per image/label), never the whole scaled frame. Photometric ops run on the
+Speed: the crop window is computed in source coordinates. Enlarging resamples only that window
+(one cv2.warpAffine per image/label), never the whole scaled frame; shrinking resizes the whole
+frame with PIL's antialiased bicubic (``resize_bicubic``; the result is no larger than the source)
+and cuts the window out of it; labels are always resampled nearest on the window. Photometric ops run on the
 768x768 crop in float32 with OpenCV. All randomness comes from the rng passed to the call.
 """
 
@@ -17,6 +19,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .labels import IGNORE
 
@@ -31,11 +34,22 @@ _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision rgb_to
 
 
 def class_centroids(label: np.ndarray, tile: int = 1024) -> dict[str, list[list[int]]]:
-    """Class-uniform centroids (RobustNet convention), as the sharder stores them in meta.json:
-    {"<c>": [[y, x], ...]}, the integer centroid of class c in every tile x tile tile holding it."""
+    """Class-uniform centroids (the released convention), as the sharder stores them in meta.json:
+    {"<c>": [[y, x], ...]}, the integer centroid of class c in every whole tile x tile tile holding
+    it (a frame smaller than a tile in either direction has none)."""
     from .shards import class_stats
 
     return class_stats(label, tile)[1]
+
+
+def resize_bicubic(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 HxWx3 -> uint8 (h, w, 3) with PIL's bicubic (``Image.resize(..., BICUBIC)``, what the
+    released transforms use): a = -0.5 and, when shrinking, the kernel widened by the factor, i.e.
+    antialiased. torch's antialiased interpolate implements that filter (within 1 grey level of
+    Pillow when shrinking, 2 when enlarging: tests/data/test_views.py)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # channels-last uint8 fast path
+    out = F.interpolate(t, size=(int(hw[0]), int(hw[1])), mode="bicubic", antialias=True, align_corners=False)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
 
 
 def blur_ksize(sigma: float) -> int:
@@ -109,14 +123,15 @@ def to_unit_float(img_u8: np.ndarray) -> np.ndarray:
 
 
 class TwoViewTransform:
-    """(image uint8 HxWx3 RGB, label uint8 HxW, meta, rng) -> (x, x_a, y).
+    """(image uint8 HxWx3 RGB, label uint8 HxW, rng, centroid) -> (x, x_a, y).
 
     x, x_a: float32 (3, crop, crop) ImageNet-normalized; y: int64 (crop, crop), 255 = ignore.
-    Geometry (shared): scale s ~ U[scale_range] of the full frame (bicubic image / nearest label),
-    crop crop_size x crop_size (centred on a class centroid with probability class_uniform, else
-    uniformly random), image padded with 0 and label with 255 where the scaled frame is smaller
-    (padding centred), horizontal flip with p=0.5. Centroids come from meta["centroids"] (written by
-    the sharder); a meta without them gets class_centroids(label, tile) computed on the fly.
+    Geometry (shared): scale s ~ U[scale_range] of the full frame (bicubic image, antialiased when
+    shrinking / nearest label), crop crop_size x crop_size, image padded with 0 and label with 255
+    where the scaled frame is smaller (padding centred), horizontal flip with p=0.5. The crop is
+    uniformly placed, or, for a class-uniform item (``centroid`` = (y, x) in source pixels, chosen
+    by the epoch sampler, data/sampler.py), placed like the released RandomCrop: x0 ~ U[cx - cw + 1,
+    cx] (likewise y0) on the scaled centroid, clamped into the scaled frame, so it contains it.
     Photometry: see JITTER_ORIG / JITTER_ORIG_P / JITTER_AUG / BLUR_SIGMA; passing zeros disables
     an op (used by the tests to look at the geometry alone).
     """
@@ -125,8 +140,6 @@ class TwoViewTransform:
         self,
         crop_size: int = 768,
         scale_range: tuple[float, float] = (0.5, 2.0),
-        class_uniform: float = 0.5,
-        tile: int = 1024,
         jitter_orig: Sequence[float] = JITTER_ORIG,
         jitter_orig_p: float = JITTER_ORIG_P,
         jitter_aug: Sequence[float] = JITTER_AUG,
@@ -136,45 +149,39 @@ class TwoViewTransform:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if not (0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {scale_range}")
-        if not 0.0 <= class_uniform <= 1.0:
-            raise ValueError(f"class_uniform must be a probability in [0, 1], got {class_uniform}")
         self.crop_size = int(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        self.class_uniform = float(class_uniform)
-        self.tile = int(tile)  # tile of the centroids computed here when meta holds none
         self.jitter_orig = tuple(jitter_orig)
         self.jitter_orig_p = float(jitter_orig_p)
         self.jitter_aug = tuple(jitter_aug)
         self.blur_sigma = tuple(blur_sigma)
 
     # -- geometry ---------------------------------------------------------------------------
-    def sample_geometry(self, hw: tuple[int, int], meta: Mapping | None, rng: np.random.Generator) -> dict:
+    def sample_geometry(self, hw: tuple[int, int], rng: np.random.Generator,
+                        centroid: tuple[int, int] | None = None) -> dict:
         """Draw the shared geometry for a frame of size hw=(H, W). Returns a dict with the scale,
         the crop window (y0, x0) in scaled coordinates, the valid size (ch, cw) and its offset
-        (py, px) inside the crop, the flip, and the chosen (class, centroid) or None."""
+        (py, px) inside the crop, the flip, and the centroid (y, x) the window contains, or None."""
         h, w = hw
         c = self.crop_size
         s = float(rng.uniform(*self.scale_range))
         hs, ws = max(1, int(round(h * s))), max(1, int(round(w * s)))
         ch, cw = min(c, hs), min(c, ws)
         py, px = (c - ch) // 2, (c - cw) // 2
-        chosen = None
-        cents = (meta or {}).get("centroids") or {}
-        classes = sorted((k for k, v in cents.items() if len(v) > 0), key=int)
-        use_class = float(rng.random()) < self.class_uniform and len(classes) > 0
-        if use_class:
-            k = classes[int(rng.integers(len(classes)))]
-            cy, cx = cents[k][int(rng.integers(len(cents[k])))]
-            chosen = (int(k), (int(cy), int(cx)))
-            # centre the crop on the scaled centroid, clamped so the window stays inside the frame
-            y0 = min(max(int(round(cy * s - ch / 2.0)), 0), hs - ch)
-            x0 = min(max(int(round(cx * s - cw / 2.0)), 0), ws - cw)
+        if centroid is not None:
+            cy, cx = int(centroid[0]), int(centroid[1])
+            if not (0 <= cy < h and 0 <= cx < w):
+                raise ValueError(f"centroid {(cy, cx)} lies outside the {h}x{w} frame")
+            cys, cxs = min(int(cy * hs / h), hs - 1), min(int(cx * ws / w), ws - 1)  # the scaled centroid
+            y0 = min(max(int(rng.integers(cys - ch + 1, cys + 1)), 0), hs - ch)
+            x0 = min(max(int(rng.integers(cxs - cw + 1, cxs + 1)), 0), ws - cw)
         else:
             y0 = int(rng.integers(hs - ch + 1))
             x0 = int(rng.integers(ws - cw + 1))
         flip = bool(rng.random() < 0.5)
         return {"scale": s, "y0": y0, "x0": x0, "ch": ch, "cw": cw, "py": py, "px": px,
-                "flip": flip, "chosen": chosen, "scaled_hw": (hs, ws)}
+                "flip": flip, "centroid": None if centroid is None else (int(centroid[0]), int(centroid[1])),
+                "scaled_hw": (hs, ws)}
 
     def apply_geometry(self, image: np.ndarray, label: np.ndarray, g: Mapping) -> tuple[np.ndarray, np.ndarray]:
         """Resample only the crop window: (crop, crop, 3) uint8 image and (crop, crop) uint8 label."""
@@ -192,7 +199,13 @@ class TwoViewTransform:
             m = np.array([[1.0 / sx, 0.0, (x0 + 0.5) / sx - 0.5],
                           [0.0, 1.0 / sy, (y0 + 0.5) / sy - 0.5]])
         flags = cv2.WARP_INVERSE_MAP
-        img_c = cv2.warpAffine(image, m, (cw, ch), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE)
+        if hs < h or ws < w:
+            # shrinking: PIL's antialiased bicubic of the whole frame (no larger than the source),
+            # then the crop, as the released resize-then-crop; a plain cubic would alias
+            img_c = resize_bicubic(image, (hs, ws))[y0:y0 + ch, x0:x0 + cw]
+            img_c = np.ascontiguousarray(img_c[:, ::-1] if g["flip"] else img_c)
+        else:  # enlarging: cubic on the crop window only (never the up-to-4x larger frame)
+            img_c = cv2.warpAffine(image, m, (cw, ch), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE)
         lab_c = cv2.warpAffine(label, m, (cw, ch), flags=cv2.INTER_NEAREST | flags, borderMode=cv2.BORDER_REPLICATE)
         if ch == c and cw == c:
             return img_c, lab_c
@@ -203,21 +216,21 @@ class TwoViewTransform:
         lab_o[py:py + ch, px:px + cw] = lab_c
         return img_o, lab_o
 
-    def crop(self, image: np.ndarray, label: np.ndarray, meta: Mapping | None, rng: np.random.Generator):
+    def crop(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+             centroid: tuple[int, int] | None = None):
         """Geometry only: (uint8 crop image, uint8 crop label, geometry dict)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be uint8 HxWx3 RGB, got {image.dtype} {image.shape}")
         if label.ndim != 2 or label.shape != image.shape[:2]:
             raise ValueError(f"label must be HxW matching the image {image.shape[:2]}, got {label.shape}")
-        if self.class_uniform > 0 and "centroids" not in (meta or {}):
-            meta = {**(meta or {}), "centroids": class_centroids(label, self.tile)}  # not precomputed
-        g = self.sample_geometry(label.shape, meta, rng)
+        g = self.sample_geometry(label.shape, rng, centroid)
         img_c, lab_c = self.apply_geometry(image, label, g)
         return img_c, lab_c, g
 
     # -- the two views ----------------------------------------------------------------------
-    def __call__(self, image: np.ndarray, label: np.ndarray, meta: Mapping | None, rng: np.random.Generator):
-        img_c, lab_c, _ = self.crop(image, label, meta, rng)
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 centroid: tuple[int, int] | None = None, return_geometry: bool = False):
+        img_c, lab_c, g = self.crop(image, label, rng, centroid)
         base = to_unit_float(img_c)
         # original view: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.5) -> blur -> normalize
         x = base.copy()
@@ -228,4 +241,6 @@ class TwoViewTransform:
         xa = color_jitter(base, self.jitter_aug, rng)
         xa = gaussian_blur(xa, rng, self.blur_sigma)
         y = torch.from_numpy(lab_c.astype(np.int64))
+        if return_geometry:
+            return normalize(x), normalize(xa), y, g
         return normalize(x), normalize(xa), y

@@ -28,8 +28,37 @@ def use_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def resolve_precision(cfg: Config) -> str:
+    """The one mixed precision of the run, written back to ``cfg.run.mixed_precision`` (and so to
+    DIR/config.yaml): the config's value when set, with a warning when the launcher asked for another
+    (``accelerate launch`` puts its YAML's / --mixed_precision value in ACCELERATE_MIXED_PRECISION);
+    null follows the launcher, else "no"."""
+    import logging
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
+    mine = cfg.run.mixed_precision
+    if mine is None:
+        if launcher is not None and launcher not in PRECISIONS:
+            raise ConfigError(f"the launcher's mixed_precision {launcher!r} is not one of {list(PRECISIONS)}")
+        chosen = launcher or "no"
+    else:
+        chosen = mine
+        if launcher is not None and launcher != mine:
+            logging.getLogger(__name__).warning(
+                "precision: run.mixed_precision=%s (the config) wins over the launcher's mixed_precision=%s "
+                "(accelerate config / --mixed_precision); set run.mixed_precision=null to follow the launcher",
+                mine, launcher)
+    cfg.run.mixed_precision = chosen
+    return chosen
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
-    """An Accelerator in CPU mode when no GPU is present (gloo), with the run's collective timeout."""
+    """An Accelerator in CPU mode when no GPU is present (gloo), with the run's collective timeout and
+    its one precision (``resolve_precision``)."""
+    resolve_precision(cfg)
     cpu = not torch.cuda.is_available()
     if cpu and cfg.run.mixed_precision == "fp16":
         raise ConfigError("config key 'run.mixed_precision': value 'fp16' needs a GPU (loss scaling); "
@@ -108,8 +137,8 @@ def configure_deepspeed(acc: Accelerator, cfg: Config) -> None:
             "(\"auto\" follows run.mixed_precision)"
         )
     if "optimizer" in conf or "scheduler" in conf:
-        raise ConfigError(f"{source} defines an optimizer or scheduler; blindseg uses its own SGD and poly "
-                          "schedule (optim.*): remove those sections")
+        raise ConfigError(f"{source} defines an optimizer or scheduler; blindseg uses its own optimizer and "
+                          "schedule (optim.*: sgd | adamw, warm-up, poly | cosine): remove those sections")
 
 
 def check_world(num_processes: int) -> None:

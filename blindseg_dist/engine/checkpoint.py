@@ -1,10 +1,12 @@
 """Checkpoints: DIR/checkpoints/<step>/ with model.safetensors, state.pt (optimizer, scheduler, step,
-counters), rng-<rank>.pt (every rank's RNG states) and config.yaml.
+counters), rng-<rank>.pt (every rank's RNG states), config.yaml and meta.json (step, the id of the
+run that wrote it, world size, batch and schedule: what engine/rundir.py checks on resume).
 
 A checkpoint is written into a temporary folder and renamed when complete, so a folder named by a
-step number is always whole; the last ``keep_last`` are kept. Only rank 0 writes shared files;
-every rank writes its own RNG file; after each phase the ranks agree on whether every rank's part
-succeeded (one all-gather of a flag), so a failure on one rank stops them all in step.
+step number is always whole; the last ``keep_last`` of the writing run are kept (checkpoints of
+another run id, and the ``protect``-ed ones, are never deleted or replaced). Only rank 0 writes
+shared files; every rank writes its own RNG file; after each phase the ranks agree on whether every
+rank's part succeeded (one all-gather of a flag), so a failure on one rank stops them all in step.
 
 A disk that is full, or too full for another checkpoint (free space below the size of the last
 one, or of the weights for the first), stops with :class:`CheckpointError` on every rank: the
@@ -15,11 +17,12 @@ free-space check see that many free bytes (tests/engine/test_faults.py).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ from .. import atomic, dist
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
+META_FILE = "meta.json"
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -47,6 +51,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def run_id_of(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint ``path`` (None: written before run ids existed)."""
+    try:
+        return json.loads((path / META_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -125,14 +137,23 @@ def save_checkpoint(
     config_yaml: str | None = None,
     keep_last: int = 3,
     collective_save: Callable[[Path], None] | None = None,
+    meta: dict[str, Any] | None = None,
+    protect: Sequence[Path] = (),
 ) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank must call it).
 
     collective_save(tmp_dir), if given, runs on every rank inside the temporary folder (DeepSpeed's
-    engine.save_checkpoint: each rank writes its optimizer partition under tmp_dir/deepspeed)."""
+    engine.save_checkpoint: each rank writes its optimizer partition under tmp_dir/deepspeed).
+    ``meta`` (with "run_id") goes to meta.json; keep_last then deletes only older checkpoints of
+    that run id, never those in ``protect``. A checkpoint ``step`` of another run id is never replaced
+    (RuntimeError on every rank, before anything is written)."""
     root = checkpoint_dir(output_dir)
     final = root / str(step)
     tmp = root / f".tmp-{step}"
+    run_id = (meta or {}).get("run_id")
+    if final.is_dir() and run_id_of(final) != run_id:
+        raise RuntimeError(f"checkpoint {final} was written by another run (id {run_id_of(final)}); "
+                           "not replacing it")
 
     def prepare() -> None:  # rank 0: the temporary folder, if the disk can take a checkpoint
         root.mkdir(parents=True, exist_ok=True)
@@ -155,10 +176,13 @@ def save_checkpoint(
             if config_yaml is not None:
                 (tmp / "config.yaml").write_text(config_yaml)
             torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
+            (tmp / META_FILE).write_text(json.dumps({**(meta or {}), "step": step}, indent=1))
 
     def publish() -> None:
         atomic.replace_dir(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        keep = {Path(p).resolve() for p in protect}
+        own = [p for p in list_checkpoints(output_dir) if run_id_of(p) == run_id and p.resolve() not in keep]
+        for old in own[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     _agree(_attempt(prepare, root) if dist.rank() == 0 else None, step, tmp)

@@ -49,6 +49,23 @@ def iou_from_confusion(cm: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float
     return iou, miou
 
 
+def pixel_metrics(cm, iou: np.ndarray | None = None) -> dict[str, float]:
+    """aAcc (pixel accuracy: trace / all pixels), mAcc (nanmean over classes of the per-class
+    recall TP / ground-truth pixels; classes absent from the ground truth excluded) and fwIoU
+    (IoU weighted by each class's share of the ground-truth pixels), as mmsegmentation defines them."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total, gt = cm.sum(), cm.sum(1)
+    if iou is None:
+        iou = iou_from_confusion(cm)[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = np.where(gt > 0, np.diag(cm) / gt, np.nan)
+    if total == 0:
+        return {"aacc": float("nan"), "macc": float("nan"), "fwiou": float("nan")}
+    freq = gt / total
+    return {"aacc": float(np.trace(cm) / total), "macc": _nanmean(acc),
+            "fwiou": float(np.sum(freq[gt > 0] * np.nan_to_num(iou[gt > 0])))}
+
+
 def _nanmean(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
@@ -152,6 +169,7 @@ def target_result(cm: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES, pr
     iou, miou = iou_from_confusion(cm)
     res = {
         "miou": miou,
+        **pixel_metrics(cm, iou),
         "protocol": protocol,
         "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, iou)},
         "confusion_matrix": cm.tolist(),
@@ -162,7 +180,56 @@ def target_result(cm: torch.Tensor, class_names: Sequence[str] = CLASS_NAMES, pr
     return res
 
 
+def raw_target(spec: str | Path) -> tuple[str, str] | None:
+    """(dataset, root) when an evaluation target is a raw dataset folder: ``DATASET:PATH`` with a
+    dataset of data.sources (e.g. ``cityscapes:/data/cityscapes``), or a local folder without shards
+    whose layout is a dataset's (data.sources.detect_dataset); None for shards and remote locations."""
+    from ..data.location import has_braces, is_remote
+    from ..data.sources import OPENERS, detect_dataset
+
+    s = str(spec)
+    head, sep, rest = s.partition(":")
+    if sep and head in OPENERS:  # dataset names are no URL schemes
+        return head, rest
+    if is_remote(s) or has_braces(s):
+        return None
+    p = Path(s)
+    if p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
+        ds = detect_dataset(s)
+        return (ds, s) if ds else None
+    return None
+
+
+class StrictSource:
+    """A dataset reader for evaluation: the pairs the sharder would write, decoded as the sharder
+    decodes them (data/shards.py), so a raw folder evaluates exactly as its shards. A pair the sharder
+    would skip (label ids outside the table, an unreadable file) is an error: evaluation never skips."""
+
+    def __init__(self, source):
+        self.source, self.items = source, source.items
+
+    def load_pair(self, item):
+        from ..data.sources import SampleError
+
+        try:
+            image, label, unknown = self.source.decode(item)
+        except SampleError as e:
+            raise ValueError(f"{self.source.name} {item.key}: {e} (evaluation never skips a frame)") from None
+        if unknown:
+            raise ValueError(f"{self.source.name} {item.key}: label ids outside the {self.source.label_map_name} "
+                             f"table {unknown[:10]} in {item.label_path} (the sharder skips such frames; "
+                             "evaluation never skips one)")
+        return image, label
+
+
 def _manifest_dataset(path: str | Path) -> str:
+    from ..data.location import has_braces, is_remote, load_location_manifest
+
+    raw = raw_target(path)
+    if raw is not None:
+        return raw[0]
+    if is_remote(str(path)) or has_braces(str(path)):
+        return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
     manifest = Path(path) / "manifest.json"
     if not manifest.is_file():
         return ""
@@ -188,22 +255,32 @@ def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | No
     return "full"
 
 
-def build_eval_dataset(path: str | Path, protocol: str):
-    """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset."""
+def build_eval_dataset(path: str | Path, protocol: str, remote=None):
+    """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset.
+    ``remote``: data.location.RemoteOptions for URL targets (retries, timeout, cache)."""
     from ..data.evalset import EvalDataset
+    from ..data.sources import get_source
 
-    return EvalDataset(path, protocol=protocol if protocol.startswith("mapillary") else None)
+    proto = protocol if protocol.startswith("mapillary") else None
+    raw = raw_target(path)
+    if raw is not None:  # the readers of `blindseg shard`, with its default split
+        return EvalDataset(source=StrictSource(get_source(*raw)), protocol=proto)
+    return EvalDataset(path, protocol=proto, remote=remote)
 
 
-def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0) -> dict[str, dict]:
+def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0, data_cfg=None) -> dict[str, dict]:
     """Evaluate every target of ``eval_cfg`` (an EvalConfig) with its protocol; returns
     {name: target_result}. Logs miou/<t>, miou16/<t> and iou/<t>/<class> scalars and a per-class
-    text table to ``logger`` (a RunLogger) when given."""
+    text table to ``logger`` (a RunLogger) when given. ``data_cfg`` (a DataConfig): how URL targets
+    are read (data.remote_retries, remote_timeout, cache_dir, cache_gb)."""
+    from ..data.location import RemoteOptions
+
+    remote = RemoteOptions.from_config(data_cfg)
     predict = make_predictor(eval_cfg.sliding_window)
     results = {}
     for name, path in eval_cfg.targets.items():
         protocol = resolve_protocol(name, path, eval_cfg.protocols)
-        ds = build_eval_dataset(path, protocol)
+        ds = build_eval_dataset(path, protocol, remote)
         cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
                               predict=predict)
         results[name] = target_result(cm, protocol=protocol)
@@ -214,8 +291,17 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
 
 def log_results(logger, results: dict[str, dict], step: int) -> None:
     """mIoU (and mIoU16) per target, IoU per class, and a per-class markdown table to TensorBoard."""
+    from .figures import confusion_figure
+
     for name, res in results.items():
         scalars = {f"miou/{name}": res["miou"]}
+        scalars.update({f"{k}/{name}": res[k] for k in ("aacc", "macc", "fwiou") if k in res and res[k] == res[k]})
+        if "confusion_matrix" in res and hasattr(logger, "figure"):
+            import matplotlib.pyplot as plt
+
+            fig = confusion_figure(res["confusion_matrix"], f"{name}: confusion matrix (row-normalized), step {step}")
+            logger.figure(f"confusion/{name}", fig, step)
+            plt.close(fig)
         if "miou16" in res:
             scalars[f"miou16/{name}"] = res["miou16"]
         scalars.update({f"iou/{name}/{c}": v for c, v in res["per_class_iou"].items() if v is not None})
@@ -239,17 +325,42 @@ def per_class_markdown(results: dict[str, dict]) -> str:
 
 
 def format_table(targets: dict[str, dict], title: str = "mIoU (%)") -> str:
-    """A plain-text table: one row per target with mIoU (and mIoU16 for SYNTHIA), and the mean over
-    targets (of mIoU)."""
+    """A plain-text table: one row per target with mIoU (and mIoU16 for SYNTHIA), aAcc, mAcc and
+    fwIoU (when the results have them), and the mean over targets (of mIoU)."""
     if not targets:
         return "(no targets)"
     width = max(12, max(len(k) for k in targets) + 2)
     has16 = any("miou16" in r for r in targets.values())
-    extra = f"{'mIoU16':>8}" if has16 else ""
+    pix = [k for k in ("aacc", "macc", "fwiou") if all(k in r for r in targets.values())]
+    names = {"aacc": "aAcc", "macc": "mAcc", "fwiou": "fwIoU"}
+    extra = (f"{'mIoU16':>8}" if has16 else "") + "".join(f"{names[k]:>8}" for k in pix)
     lines = [title, f"{'target':<{width}}{'mIoU':>8}{extra}", "-" * (width + 8 + len(extra))]
     for name, res in targets.items():
         m16 = (f"{100 * res['miou16']:>8.2f}" if "miou16" in res else f"{'':>8}") if has16 else ""
-        lines.append(f"{name:<{width}}{100 * res['miou']:>8.2f}{m16}")
+        px = "".join(f"{100 * res[k]:>8.2f}" for k in pix)
+        lines.append(f"{name:<{width}}{100 * res['miou']:>8.2f}{m16}{px}")
     mean = float(np.nanmean([res["miou"] for res in targets.values()]))
     lines += ["-" * (width + 8 + len(extra)), f"{'mean':<{width}}{100 * mean:>8.2f}"]
     return "\n".join(lines)
+
+
+def source_targets(targets: dict[str, str], train: str | Path) -> list[str]:
+    """The evaluation targets that are held-out splits of the training source: named ``source``,
+    or whose shard manifest names the same dataset as the training shards' (and that are not the
+    training shards themselves)."""
+    train_ds = _manifest_dataset(train)
+    out = []
+    for name, path in targets.items():
+        same = bool(train_ds) and _manifest_dataset(path) == train_ds and str(path) != str(train)
+        if name == "source" or same:
+            out.append(name)
+    return out
+
+
+def selection_target(eval_cfg, train: str | Path) -> tuple[str | None, bool]:
+    """(target that selects the best checkpoint, whether it is an unseen target): eval.selection,
+    else the first held-out source target; (None, False) when there is none."""
+    sources = source_targets(eval_cfg.targets, train)
+    if eval_cfg.selection is not None:
+        return eval_cfg.selection, eval_cfg.selection not in sources
+    return (sources[0], False) if sources else (None, False)

@@ -20,7 +20,7 @@ rank enters the same collectives in the same order (docs/DISTRIBUTED.md, "Pitfal
 
 What a hook may read or call on its trainer: ``step``, ``max_steps``, ``stop_reason``, ``rank``,
 ``world``, ``is_main``, ``out_dir``, ``last`` (a :class:`StepOutput`), ``images_seen``,
-``counters``, ``lr``, ``grad_bytes``, ``net``, ``logger``, ``data_iter``, ``last_checkpoint``,
+``counters``, ``lr``, ``grad_norm``, ``grad_bytes``, ``net``, ``logger``, ``data_iter``, ``last_checkpoint``,
 ``save_checkpoint()`` and ``evaluate()``.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .. import atomic, dist
+from . import records
 from .evaluate import format_table
 from .logging import log_images
 
@@ -106,8 +107,8 @@ class LogHook(Hook):
 
     Scalars: ``loss/<term>`` (this step's terms averaged over ranks: one all-reduce), ``lr``,
     ``images_per_s`` (all ranks, since the previous log), ``faults/nonfinite_skipped``,
-    ``faults/corrupt_shards``, ``comm_bytes/<tag>`` (bytes per optimizer step handed to each
-    collective tag since the previous log) and ``comm_bytes/gradient_allreduce`` (the gradient
+    ``faults/corrupt_shards``, ``comm_bytes/<tag>`` (bytes per optimizer step this rank received
+    for each collective tag since the previous log; ``comm_bytes_sent/<tag>`` the bytes sent) and ``comm_bytes/gradient_allreduce`` (the gradient
     payload, 0 on one process). Writers are called on every rank; RunLogger writes on rank 0 only.
     """
 
@@ -141,19 +142,61 @@ class LogHook(Hook):
         vals = dist.all_reduce_sum(torch.tensor([t.last.terms[k] for k in names], dtype=torch.float64), tag="log")
         scalars = {f"loss/{k}": float(v) / t.world for k, v in zip(names, vals)}
         scalars["lr"] = t.lr  # what the engine's optimizer uses
+        if getattr(t, "grad_norm", None) is not None:
+            scalars["grad_norm"] = float(t.grad_norm)  # of the last step, before clipping
+        scalars.update(memory_scalars())
         scalars["images_per_s"] = (t.images_seen - self._images) / max(now - self._t, 1e-9)
         scalars["faults/nonfinite_skipped"] = t.counters["nonfinite_skipped"]
         scalars["faults/corrupt_shards"] = t.counters["corrupt_shards"]
         # bytes per optimizer step, averaged since the last log, beside the gradient all-reduce payload
-        for tag, nbytes in dist.comm_stats().items():
-            scalars[f"comm_bytes/{tag}"] = nbytes / self._steps
+        # (bytes this rank receives, ring wire model of dist.py; the gradient all-reduce's payload
+        # and its ring-received bytes 2 (W-1)/W x payload beside them)
+        for tag, c in dist.comm_stats().items():
+            scalars[f"comm_bytes/{tag}"] = c["received"] / self._steps
+            scalars[f"comm_bytes_sent/{tag}"] = c["sent"] / self._steps
         scalars["comm_bytes/gradient_allreduce"] = t.grad_bytes if t.world > 1 else 0
+        scalars["comm_bytes/gradient_allreduce_received"] = (
+            2 * (t.world - 1) / t.world * t.grad_bytes if t.world > 1 else 0)
         dist.reset_comm_stats()
         self._t, self._images, self._steps = now, t.images_seen, 0
         return scalars
 
     def summarize(self, summary: dict[str, Any]) -> None:
         summary["last_loss"] = self.last.get("loss/total")
+
+
+def memory_scalars() -> dict[str, float]:
+    """Peak memory of this process: resident set (MB) and, on a GPU, torch's peak allocation (MB)."""
+    import resource
+
+    out = {"memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["memory/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class MetricsFileHook(Hook):
+    """DIR/metrics.jsonl (a row per logged step; a ScalarWriter of LogHook) and DIR/summary.csv
+    (after each evaluation and at the end), on rank 0; engine/records.py has the formats. A
+    resumed run first drops the rows after its resumed step."""
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.is_main:
+            for name in (records.METRICS_FILE, records.EVAL_FILE):
+                records.truncate_after(t.out_dir / name, t.step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.trainer.is_main:
+            records.append_jsonl(self.trainer.out_dir / records.METRICS_FILE, records.metrics_row(step, values))
+
+    def on_eval(self, step: int, results: dict) -> None:
+        if self.trainer.is_main:
+            records.write_summary_csv(self.trainer.out_dir)
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        if self.trainer.is_main:
+            records.write_summary_csv(self.trainer.out_dir)
 
 
 class ImageHook(Hook):
@@ -230,12 +273,63 @@ class EvalHook(Hook):
             print(format_table(results))
 
 
+class BestCheckpointHook(Hook):
+    """A listener of EvalHook: after every evaluation, rank 0 appends a row to DIR/eval.jsonl; when the
+    selection target's mIoU is the best so far, that step's checkpoint (written now if the step has
+    none) becomes the best: DIR/best.json names it, and ``trainer.protected`` keeps it from
+    keep_last until a better one replaces it. ``selection`` None: rows only, no best checkpoint.
+    ``unseen``: the selection target is an unseen one (labelled in eval.jsonl and best.json).
+    The decision uses all-reduced results, identical on every rank (the save is collective)."""
+
+    def __init__(self, selection: str | None, unseen: bool = False, *, announce: bool = True) -> None:
+        self.selection, self.unseen, self.announce = selection, unseen, announce
+        self.best: dict[str, Any] | None = None
+
+    def before_train(self) -> None:
+        t = self.trainer
+        f = t.out_dir / "best.json"
+        if f.is_file():  # a resumed run: keep the best of its earlier part
+            best = json.loads(f.read_text())
+            if best.get("step", 0) <= t.step and Path(best["checkpoint"]).is_dir():
+                self.best = best
+                t.protected = [Path(best["checkpoint"])]
+        if not (t.is_main and self.announce):
+            return
+        if self.selection is None:
+            print("[train] no held-out source target among eval.targets: no best checkpoint is kept "
+                  "(set eval.selection to select on a target; an unseen one is labelled as such)", flush=True)
+        elif self.unseen:
+            print(f"[train] eval.selection={self.selection} is an UNSEEN target: the best checkpoint is "
+                  "selected on test data (labelled in eval.jsonl, best.json and reports)", flush=True)
+
+    def on_eval(self, step: int, results: dict[str, dict]) -> None:
+        t = self.trainer
+        if t.is_main:
+            records.append_jsonl(t.out_dir / records.EVAL_FILE,
+                                 records.eval_row(step, results, self.selection, self.unseen))
+        if self.selection is None or self.selection not in results:
+            return
+        miou = results[self.selection]["miou"]
+        if miou != miou or (self.best is not None and miou <= self.best["miou"]):  # NaN or not better
+            return
+        last = t.last_checkpoint
+        path = last if last is not None and last.name == str(step) else t.save_checkpoint()
+        self.best = {"step": step, "checkpoint": str(path), "selection": self.selection, "miou": miou,
+                     "selection_is_unseen_target": self.unseen}
+        t.protected = [Path(path)]
+        if t.is_main:
+            atomic.write_json(t.out_dir / "best.json", self.best, indent=1)
+
+    def summarize(self, summary: dict[str, Any]) -> None:
+        if self.best is not None:
+            summary["best"] = dict(self.best)
+
+
 def stream_record(manifest_dir: str | Path, keys: list[list[str]], net: torch.nn.Module, rank: int) -> dict:
     """What a rank streamed (sample keys per micro-batch, their shards) and a hash of its weights."""
-    manifest = Path(manifest_dir) / "manifest.json"
-    shard_of = {}
-    if manifest.is_file():
-        shard_of = {s["key"]: s["shard"] for s in json.loads(manifest.read_text()).get("samples", [])}
+    from ..data.location import load_location_manifest
+
+    shard_of = {s["key"]: s["shard"] for s in (load_location_manifest(str(manifest_dir)) or {}).get("samples", [])}
     h = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):
         h.update(name.encode())

@@ -9,33 +9,89 @@ import torch
 from .. import dist
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+"""What ``run.log_with`` may name: accelerate's trackers (accelerate.tracking), used as they are."""
+
+
+def make_trackers(log_with, log_dir: Path, purge_step: int | None = None) -> list:
+    """Started accelerate trackers for ``run.log_with``. TensorBoard writes to ``log_dir`` (with
+    ``purge_step`` on a resume: events after the resumed step are dropped); the others get the run
+    folder's name as run/experiment name and, where they keep local files, the run folder (e.g.
+    wandb with WANDB_MODE=offline). A tracker whose package is missing is a ConfigError."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    from ..config import ConfigError
+
+    available = {str(t) for t in get_available_trackers()}
+    trackers = []
+    for name in log_with:
+        if name not in available:
+            raise ConfigError(f"config key 'run.log_with': {name!r} is not installed here (available: "
+                              f"{sorted(available)}); install its package or drop it")
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if name == "tensorboard":
+            kwargs = {"purge_step": purge_step} if purge_step else {}
+            tracker = cls(log_dir.name, log_dir.parent, **kwargs)
+        elif cls.requires_logging_directory:
+            tracker = cls(log_dir.parent.name, log_dir.parent)
+        else:
+            tracker = cls(log_dir.parent.name)
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
 class RunLogger:
-    """Scalars, images and hparams under ``log_dir``; a no-op on ranks other than 0."""
+    """Scalars, images and hparams to the ``run.log_with`` trackers (TensorBoard under ``log_dir``);
+    a no-op on ranks other than 0."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool | None = None):
+    def __init__(self, log_dir: str | Path, enabled: bool | None = None, log_with=("tensorboard",),
+                 purge_step: int | None = None):
         self.enabled = dist.rank() == 0 if enabled is None else enabled
-        self.writer = None
+        self.writer = None  # TensorBoard's SummaryWriter when it is among the trackers
+        self.trackers: list = []
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.trackers = make_trackers(list(log_with), Path(log_dir), purge_step)
+            self.writer = next((t.writer for t in self.trackers if t.name == "tensorboard"), None)
+
+    @property
+    def others(self) -> list:
+        """The trackers other than TensorBoard (written through accelerate's tracker API)."""
+        return [t for t in self.trackers if t.name != "tensorboard"]
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
-            return
-        for tag, v in values.items():
-            self.writer.add_scalar(tag, float(v), step)
+        if self.writer is not None:
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, float(v), step)
+        for t in self.others:
+            t.log({k: float(v) for k, v in values.items()}, step=step)
 
     def image(self, tag: str, image_hwc_uint8: np.ndarray, step: int) -> None:
-        if self.writer is None:
-            return
-        self.writer.add_image(tag, torch.from_numpy(np.ascontiguousarray(image_hwc_uint8)), step, dataformats="HWC")
+        if self.writer is not None:
+            self.writer.add_image(tag, torch.from_numpy(np.ascontiguousarray(image_hwc_uint8)), step,
+                                  dataformats="HWC")
+        for t in self.others:
+            if hasattr(t, "log_images"):
+                t.log_images({tag: [np.ascontiguousarray(image_hwc_uint8)]}, step=step)
+
+    def figure(self, tag: str, figure, step: int) -> None:
+        """A matplotlib figure (TensorBoard's add_figure; the other trackers get it as an image)."""
+        if self.writer is not None:
+            self.writer.add_figure(tag, figure, step, close=False)
+        if self.others:
+            from .figures import figure_to_array
+
+            arr = figure_to_array(figure)
+            for t in self.others:
+                if hasattr(t, "log_images"):
+                    t.log_images({tag: [arr]}, step=step)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        if self.writer is None:
-            return
-        self.writer.add_text(tag, markdown, step)
+        if self.writer is not None:
+            self.writer.add_text(tag, markdown, step)
+        for t in self.others:
+            t.log({tag: markdown}, step=step)
 
     def hparams(self, hparams: dict, metrics: dict[str, float], run_name: str = ".") -> None:
         if self.writer is None:
@@ -50,9 +106,9 @@ class RunLogger:
             self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for t in self.trackers:
+            t.finish()
+        self.trackers, self.writer = [], None
 
 
 PANEL_TAG = "train/input_augmented_truth_prediction"
@@ -103,6 +159,6 @@ def image_panel(batch: dict, logits, max_images: int = 2) -> np.ndarray:
 def log_images(logger: RunLogger | None, batch: dict, logits, step: int, max_images: int = 2) -> None:
     """Log an image panel (input, augmented view, ground truth, prediction) of the first images
     of ``batch`` under ``PANEL_TAG``; a no-op without a writer (ranks other than 0)."""
-    if logger is None or logger.writer is None:
+    if logger is None or (logger.writer is None and not getattr(logger, "trackers", None)):
         return
     logger.image(PANEL_TAG, image_panel(batch, logits, max_images), step)

@@ -47,7 +47,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
-from ..data.stream import make_train_loader
+from ..data.stream import train_loader_from_config
 from ..data.workers import shutdown_workers
 from ..model import build_model
 from ..model.objective import BlindNetObjective
@@ -55,11 +55,12 @@ from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
 from .accelerator import make_accelerator
-from .evaluate import evaluate_targets
-from .hooks import (CheckpointHook, EvalHook, Hook, ImageHook, LogHook, ProgressBar, StepOutput,
-                    StreamRecordHook, SummaryHook)
+from .evaluate import evaluate_targets, selection_target
+from .hooks import (BestCheckpointHook, CheckpointHook, EvalHook, Hook, ImageHook, LogHook, MetricsFileHook,
+                    ProgressBar, StepOutput, StreamRecordHook, SummaryHook)
 from .logging import RunLogger
 from .optim import build_optimizer
+from .rundir import plan_run, resume_values
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -141,6 +142,7 @@ class TrainLoop(abc.ABC):
         self.dist_timeout_s = dist_timeout_s  # named in the message of a failed collective
         self.stop_reason: str | None = None  # set when the loop is to end; "finished" at max_steps
         self.last_checkpoint: Path | None = None
+        self.protected: list[Path] = []  # checkpoints keep_last must not delete (the best one)
         self.signal = _StopFlag()
         self.hooks: list[Hook] = []
 
@@ -227,33 +229,39 @@ class TrainLoop(abc.ABC):
 
 
 class Trainer(TrainLoop):
-    """BlindNet training with the resolved config ``cfg`` (``resume``: from the run's latest checkpoint)."""
+    """BlindNet training with the resolved config ``cfg``. ``resume``: True = from the run's latest
+    checkpoint, a path = from that checkpoint or run folder; ``allow_changed``: resume keys that may
+    differ from the checkpoint's (engine/rundir.py)."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, hooks: list[Hook] | None = None) -> None:
+    def __init__(self, cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = (),
+                 hooks: list[Hook] | None = None) -> None:
         stop = _StopFlag().install()  # from now on SIGTERM/SIGINT stop the run after its next step
         try:
-            self._setup(cfg, resume, hooks)
+            self._setup(cfg, resume, allow_changed, hooks)
         except BaseException:
             stop.restore()
             raise
         self.signal = stop
 
-    def _setup(self, cfg: Config, resume: bool, hooks: list[Hook] | None) -> None:
+    def _setup(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
+               hooks: list[Hook] | None) -> None:
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.micro = cfg, cfg.optim.grad_accum
         self.acc = make_accelerator(cfg)
+        if self.acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop: cuDNN picks its kernels once
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
         self._check_data(cfg)
-        self.out_dir = Path(cfg.run.output_dir)
+        plan = plan_run(cfg, resume, self.world, tuple(allow_changed))  # refusals: before anything is written
+        self.out_dir, self.run_id, resume_from = plan.out_dir, plan.run_id, plan.resume_from
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-        resume_from = ckpt.latest_checkpoint(self.out_dir) if resume else None
         if resume and resume_from is None and self.is_main:
             print(f"[train] --resume: no checkpoint under {self.out_dir / 'checkpoints'}; starting from step 0")
         rng = self._build_model(resume_from)
@@ -306,14 +314,13 @@ class Trainer(TrainLoop):
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
-        loader = make_train_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
-            scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
-            start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
-            on_corrupt=cfg.data.on_corrupt,
-        )
-        self.logger = RunLogger(self.out_dir / "tb")
+        # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
+        # page-locked batches on CUDA: the copies in _forward are non_blocking
+        loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
+                                          start_step=self.step * self.micro,
+                                          pin_memory=self.acc.device.type == "cuda")
+        self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
+                                purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
         self.loader_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
         self.data_iter: Iterator[dict] = self.loader_iter
@@ -322,7 +329,7 @@ class Trainer(TrainLoop):
         elif resume_from is not None and self.is_main:
             print(f"[train] checkpoint {resume_from} has no RNG state for rank {self.rank}; continuing with fresh RNG")
         self.faults = _Faults(self.rank)
-        self.attempt, self.nonfinite_in_a_row, self.images_seen = 0, 0, 0
+        self.attempt, self.nonfinite_in_a_row, self.images_seen, self.grad_norm = 0, 0, 0, None
         self.last: StepOutput | None = None
         self.objective.train()
 
@@ -378,8 +385,9 @@ class Trainer(TrainLoop):
     def _forward(self, batch: dict, m: int) -> dict:
         """The objective on micro-batch ``m`` of this step (inputs on the device, in autocast)."""
         dev, dtype = self.acc.device, self.in_dtype
-        image, label = batch["image"].to(dev, dtype), batch["label"].to(dev)
-        image_aug = batch["image_aug"].to(dev, dtype) if self.cfg.loss.two_view else None
+        image = batch["image"].to(dev, dtype, non_blocking=True)
+        label = batch["label"].to(dev, non_blocking=True)
+        image_aug = batch["image_aug"].to(dev, dtype, non_blocking=True) if self.cfg.loss.two_view else None
         if self.cfg.model.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
             if image_aug is not None:
@@ -418,12 +426,21 @@ class Trainer(TrainLoop):
 
     def _optimizer_step(self) -> None:
         self.nonfinite_in_a_row = 0
-        if self.cfg.optim.grad_clip > 0 and not self.deepspeed:  # DeepSpeed clips inside its step
-            self.acc.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        self.grad_norm = self._grad_norm()
         self.optimizer.step()  # a no-op under DeepSpeed (the engine stepped in backward)
         self.scheduler.step()  # ours: once per optimizer step, on every engine
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+
+    def _grad_norm(self) -> torch.Tensor | float | None:
+        """The global gradient norm of this step (logged as grad_norm), clipping to optim.grad_clip
+        when set; DeepSpeed clips inside its own step and reports the norm it saw."""
+        if self.deepspeed:
+            return self.objective.get_global_grad_norm()
+        if self.cfg.optim.grad_clip > 0:
+            return self.acc.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else None
 
     # ---- what the hooks use -----------------------------------------------------------------
     @property
@@ -433,11 +450,13 @@ class Trainer(TrainLoop):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]  # what the engine's optimizer uses
+        group = self.optimizer.param_groups[0]  # what the engine's optimizer uses, per unit lr scale
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step)
+        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""
@@ -454,6 +473,7 @@ class Trainer(TrainLoop):
                    "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
+            meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
         )
         return self.last_checkpoint
 
@@ -488,15 +508,17 @@ class Trainer(TrainLoop):
 def default_hooks(trainer: Trainer) -> list[Hook]:
     """The hooks of a `blindseg train` run, in their calling order."""
     run, ev = trainer.cfg.run, trainer.cfg.eval
-    bar = ProgressBar()
-    hooks: list[Hook] = [bar, LogHook(run.log_every, writers=[trainer.logger, bar]),
+    bar, files = ProgressBar(), MetricsFileHook()
+    hooks: list[Hook] = [bar, files, LogHook(run.log_every, writers=[trainer.logger, bar, files]),
                          ImageHook(run.image_every, trainer.logger), CheckpointHook(run.checkpoint_every)]
     if run.record_stream:
         hooks.append(StreamRecordHook(trainer.cfg.data.train))
-    hooks += [EvalHook(ev.every, at_end=ev.at_end and bool(ev.targets)), SummaryHook()]
+    best = BestCheckpointHook(*selection_target(ev, trainer.cfg.data.train), announce=bool(ev.targets))
+    hooks += [EvalHook(ev.every, at_end=ev.at_end and bool(ev.targets), listeners=[best.on_eval, files.on_eval]),
+              best, SummaryHook()]
     return hooks
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train with the resolved config; returns a summary (steps, time, final checkpoint, eval)."""
-    return Trainer(cfg, resume=resume).train()
+    return Trainer(cfg, resume=resume, allow_changed=allow_changed).train()

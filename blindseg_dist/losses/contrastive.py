@@ -146,6 +146,69 @@ def _check_embeddings(emb_aug: torch.Tensor, emb: torch.Tensor, name: str) -> No
                          f"{tuple(emb_aug.shape)} and {tuple(emb.shape)}")
 
 
+# ----------------------------------------------------------------------------- budgeted global draws
+
+def _fold_seeds(seeds: torch.Tensor) -> int:
+    """One int in [0, 2^63) from the per-image seeds of the whole global batch (in order)."""
+    h = np.array([0x5EED5C0BE], dtype=np.uint64)
+    for s in seeds.cpu().numpy().astype(np.uint64).reshape(-1):
+        h = _splitmix64(h ^ s)
+    return int(h[0] >> np.uint64(1))
+
+
+def _global_meta(cols: torch.Tensor, seeds, generator, sizes: list[int], *, tag: str
+                 ) -> tuple[np.ndarray, int]:
+    """Metadata first (docs/DISTRIBUTED.md, "Budgeted global scopes"): every image's row of
+    small integer `cols` (B, k) from every rank, in global image order, and one batch seed.
+
+    The batch seed folds every image's seed (sample_seeds(run seed, step, global index)), so it
+    is the same on every rank and for any split; it drives every global choice below. Without
+    seeds (one process only) it is drawn from `generator`. One gather of (k + 1) int64 per image.
+    """
+    b = cols.shape[0]
+    if seeds is None:
+        if dist.is_distributed():
+            raise ValueError("a global contrastive scope on several ranks needs per-image seeds "
+                             "(seeds=sample_seeds(run_seed, step, global_indices)): a generator "
+                             "cannot make the same choice on every rank")
+        g_dev = generator.device if generator is not None else torch.device("cpu")
+        s = torch.randint(0, 2 ** 62, (max(b, 1),), generator=generator, device=g_dev)[:b]
+    else:
+        s = torch.as_tensor(seeds, dtype=torch.int64).flatten()
+        if s.numel() != b:
+            raise ValueError(f"got {s.numel()} seeds for a batch of {b} images; pass one seed per "
+                             "image (sample_seeds(run_seed, step, global_indices))")
+    local = torch.cat([s.to(cols.device)[:, None], cols.long()], dim=1)  # (B, 1 + k)
+    meta = dist.all_gather_detached(local, tag=tag, sizes=sizes).cpu().numpy()
+    return meta[:, 1:], _fold_seeds(torch.from_numpy(meta[:, 0].copy()))
+
+
+def _quotas(counts: np.ndarray, total: int, seed: int, salt: int) -> np.ndarray:
+    """How many of a uniform random `total`-subset of all items fall in each image, given the
+    per-image item counts (multivariate hypergeometric draw seeded by (seed, salt): the same
+    on every rank). All items when there are no more than `total`."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.sum() <= total:
+        return counts
+    rng = np.random.default_rng([seed, salt])
+    return rng.multivariate_hypergeometric(counts, int(total)).astype(np.int64)
+
+
+def _keep_smallest(keys: torch.Tensor, group: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """Boolean mask: per group g, the quota[g] items of smallest key (a uniform draw given the
+    per-pixel random keys); items grouped by (group, key) order in `_rank_in_group`."""
+    keep = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    if keys.numel():
+        order, rank = _rank_in_group(keys, group, quota.numel())
+        keep[order[rank < quota[group[order]]]] = True
+    return keep
+
+
+def _rank_bounds(sizes: list[int]) -> list[tuple[int, int]]:
+    bounds = np.cumsum([0, *sizes])
+    return [(int(bounds[q]), int(bounds[q + 1])) for q in range(len(sizes))]
+
+
 # ----------------------------------------------------------------------------- CWCL
 
 def _sample_image_anchors(y: torch.Tensor, p: torch.Tensor, gen, max_classes: int,
@@ -230,7 +293,7 @@ def cwcl_pixels(plan: tuple[torch.Tensor, torch.Tensor], n: int) -> torch.Tensor
 def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
                                 pred: torch.Tensor, *, negatives: str = "reference",
                                 scope: str = "image", tau: float = 0.07, max_classes: int = 15,
-                                pixels_per_class: int = 50,
+                                pixels_per_class: int = 50, global_keys: int = 6000,
                                 generator: torch.Generator | None = None,
                                 seeds=None, plan=None) -> torch.Tensor:
     """CWCL for one level. Anchors z_a(p) (augmented view, with grad), positive z(p) and keys
@@ -242,13 +305,21 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     pixels_per_class pixels contributes 0 (still connected to the graph) instead of contrasting
     random pixels; the caller still counts it in the mean over the levels.
     negatives="paper": keys of other classes only (filler groups are their own classes).
-    scope="image": keys of the anchor's own image; "global": keys of every image of every
-    rank (plain no-grad gather: keys are detached), anchors stay local.
+    scope="image": keys of the anchor's own image; "global": a budget of `global_keys` keys
+    drawn uniformly from the sampled keys of every image of every rank (all of them when the
+    global batch has no more), the same keys for every anchor of the step; only the chosen
+    keys move (detached, one all-to-all), anchors stay local. The draw: per-image quotas from
+    a multivariate hypergeometric draw, then per image a seeded choice of its slots, both from
+    the batch seed of _global_meta, so it is split-independent (loss.cwcl_global_keys; the
+    default 6000 = the 2 x 4 x 750 keys a 2-GPU run of the reference recipe scored against
+    before the budget, docs/DISTRIBUTED.md "Budgeted global scopes").
     plan: the result of cwcl_plan for these inputs (then no sampling happens here).
     """
     _check_choice(negatives, NEGATIVES, "loss.cwcl_negatives (class_wise_contrastive_loss)")
     _check_choice(scope, SCOPES, "loss.contrastive_scope (class_wise_contrastive_loss)")
     _check_embeddings(emb_aug, emb, "class_wise_contrastive_loss")
+    if isinstance(global_keys, bool) or not isinstance(global_keys, int) or global_keys < 1:
+        raise ValueError(f"loss.cwcl_global_keys must be a positive integer, got {global_keys!r}")
     b, d, h, w = emb_aug.shape
     if plan is None:
         plan = cwcl_plan(labels, pred, (h, w), max_classes=max_classes,
@@ -274,17 +345,30 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
             sizes = dist.gather_sizes(b, tag="cwcl", device=emb_aug.device)
             offset, b_global = sum(sizes[:dist.rank()]), sum(sizes)
             n_global = b_global * m
-            # pseudo-class ids unique over the global batch: 256 + global_image * K + slot
-            img = torch.arange(offset, offset + b, device=ids.device)[:, None]
-            gids = torch.where(ids >= _PSEUDO_BASE, ids + img * max_classes, ids)  # (B, M)
-            key_sizes = [s * m for s in sizes]
-            all_keys = dist.all_gather_detached(keys.reshape(b * m, d), tag="cwcl",
-                                                sizes=key_sizes)  # (B_global*M, D)
-            all_ids = dist.all_gather_detached(gids.reshape(b * m), tag="cwcl",
-                                               sizes=key_sizes)  # (B_global*M,)
+            _, seed = _global_meta(ids.new_zeros((b, 0)), seeds, generator, sizes, tag="cwcl")
+            quota = _quotas(np.full(b_global, m), global_keys, seed, salt=0)  # keys per image
+            slots = [np.sort(np.random.default_rng([seed, 1, offset + i]).choice(
+                m, int(quota[offset + i]), replace=False)) for i in range(b)]
+            img_l = torch.as_tensor(np.repeat(np.arange(b), quota[offset: offset + b]),
+                                    dtype=torch.long, device=ids.device)
+            slot_l = torch.as_tensor(np.concatenate(slots) if b else np.zeros(0),
+                                     dtype=torch.long, device=ids.device)
+            own = keys[img_l, slot_l]  # (G_r, D) this rank's chosen keys, detached
+            if negatives == "paper":
+                # pseudo-class ids unique over the global batch: 256 + global_image * K + slot
+                gid = ids[img_l, slot_l]
+                gid = torch.where(gid >= _PSEUDO_BASE, gid + (img_l + offset) * max_classes, gid)
+                own = torch.cat([own, gid.to(dt)[:, None]], dim=1)  # ids < 2^24: exact in fp32
+            per_rank = [int(quota[lo:hi].sum()) for lo, hi in _rank_bounds(sizes)]
+            shared = dist.share_rows(own, per_rank, tag="cwcl")  # (G, D [+ 1]) same on all ranks
+            all_keys = shared[:, :d]
             local_sum = anc.new_zeros(())
-            for i in range(b):  # per image: bounds memory to (M, B_global*M)
-                neg = anc[i] @ all_keys.T  # (M, B_global*M)
+            if negatives == "paper":
+                img = torch.arange(offset, offset + b, device=ids.device)[:, None]
+                gids = torch.where(ids >= _PSEUDO_BASE, ids + img * max_classes, ids)  # (B, M)
+                all_ids = shared[:, d].long()
+            for i in range(b):  # per image: bounds memory to (M, G)
+                neg = anc[i] @ all_keys.T  # (M, G)
                 if negatives == "paper":
                     neg = neg.masked_fill(gids[i][:, None] == all_ids[None, :], float("-inf"))
                 local_sum = local_sum + _info_nce(pos[i], neg, tau).sum()
@@ -332,17 +416,12 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     gt_hist = torch.bincount((img * _NUM_IDS + y)[valid], minlength=b * _NUM_IDS)
     gt_hist = gt_hist.view(b, _NUM_IDS)  # (B, 256) ground-truth pixels per image and class
 
-    if scope == "image":
-        b_global = int(dist.all_reduce_count([b], tag="sdcl", device=dev)[0])
-        class_ok = gt_hist >= num_negatives  # (B, 256)
-        is_anchor = corr & class_ok.gather(1, pa)
-    else:
-        anc_hist = torch.bincount(pa[corr], minlength=_NUM_IDS)  # (256,)
-        local = torch.cat([torch.tensor([b], device=dev), gt_hist.sum(0), anc_hist])
-        red = dist.all_reduce_count(local, tag="sdcl", device=dev)
-        b_global, gt_global, anc_global = int(red[0]), red[1:257], red[257:]
-        class_ok = gt_global >= num_negatives  # (256,) identical on every rank
-        is_anchor = corr & class_ok[pa]
+    if scope == "global":
+        return _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, (h, w),
+                                 num_negatives, max_anchors_per_image, generator, seeds)
+    b_global = int(dist.all_reduce_count([b], tag="sdcl", device=dev)[0])
+    class_ok = gt_hist >= num_negatives  # (B, 256)
+    is_anchor = corr & class_ok.gather(1, pa)
 
     # Anchor cap, split-independent: keep the globally smallest cap anchor keys. Each rank
     # sends its local smallest min(n_local, cap) keys (the global smallest are among them).
@@ -362,29 +441,81 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     ac = pa[ab, ap]  # (A,) anchor class
     plan = {"scope": scope, "size": (h, w), "batch": b, "num_negatives": num_negatives,
             "anchors": (ab, ap), "anchor_class": ac, "num_anchors_global": n_global}
-    if scope == "image":
-        # groups (image, class) that keep anchors; 20 smallest negative keys of GT c in b
-        need = torch.unique(ab * _NUM_IDS + ac)  # (G,) ascending
-        need_mask = torch.zeros(b * _NUM_IDS, dtype=torch.bool, device=dev)
-        need_mask[need] = True
-        grp = img * _NUM_IDS + y  # (B, N); ignore pixels never needed (class_ok false)
-        cand = torch.nonzero(need_mask[grp.flatten()] & valid.flatten()).flatten()
-        order, rank = _rank_in_group(neg_keys.flatten()[cand], grp.flatten()[cand],
-                                     b * _NUM_IDS)
-        plan["negatives"] = cand[order[rank < num_negatives]].view(-1, num_negatives)  # (G, K)
-        plan["groups"] = need
-    else:
-        need_cls = torch.nonzero(class_ok & (anc_global > 0)).flatten()  # same on all ranks
-        need_mask = torch.zeros(_NUM_IDS, dtype=torch.bool, device=dev)
-        need_mask[need_cls] = True
-        yf = y.flatten()
-        cand = torch.nonzero(need_mask[yf] & valid.flatten()).flatten()
-        order, rank = _rank_in_group(neg_keys.flatten()[cand], yf[cand], _NUM_IDS)
-        local = cand[order[rank < num_negatives]]  # local smallest keys per class
-        plan["groups"] = need_cls
-        plan["candidates"] = local
-        plan["candidate_meta"] = torch.stack([neg_keys.flatten()[local], yf[local].double()], dim=1)
+    # groups (image, class) that keep anchors; 20 smallest negative keys of GT c in b
+    need = torch.unique(ab * _NUM_IDS + ac)  # (G,) ascending
+    need_mask = torch.zeros(b * _NUM_IDS, dtype=torch.bool, device=dev)
+    need_mask[need] = True
+    grp = img * _NUM_IDS + y  # (B, N); ignore pixels never needed (class_ok false)
+    cand = torch.nonzero(need_mask[grp.flatten()] & valid.flatten()).flatten()
+    order, rank = _rank_in_group(neg_keys.flatten()[cand], grp.flatten()[cand],
+                                 b * _NUM_IDS)
+    plan["negatives"] = cand[order[rank < num_negatives]].view(-1, num_negatives)  # (G, K)
+    plan["groups"] = need
     return plan
+
+
+def _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, size, num_negatives,
+                      max_anchors_per_image, generator, seeds) -> dict:
+    """SDCL "global" sampling on metadata (docs/DISTRIBUTED.md, "Budgeted global scopes").
+
+    1. all-reduce of fixed size (257 + 256 counts): global batch size, GT pixels and anchor
+       candidates per class -> the classes that keep anchors (same on every rank);
+    2. one gather of a few int64 per image: its seed, anchor candidates and GT pixels of each
+       of those C classes;
+    3. from that metadata and the batch seed, identically on every rank: the anchor cap as
+       per-image quotas of a uniform draw of cap anchors, and per class c the per-image quotas
+       of a uniform draw of num_negatives class-c pixels of the global batch; within an image
+       the quota smallest per-pixel keys (its own generator) are taken.
+    Only the C x num_negatives chosen negative rows are then moved (semantic_disentanglement_loss,
+    one autograd all-to-all), whatever W is.
+    """
+    h, w = size
+    b, n = y.shape
+    dev = y.device
+    anc_hist = torch.bincount(pa[corr], minlength=_NUM_IDS)  # (256,)
+    local = torch.cat([torch.tensor([b], device=dev), gt_hist.sum(0), anc_hist])
+    red = dist.all_reduce_count(local, tag="sdcl", device=dev)
+    b_global, gt_global, anc_global = int(red[0]), red[1:257], red[257:]
+    class_ok = gt_global >= num_negatives  # (256,) identical on every rank
+    is_anchor = corr & class_ok[pa]
+    need_cls = torch.nonzero(class_ok & (anc_global > 0)).flatten()  # (C,) same on all ranks
+    c_n = need_cls.numel()
+
+    sizes = dist.gather_sizes(b, tag="sdcl", device=dev)
+    offset = sum(sizes[:dist.rank()])
+    cols = torch.cat([is_anchor.sum(1, keepdim=True), gt_hist[:, need_cls]], dim=1)  # (B, 1 + C)
+    meta, seed = _global_meta(cols, seeds, generator, sizes, tag="sdcl")  # (B_global, 1 + C)
+
+    # anchor cap: quotas per image of a uniform draw of `cap` anchors of the global batch
+    cap = max_anchors_per_image * b_global
+    q_anc = _quotas(meta[:, 0], cap, seed, salt=1)
+    ab, ap = torch.nonzero(is_anchor, as_tuple=True)
+    q_loc = torch.as_tensor(q_anc[offset: offset + b], dtype=torch.long, device=dev)
+    keep = _keep_smallest(anc_keys[ab, ap], ab, q_loc)
+    ab, ap = ab[keep], ap[keep]
+
+    # negatives: per class c, quotas per image of a uniform draw of K class-c pixels
+    q_neg = np.stack([_quotas(meta[:, 1 + ci], num_negatives, seed, salt=2 + int(c))
+                      for ci, c in enumerate(need_cls.tolist())], 1) if c_n else \
+        np.zeros((meta.shape[0], 0), dtype=np.int64)  # (B_global, C)
+    slot_of = torch.full((_NUM_IDS,), -1, dtype=torch.long, device=dev)
+    slot_of[need_cls] = torch.arange(c_n, device=dev)
+    yf = y.flatten()
+    cand = torch.nonzero((slot_of[yf] >= 0) & valid.flatten()).flatten()
+    grp = (cand // n) * c_n + slot_of[yf[cand]]  # (image, class slot)
+    quota = torch.as_tensor(q_neg[offset: offset + b].reshape(-1), dtype=torch.long, device=dev)
+    chosen = cand[_keep_smallest(neg_keys.flatten()[cand], grp, quota)]
+    # this rank's rows in (image, class, pixel) order; all ranks' rows concatenate in global
+    # (image, class) order, so the class of every shared row is known from q_neg alone
+    chosen = chosen[torch.argsort(grp[torch.searchsorted(cand, chosen)] * n + chosen % n)]
+    row_cls = np.repeat(np.tile(np.arange(c_n), meta.shape[0]), q_neg.reshape(-1))
+    bank_order = torch.as_tensor(np.argsort(row_cls, kind="stable"), dtype=torch.long, device=dev)
+    per_rank = [int(q_neg[lo:hi].sum()) for lo, hi in _rank_bounds(sizes)]
+    return {"scope": "global", "size": (h, w), "batch": b, "num_negatives": num_negatives,
+            "anchors": (ab, ap), "anchor_class": pa[ab, ap],
+            "num_anchors_global": int(q_anc.sum()) if cap > 0 else 0,
+            "groups": need_cls, "candidates": chosen, "share_sizes": per_rank,
+            "bank_order": bank_order}
 
 
 def sdcl_pixels(plan: dict) -> torch.Tensor:
@@ -455,22 +586,18 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
             details = {"negatives": bank_idx, "groups": need}
         else:
             need_cls, local = plan["groups"], plan["candidates"]
-            sizes = dist.gather_sizes(local.numel(), tag="sdcl", device=dev)
-            # autograd gather: negatives carry gradient back to the rank that owns them
-            g_emb = dist.all_gather(za.reshape(b * n, -1)[local], tag="sdcl", sizes=sizes)
-            g_meta = dist.all_gather_detached(plan["candidate_meta"], tag="sdcl", sizes=sizes)  # (n_g, 2)
-            g_cls = g_meta[:, 1].long()
-            order, rank = _rank_in_group(g_meta[:, 0], g_cls, _NUM_IDS)
-            pick = order[rank < num_negatives]  # grouped by class ascending: (C*K,)
-            bank = g_emb[pick].view(-1, num_negatives, g_emb.shape[-1])  # (C, K, D)
+            # the C x K chosen negatives: only these rows move (autograd all-to-all: their
+            # gradient returns to the owner, summed over every rank's anchors)
+            shared = dist.share_rows(za.reshape(b * n, -1)[local], plan["share_sizes"], tag="sdcl")
+            bank = shared[plan["bank_order"]].view(-1, num_negatives, shared.shape[-1])  # (C, K, D)
             slot = torch.searchsorted(need_cls, ac)
             sims = anc @ bank.reshape(-1, bank.shape[-1]).T  # (A, C*K)
             neg = sims.view(ab.numel(), bank.shape[0], num_negatives)[
                 torch.arange(ab.numel(), device=dev), slot]  # (A, K)
             local_sum = _info_nce(pos, neg, tau).sum()
-            zero = zero + g_emb.sum() * 0.0  # this rank must run the gather's backward
-            details = {"negatives": pick.view(-1, num_negatives), "groups": need_cls,
-                       "candidates": local, "gathered_sizes": sizes}
+            zero = zero + shared.sum() * 0.0  # this rank must run the all-to-all's backward
+            details = {"negatives": plan["bank_order"].view(-1, num_negatives), "groups": need_cls,
+                       "candidates": local, "share_sizes": plan["share_sizes"]}
         loss = dist.global_mean(local_sum, n_global) + zero
     if return_details:
         details.update(anchors=(ab, ap), anchor_class=ac, num_anchors_global=n_global)

@@ -7,10 +7,12 @@ tensor per IN point, and average over the points.
 Scopes (docs/DISTRIBUTED.md, "Loss scopes"):
 - "image": one Sigma per image; loss = sum of per-image losses / global number of images,
   scaled by dist.global_mean so that DDP's gradient averaging is exact on uneven splits.
-- "batch": Gram sums and pixel counts pooled over the global batch with an autograd
-  all-reduce; Sigma = S / (n - 1) + eps I, eps added once after the reduction. The loss is
-  identical on every rank and is NOT scaled: the all-reduce's backward already sums the W
-  ranks' gradients (W x the 1-process gradient, which DDP averages back).
+- "batch": Gram sums and pixel counts pooled over the global batch with one all-reduce
+  (CML: the upper triangle of S(sg F) - S(F_a), all CML needs; CCL: the diagonal);
+  Sigma = S / (n - 1) + eps I, eps added once after the reduction. The loss is identical on
+  every rank and is NOT scaled; its backward all-reduce is skipped
+  (dist.all_reduce_sum_identical multiplies the local gradient by W, which is what that
+  all-reduce would return: W x the 1-process gradient, which DDP averages back).
 Math runs in float32 (float64 stays float64) with autocast disabled: Gram sums over ~1e5
 pixels overflow fp16. Proven by tests/losses/test_covariance.py and test_dist_scopes.py.
 """
@@ -82,25 +84,29 @@ def covariance_matching_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[
                 total = total + dist.global_mean(per_image.sum(), b_global)
             return total / len(feats)
 
-        # "batch": one autograd all-reduce for all points: [S(sg F), S(F_a)] per point.
+        # "batch": per point only the pooled difference D = S(sg F) - S(F_a) matters
+        # (Sigma - Sigma_a = D / (n - 1): the eps I cancels), and D is symmetric, so its upper
+        # triangle is all that is sent: C (C + 1) / 2 values per point instead of 2 C^2.
         stats, shapes = [], []
         for f, fa in zip(feats, feats_aug):
             x, xa = _flat_views(f, fa)
-            s = torch.einsum("bcn,bdn->cd", x, x)  # (C, C) local Gram sum
-            s_a = torch.einsum("bcn,bdn->cd", xa, xa)  # (C, C)
-            stats += [s.flatten(), s_a.flatten()]
-            shapes.append((x.shape[1], x.shape[2]))
-        pooled = dist.all_reduce_sum(torch.cat(stats), tag="cml")
+            c = x.shape[1]
+            iu = torch.triu_indices(c, c, device=x.device)
+            diff = torch.einsum("bcn,bdn->cd", x, x) - torch.einsum("bcn,bdn->cd", xa, xa)
+            stats.append(diff[iu[0], iu[1]])  # (C (C + 1) / 2,) local upper triangle
+            shapes.append((c, x.shape[2], iu[0] == iu[1]))
+        # The loss below is a function of the pooled sums only: identical on every rank, so
+        # the backward all-reduce is skipped (dist.all_reduce_sum_identical: W x the local
+        # gradient is exactly what that all-reduce would return).
+        pooled = dist.all_reduce_sum_identical(torch.cat(stats), tag="cml")
         b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="cml")[0])
         total, off = 0.0, 0
-        for c, n_img in shapes:
-            s, s_a = pooled[off: off + c * c], pooled[off + c * c: off + 2 * c * c]
-            off += 2 * c * c
-            n = b_global * n_img
-            eye = eps * torch.eye(c, dtype=pooled.dtype, device=pooled.device)
-            sig = s.view(c, c) / (n - 1) + eye  # eps once, after the reduction
-            sig_a = s_a.view(c, c) / (n - 1) + eye
-            total = total + (sig - sig_a).pow(2).mean()
+        for c, n_img, diag in shapes:
+            k = c * (c + 1) // 2
+            d = pooled[off: off + k] / (b_global * n_img - 1)
+            off += k
+            sq = d.pow(2)  # off-diagonal entries stand for two of the C x C
+            total = total + (2 * sq.sum() - sq[diag].sum()) / (c * c)
         return total / len(feats)
 
 
@@ -130,7 +136,8 @@ def cross_covariance_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[tor
             x, xa = _flat_views(f, fa)
             stats.append((x * xa).sum(dim=(0, 2)))  # (C,) local diagonal of sum F F_a^T
             shapes.append((x.shape[1], x.shape[2]))
-        pooled = dist.all_reduce_sum(torch.cat(stats), tag="ccl")
+        # identical loss on every rank: no backward all-reduce (see covariance_matching_loss)
+        pooled = dist.all_reduce_sum_identical(torch.cat(stats), tag="ccl")
         b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="ccl")[0])
         total, off = 0.0, 0
         for c, n_img in shapes:

@@ -127,6 +127,7 @@ class BlindNetObjective(nn.Module):
             if w.cwcl > 0:
                 cwcl_vals.append(class_wise_contrastive_loss(
                     emb_a, emb, label, pred, negatives=w.cwcl_negatives, scope=w.contrastive_scope, tau=w.tau,
+                    global_keys=w.cwcl_global_keys,
                     seeds=cw_seeds, plan=cw_plan))
             if w.sdcl > 0:
                 sdcl_vals.append(semantic_disentanglement_loss(

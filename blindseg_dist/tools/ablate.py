@@ -205,7 +205,8 @@ def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], resul
             res = results[r.run_dir]
             per_run.append([entry.name, r.seed_index, r.seed, str(r.run_dir),
                             *[f"{100 * res[t][m]:.4f}" if t in res and m in res[t] else "" for t, m in metrics],
-                            f"{100 * float(np.nanmean([v['miou'] for v in res.values()])):.4f}"])
+                            f"{100 * float(np.nanmean([v['miou'] for v in res.values()])):.4f}",
+                            *_training_cells(r.run_dir)])
     table = render(header, md_rows, "markdown")
     n_seeds = max((r.seed_index for r in plan), default=0) + 1
     md = [f"# Ablation: {description}", "",
@@ -218,10 +219,19 @@ def build_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun], resul
         w.writerows(csv_rows)
     with open(output_dir / "ablation_runs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "seed_index", "seed", "run_dir", *names, "mean"])
+        w.writerow(["run", "seed_index", "seed", "run_dir", *names, "mean", "steps", "last_loss", "images_per_s"])
         w.writerows(per_run)
     plot_ablation(bars, [*names, "mean"], output_dir / "ablation.png", description)
     return table
+
+
+def _training_cells(run_dir: Path) -> list[str]:
+    """steps, last total loss and mean images/s of a run, from its metrics.jsonl ('' when absent)."""
+    from ..engine.records import training_digest
+
+    d = training_digest(run_dir)
+    return [str(d.get("steps", "")), "" if d.get("last_loss") is None else f"{d['last_loss']:.4f}",
+            "" if d.get("images_per_s") is None else f"{d['images_per_s']:.2f}"]
 
 
 def plot_ablation(bars: dict[str, list[tuple[float, float]]], columns: Sequence[str], path: Path,

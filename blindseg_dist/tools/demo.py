@@ -13,6 +13,7 @@ import yaml
 from .. import atomic
 from ..config import find_config, load_config, load_yaml
 from ..launcher import blindseg_command, launch_env
+from .evaluate_cli import confusion_png
 
 
 def demo_config_path() -> Path:
@@ -27,6 +28,25 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise SystemExit(f"[demo] {what} failed with exit code {proc.returncode}")
 
 
+def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], png: Path, tb_dir: Path, cfg) -> Path:
+    """DIR/panels.png and the TensorBoard image ``demo/panels`` (at the final step): training crops
+    (input | augmented view | ground truth | prediction) and the first frame of every target."""
+    from PIL import Image
+
+    from ..engine.figures import prediction_panels
+    from ..engine.logging import RunLogger
+    from .evaluate_cli import load_checkpoint_model
+
+    _, net = load_checkpoint_model(ckpt)
+    panel = prediction_panels(net, train_shards, targets, crop_size=cfg.data.crop_size, seed=cfg.run.seed)
+    with atomic.replacing(png) as tmp:
+        Image.fromarray(panel).save(tmp, format="PNG")
+    logger = RunLogger(tb_dir, enabled=True)
+    logger.image("demo/panels", panel, cfg.optim.max_steps)
+    logger.close()
+    return png
+
+
 def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
              images_per_domain: int | None = None) -> dict:
     from ..data.shards import write_shards
@@ -35,6 +55,12 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
 
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
+    from ..config import ConfigError
+    from ..engine.checkpoint import list_checkpoints
+
+    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
+        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
+                          "or remove that folder")
     out.mkdir(parents=True, exist_ok=True)
     demo_yaml = load_yaml(demo_config_path().read_text())
     demo = load_config(demo_config_path()).demo
@@ -59,8 +85,10 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     (split_dir / "source_val.txt").write_text("\n".join(frames[-n_val:]) + "\n")
     shards = out / "shards"
     spp = demo.samples_per_shard
+    # class-uniform centroids per whole tile: the released 1024 tile on a ~1050-px-high GTA5 frame is one
+    # tile of the frame's height; the small demo frames get the same proportion (tile = frame height)
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_train.txt")),
-                 shards / "source-train", samples_per_shard=spp)
+                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(demo.size))
     eval_data = {"source": str(shards / "source-val")}
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
                  shards / "source-val", samples_per_shard=spp)
@@ -96,6 +124,10 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     _run(cmd, launch_env(), f"evaluation on {processes} process(es)")
     timings["eval_s"] = time.perf_counter() - t
 
+    # 4. what a person looks at: prediction panels (DIR/panels.png and TensorBoard)
+    panels_png = write_demo_panels(ckpt, str(shards / "source-train"), eval_data, out / "panels.png",
+                                   run_dir / "tb", cfg)
+
     from .report import print_report
 
     result = json.loads(eval_json.read_text())
@@ -108,11 +140,14 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
         "config": str(run_dir / "config.yaml"),
         "tensorboard": str(run_dir / "tb"),
         "timings": timings,
+        "panels": str(panels_png),
+        "confusion_figures": {k: str(confusion_png(eval_json, k)) for k in eval_data},
         "source": "source",
         "unseen": [k for k in eval_data if k != "source"],
     }
     atomic.write_json(out / "report.json", report, indent=1)
     print_report(report)
+    print(f"[demo] prediction panels {panels_png}; confusion matrices {out}/eval-confusion-<target>.png")
     print(f"[demo] done in {timings['total_s']:.0f} s; report {out / 'report.json'}; "
           f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return report

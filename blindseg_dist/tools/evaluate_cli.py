@@ -7,9 +7,35 @@ from .. import atomic, dist
 from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
 from ..engine.evaluate import evaluate_targets, format_table
+from ..engine.figures import save_confusion_png
 from ..engine.logging import RunLogger
 from ..engine.accelerator import make_accelerator
 from ..model import build_model
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """What `blindseg eval --checkpoint PATH` evaluates: PATH itself when it holds weights (a
+    checkpoint folder, an import-checkpoint folder, a .safetensors file); for a run folder its best
+    checkpoint (DIR/best.json), else its latest."""
+    import json
+
+    p = Path(path)
+    if p.is_file() or (p / ckpt.MODEL_FILE).is_file():
+        return p
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        best = p / "best.json"
+        if best.is_file():
+            cand = Path(json.loads(best.read_text())["checkpoint"])
+            if (cand / ckpt.MODEL_FILE).is_file():
+                return cand
+        latest = ckpt.latest_checkpoint(p)
+        if latest is not None:
+            return latest
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist; pass a run folder, RUN/checkpoints/<step> "
+                                "or an import-checkpoint folder")
+    raise FileNotFoundError(f"{str(p)!r} holds no weights ({ckpt.MODEL_FILE}) and no checkpoints/; pass a run "
+                            "folder, RUN/checkpoints/<step> or an import-checkpoint folder")
 
 
 def find_run_config(checkpoint: str | Path) -> Path:
@@ -36,15 +62,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
                         max_images: int = 0, tb_dir: str | Path | None = None,
                         protocols: dict[str, str] | None = None,
                         sliding_window: list[int] | None = None) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir or folder); rank 0 writes ``json_out``.
+    """Evaluate ``checkpoint`` on ``data`` (name -> shard dir, folder or shard location); rank 0 writes ``json_out``.
 
     ``protocols`` (name -> protocol) add to the run config's eval.protocols of the same targets;
     ``sliding_window`` replaces eval.sliding_window when given.
     """
+    given, checkpoint = checkpoint, resolve_checkpoint(checkpoint)
+    if dist.rank() == 0 and Path(given) != checkpoint:
+        print(f"[eval] {given}: evaluating {checkpoint}", flush=True)
     run_cfg = load_config(find_run_config(checkpoint))
     merged = {k: v for k, v in run_cfg.eval.protocols.items() if k in data}
     merged.update(protocols or {})
-    ev = {"targets": data, "max_images": max_images, "protocols": merged}
+    ev = {"targets": data, "max_images": max_images, "protocols": merged, "selection": None}
     if sliding_window is not None:
         ev["sliding_window"] = list(sliding_window)
     cfg, net = load_checkpoint_model(checkpoint, {"eval": ev})
@@ -52,14 +81,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
     net.to(acc.device)
     logger = RunLogger(tb_dir) if tb_dir else None
     step = int(Path(checkpoint).name) if Path(checkpoint).name.isdigit() else 0
-    results = evaluate_targets(net, cfg.eval, acc.device, logger, step)
+    results = evaluate_targets(net, cfg.eval, acc.device, logger, step, data_cfg=cfg.data)
     report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
               "sliding_window": cfg.eval.sliding_window}
     if dist.rank() == 0:
         atomic.write_json(json_out, report, indent=1)
         print(format_table(results))
+        for name, res in results.items():  # beside the JSON: OUT-confusion-<target>.png
+            save_confusion_png(res["confusion_matrix"], confusion_png(json_out, name),
+                               f"{name}: confusion matrix (row-normalized)")
         print(f"[eval] world size {report['world_size']}; wrote {json_out}")
     if logger is not None:
         logger.close()
     dist.barrier()
     return report
+
+
+def confusion_png(json_out: str | Path, target: str) -> Path:
+    """Where `blindseg eval --json OUT.json` writes a target's confusion figure: OUT-confusion-<target>.png."""
+    j = Path(json_out)
+    return j.with_name(f"{j.stem}-confusion-{target}.png")

@@ -1,7 +1,9 @@
 """Result tables: `blindseg report`, `blindseg ablate` and the demo's closing table share this code.
 
 A run is a folder holding ``report.json`` (the demo) or ``eval.json`` (training / `blindseg eval`),
-or one of those files. The comparison table has one row per run: mIoU (%) per target (and mIoU16
+or one of those files, or a training folder evaluated only during training (``eval.jsonl``: the
+best checkpoint's evaluation). Where a run folder has ``metrics.jsonl`` (engine/records.py), a second
+table shows its training: steps, last loss, images/s, best step and the selection target. The comparison table has one row per run: mIoU (%) per target (and mIoU16
 for SYNTHIA targets), the mean over the run's unseen targets (all targets when it names none),
 and, for `blindseg report`, fvcore parameters and GFLOPs of the run's network.
 """
@@ -59,6 +61,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunResult:
     elif p.is_dir():
         cands = [p / "report.json", p / "eval.json"]
         file = next((c for c in cands if c.is_file()), None)
+        if file is None and (p / "eval.jsonl").is_file():
+            return _run_from_eval_records(p, name or p.resolve().name)
         if file is None:
             raise FileNotFoundError(f"run folder {str(p)!r} holds neither report.json nor eval.json; pass a "
                                     "training run folder (evaluated at its end) or a `blindseg demo` output folder")
@@ -70,6 +74,42 @@ def load_run(path: str | Path, name: str | None = None) -> RunResult:
     except ValueError as e:
         raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
     return run_from_report(data, name or folder.resolve().name, folder)
+
+
+def _run_from_eval_records(folder: Path, name: str) -> RunResult:
+    """A run evaluated during training only (eval.every, no eval.json): the evaluation of its best
+    checkpoint (DIR/best.json), else its last evaluation, from DIR/eval.jsonl."""
+    from ..engine.records import read_jsonl
+
+    rows = read_jsonl(folder / "eval.jsonl")
+    if not rows:
+        raise ValueError(f"run {name!r}: {folder / 'eval.jsonl'} holds no evaluation")
+    best = json.loads((folder / "best.json").read_text()) if (folder / "best.json").is_file() else {}
+    row = next((r for r in rows if r["step"] == best.get("step")), rows[-1])
+    config = folder / "config.yaml" if (folder / "config.yaml").is_file() else None
+    return RunResult(name=name, targets=row["targets"], path=folder, config=config,
+                     info={"eval_step": row["step"], "from": "eval.jsonl"})
+
+
+def training_table(runs: Sequence[RunResult]) -> tuple[list[str], list[list]] | None:
+    """(header, rows) of what each run's metrics.jsonl / eval.jsonl / best.json say about its training
+    (steps, last loss, images/s, best step and selection target, labelled when unseen); None when no
+    run has metrics.jsonl."""
+    from ..engine.records import training_digest
+
+    digests = [(r, training_digest(r.path)) if r.path is not None else (r, {}) for r in runs]
+    if not any(d for _, d in digests):
+        return None
+    header = ["run", "steps", "last loss", "images/s", "best step", "selected on"]
+    rows = []
+    for r, d in digests:
+        sel = d.get("selection")
+        if sel and d.get("selection_is_unseen_target"):
+            sel = f"{sel} (UNSEEN target)"
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        rows.append([r.name, str(d.get("steps", "-")), fmt(d.get("last_loss"), ".4f"), fmt(d.get("images_per_s"), ".1f"),
+                     str(d.get("best_step", "-")), sel or "-"])
+    return header, rows
 
 
 def unique_names(paths: Sequence[str | Path]) -> list[str]:
@@ -263,6 +303,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, flops_size:
 
     for r in runs:
         md += [f"## {r.name}: IoU per class (%)", "", per_class_markdown(r.targets), ""]
+    training = training_table(runs)
+    if training is not None:
+        md += ["## Training (metrics.jsonl, eval.jsonl, best.json)", "", render(*training, "markdown"), ""]
+        text += "\n\n" + render(*training)
     (out / "report.md").write_text("\n".join(md))
     (out / "report.csv").write_text(render(header, rows, "csv"))
     chart = bar_chart(runs, out / "report.png")

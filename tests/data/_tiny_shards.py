@@ -42,9 +42,10 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes):
 
 
 def write_tiny_shards(out_dir, n: int = 12, per_shard: int = 4, hw=(40, 56), seed: int = 0,
-                      prefix: str = "train", sizes=None):
+                      prefix: str = "train", sizes=None, tile: int = 1024):
     """Write n samples into ceil(n / per_shard) tars plus manifest.json; returns (manifest, frames)
-    where frames[key] = (image, label). sizes: optional per-sample (h, w)."""
+    where frames[key] = (image, label). sizes: optional per-sample (h, w); tile: the centroid tile
+    (whole tiles only; small, e.g. 16, to get class-uniform items on tiny frames)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frames, shards, samples = {}, [], []
@@ -57,7 +58,7 @@ def write_tiny_shards(out_dir, n: int = 12, per_shard: int = 4, hw=(40, 56), see
                 image, label = make_frame(h, w, seed * 1000 + i)
                 frames[key] = (image, label)
                 cp = {str(int(c)): int((label == c).sum()) for c in np.unique(label) if c != 255}
-                meta = {"key": key, "size": [h, w], "class_pixels": cp, "centroids": class_centroids(label)}
+                meta = {"key": key, "size": [h, w], "class_pixels": cp, "centroids": class_centroids(label, tile)}
                 _add(tf, f"{key}.image.png", _png(image))
                 _add(tf, f"{key}.label.png", _png(label))
                 _add(tf, f"{key}.meta.json", json.dumps(meta).encode())
@@ -66,7 +67,7 @@ def write_tiny_shards(out_dir, n: int = 12, per_shard: int = 4, hw=(40, 56), see
         shards.append({"name": name, "count": min(n, s + per_shard) - s,
                        "bytes": (out / name).stat().st_size, "sha256": ""})
     manifest = {"format": "blindseg-shards/1", "tool_version": "test", "dataset": "tiny", "split": prefix,
-                "label_map": "trainid", "image_format": "png", "num_samples": n, "shards": shards,
+                "label_map": "trainid", "image_format": "png", "num_samples": n, "centroid_tile": tile, "shards": shards,
                 "samples": samples, "skipped": [], "warnings": []}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return manifest, frames

@@ -52,11 +52,12 @@ def _decode_png(data, flags):
 
 def test_write_and_read_back_exactly(cs_source, tmp_path):
     out = tmp_path / "shards"
-    m = write_shards(cs_source, out, samples_per_shard=3, progress=False)
-    assert m["format"] == "blindseg-shards/1" and m["tool_version"] == blindseg_dist.__version__
+    m = write_shards(cs_source, out, samples_per_shard=3, progress=False, shuffle_seed=None)
+    assert m["format"] == "blindseg-shards/2" and m["tool_version"] == blindseg_dist.__version__
+    assert m["shuffle_seed"] is None and m["centroid_tile"] == 1024
     assert (m["dataset"], m["split"], m["label_map"], m["image_format"]) == \
         ("cityscapes", "val", "cityscapes_ids", "png")
-    # 10 pairs -> chunks of 3 by sorted key; 3 bad ones (all of chunk 1) skipped, never
+    # 10 pairs -> chunks of 3 by sorted key (shuffle_seed=None); 3 bad ones (all of chunk 1) skipped, never
     # replaced: chunk 1 leaves no tar, only its sidecar.
     assert {s["key"] for s in m["skipped"]} == BAD_KEYS
     reasons = {s["key"]: s["reason"] for s in m["skipped"]}
@@ -113,8 +114,8 @@ def test_class_stats_matches_brute_force():
     for c in (0, 2, 5, 13):
         assert pixels[str(c)] == int((lab == c).sum())
         expected = []
-        for y0 in range(0, 9, 4):
-            for x0 in range(0, 14, 4):
+        for y0 in range(0, 9 - 4 + 1, 4):  # whole tiles only
+            for x0 in range(0, 14 - 4 + 1, 4):
                 yy, xx = np.nonzero(lab[y0:y0 + 4, x0:x0 + 4] == c)
                 if len(yy):
                     expected.append([y0 + int(np.mean(yy)), x0 + int(np.mean(xx))])
@@ -194,3 +195,23 @@ def test_errors(tmp_path, cs_source):
         load_manifest(tmp_path)
     with pytest.raises(ValueError, match="image_format"):
         write_shards(cs_source, tmp_path / "x", image_format="webp")
+
+
+def test_shuffled_sample_order_is_seeded_and_recorded(cs_source, tmp_path):
+    """Shards hold a seeded permutation of the split (consecutive frame ids are video-like)."""
+    a = write_shards(cs_source, tmp_path / "a", samples_per_shard=2, progress=False)
+    b = write_shards(cs_source, tmp_path / "b", samples_per_shard=2, progress=False)
+    c = write_shards(cs_source, tmp_path / "c", samples_per_shard=2, progress=False, shuffle_seed=5)
+    keys = lambda m: [s["key"] for s in m["samples"]]  # noqa: E731
+    good = sorted({it.key for it in cs_source} - BAD_KEYS)
+    assert a["shuffle_seed"] == 0 and c["shuffle_seed"] == 5
+    assert keys(a) == keys(b) and sorted(keys(a)) == sorted(keys(c)) == good
+    assert keys(a) != good and keys(c) != keys(a)  # not key order, and the seed matters
+    for m, d in ((a, "a"), (c, "c")):  # the manifest's order is the tars' member order
+        order = []
+        for sh in m["shards"]:
+            with tarfile.open(tmp_path / d / sh["name"]) as tar:
+                order += [n.name.split(".", 1)[0] for n in tar.getmembers()][::3]
+        assert order == keys(m)
+    again = write_shards(cs_source, tmp_path / "a", samples_per_shard=2, progress=False)
+    assert again == a  # a rerun with the recorded seed keeps every shard

@@ -50,9 +50,9 @@ def train_cmd(out: Path, shards: Path, steps: int, *overrides: str, processes: i
                             config_file=config_file, launcher=launcher)
 
 
-def run(cmd: list[str], e: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(cmd: list[str], e: dict[str, str], timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     t = time.perf_counter()
-    res = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, env=e, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     res.seconds = time.perf_counter() - t  # type: ignore[attr-defined]
     return res
 

@@ -26,7 +26,10 @@ def test_baseline_has_no_training_only_heads_but_same_network():
     base = model_kwargs(load_config(REPO / "configs" / "baseline_r50_gta5.yaml"))
     full = model_kwargs(load_config(REPO / "configs" / "blindnet_r50_gta5.yaml"))
     assert base["proj_heads"] is False and full["proj_heads"] is True
-    assert {k: v for k, v in base.items() if k != "proj_heads"} == {k: v for k, v in full.items() if k != "proj_heads"}
+    assert base["in_losses"] is False and full["in_losses"] is True  # CML/CCL read the IN outputs (ViT pyramid)
+    training_only = ("proj_heads", "in_losses")
+    assert ({k: v for k, v in base.items() if k not in training_only}
+            == {k: v for k, v in full.items() if k not in training_only})
 
 
 def test_overrides_are_typed():
@@ -43,6 +46,8 @@ def test_overrides_are_typed():
         ("loss.ce_scope=foo", ["loss.ce_scope", "foo", "reference", "exact"]),
         ("optim.max_steps=abc", ["optim.max_steps", "abc", "int"]),
         ("optim.max_steps=0", ["optim.max_steps", "> 0"]),
+        ("loss.cwcl_global_keys=0", ["loss.cwcl_global_keys", "> 0"]),
+        ("loss.cwcl_global_keys=1.5", ["loss.cwcl_global_keys", "1.5", "int"]),
         ("data.class_uniform=2", ["data.class_uniform", "[0, 1]"]),
         ("loss.two_view=false", ["loss.two_view", "cml"]),
         ("run.mixed_precision=fp8", ["run.mixed_precision", "bf16"]),

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blindseg_dist.losses.contrastive import _fold_seeds, _quotas
 from blindseg_dist.losses import (class_wise_contrastive_loss, sample_class_anchors,
                                   sample_seeds, semantic_disentanglement_loss)
 
@@ -197,7 +198,9 @@ def test_cwcl_labels_at_full_resolution_are_nearest_resized():
 # ----------------------------------------------------------------------------- SDCL
 
 def naive_sdcl(emb_aug, emb, y, p, pa, seeds, scope, k, cap_per_image, tau=TAU):
-    """Loops over pixels; randomness from the documented per-image draws (neg, anchor keys)."""
+    """Loops over pixels; randomness from the documented per-image draws (neg, anchor keys).
+    "global": how many anchors / negatives each image gives comes from the batch-seeded
+    quota draw (_quotas); which ones, from the image's own keys (smallest first)."""
     b, d, h, w = emb_aug.shape
     n = h * w
     y, p, pa = y.flatten(1), p.flatten(1), pa.flatten(1)
@@ -218,12 +221,24 @@ def naive_sdcl(emb_aug, emb, y, p, pa, seeds, scope, k, cap_per_image, tau=TAU):
             corr = y[i, q] != 255 and p[i, q] == y[i, q] and pa[i, q] != p[i, q]
             if corr and gt_count(i, int(pa[i, q])) >= k:
                 anchors.append((float(keys[i][1][q]), i, q, int(pa[i, q])))
-    anchors = sorted(anchors)[: cap_per_image * b]
+    if scope == "global":  # budgeted draws (docs/DISTRIBUTED.md, "Budgeted global scopes")
+        seed = _fold_seeds(torch.as_tensor(seeds, dtype=torch.int64))
+        quota = _quotas([sum(a[1] == i for a in anchors) for i in range(b)], cap_per_image * b,
+                        seed, 1)
+        anchors = [a for i in range(b) for a in sorted(x for x in anchors if x[1] == i)[:quota[i]]]
+        pools = {}
+        for c in sorted({a[3] for a in anchors}):
+            qc = _quotas([int((y[j] == c).sum()) for j in range(b)], k, seed, 2 + c)
+            pools[c] = [t for j in range(b) for t in sorted(
+                (float(keys[j][0][r]), j, r) for r in range(n) if y[j, r] == c)[:qc[j]]]
+    else:
+        anchors = sorted(anchors)[: cap_per_image * b]
     terms = []
     for _, i, q, c in anchors:
-        imgs = range(b) if scope == "global" else [i]
-        pool = sorted((float(keys[j][0][r]), j, r) for j in imgs for r in range(n)
-                      if y[j, r] == c)[:k]
+        if scope == "global":
+            pool = pools[c]
+        else:
+            pool = sorted((float(keys[i][0][r]), i, r) for r in range(n) if y[i, r] == c)[:k]
         a = za[i, :, q]
         logits = [a @ z[i, :, q]] + [a @ za[j, :, r] for _, j, r in pool]
         terms.append(-torch.log_softmax(torch.stack(logits) / tau, 0)[0])

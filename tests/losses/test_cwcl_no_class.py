@@ -136,7 +136,7 @@ def _worker(rank, world):
     for case in GLOBAL:
         for scope in ("image", "global"):
             dist.reset_comm_stats()
-            out[case, scope] = (*_run(case, "reference", scope, idx), dist.comm_stats().get("cwcl", 0))
+            out[case, scope] = (*_run(case, "reference", scope, idx), dist.comm_stats().get("cwcl", {}).get("received", 0))
     return out
 
 

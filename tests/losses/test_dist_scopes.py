@@ -1,7 +1,7 @@
 """The distributed contract, on real gloo processes (docs/DISTRIBUTED.md, "The contract").
 
 For every loss x scope, W ranks each compute the loss on their slice of a global batch of 4
-images (W=2: 2+2, W=3: 2+1+1) and must satisfy, in float64 at rtol 1e-6:
+images (W=2: 2+2, W=3: 2+1+1, W=4: 1+1+1+1) and must satisfy, in float64 at rtol 1e-6:
   mean_r L_r == L (1 process, concatenated batch),
   grad of rank r's local leaf inputs == W x the 1-process gradient of that slice
 (so DDP's 1/W gradient averaging gives the exact 1-process parameter gradient).
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from blindseg_dist import losses
 from blindseg_dist.launcher import run_gloo
 
-SPLITS = {2: [2, 2], 3: [2, 1, 1]}
+SPLITS = {2: [2, 2], 3: [2, 1, 1], 4: [1, 1, 1, 1]}
+WORLDS = list(SPLITS)
 RUN_SEED, STEP = 304, 7
 
 
@@ -59,11 +60,11 @@ def _cov(fn, scope):
     return case, ("f0", "f1", "fa0", "fa1")
 
 
-def _cwcl(negatives, scope):
+def _cwcl(negatives, scope, global_keys=6000):
     def case(t, seeds):
         return losses.class_wise_contrastive_loss(
             t["emb_aug"], t["emb"], t["labels"], t["pred"], negatives=negatives, scope=scope,
-            max_classes=4, pixels_per_class=10, seeds=seeds)
+            max_classes=4, pixels_per_class=10, global_keys=global_keys, seeds=seeds)
     return case, ("emb_aug", "emb")
 
 
@@ -90,6 +91,9 @@ CASES = {
     "cwcl_reference_global": _cwcl("reference", "global"),
     "cwcl_paper_image": _cwcl("paper", "image"),
     "cwcl_paper_global": _cwcl("paper", "global"),
+    # the key budget binds: 50 of the 4 x 40 sampled keys, drawn over the global batch
+    "cwcl_reference_global_budget": _cwcl("reference", "global", 50),
+    "cwcl_paper_global_budget": _cwcl("paper", "global", 50),
     "sdcl_image": _sdcl("image", 1000),
     "sdcl_global": _sdcl("global", 1000),
     "sdcl_image_cap": _sdcl("image", 3),  # cap binds: 3 x 4 anchors kept of ~100
@@ -168,7 +172,7 @@ def _reference(name):
     return _run_case(name, make_batch(), torch.arange(4))
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name", [n for n in CASES if n != "seg_reference"])
 def test_contract(world, name):
     per_rank = _results(world)
@@ -183,7 +187,7 @@ def test_contract(world, name):
                                        err_msg=f"{name}: rank {rank} gradient of {k}")
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", WORLDS)
 def test_reference_segmentation_is_a_mean_of_local_means(world):
     """scope="reference" is the per-rank mean: exact only with equal valid counts."""
     per_rank = _results(world)
@@ -199,16 +203,30 @@ def test_reference_segmentation_is_a_mean_of_local_means(world):
     assert np.mean([r["seg_reference"][0] for r in per_rank]) != pytest.approx(ref, rel=1e-3)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", WORLDS)
 def test_loss_collectives_are_counted(world):
     per_rank = _results(world)
+    assert len(per_rank) == world
+    d = make_batch()["emb"].shape[1]
     for r in per_rank:
-        assert r["cml_batch"][2]["cml"] > 0 and r["sdcl_global"][2]["sdcl"] > 0
-        assert r["cwcl_reference_global"][2]["cwcl"] > 0 and r["seg_exact"][2]["seg"] > 0
+        rec = {name: {tag: c["received"] for tag, c in r[name][2].items()} for name in CASES}
+        assert rec["cml_batch"]["cml"] > 0 and rec["sdcl_global"]["sdcl"] > 0
+        assert rec["cwcl_reference_global"]["cwcl"] > 0 and rec["seg_exact"]["seg"] > 0
         assert set(r["seg_exact"][2]) == {"seg"}
+        # only chosen rows move: the budget bounds what CWCL receives (50 keys of 6 float64,
+        # plus the class-id column for "paper", plus a few int64 of metadata per image)
+        meta = 8 * (3 * world + 4 * 2)  # sizes, seeds, eligibility count
+        assert rec["cwcl_reference_global_budget"]["cwcl"] <= 50 * d * 8 + meta
+        assert rec["cwcl_paper_global_budget"]["cwcl"] <= 50 * (d + 1) * 8 + meta
+        assert rec["cwcl_reference_global_budget"]["cwcl"] < rec["cwcl_reference_global"]["cwcl"]
+        # SDCL moves at most its C x K negatives (forward and backward) + metadata
+        assert rec["sdcl_global"]["sdcl"] <= 2 * 5 * 8 * d * 8 + 8 * (2 * 513 + 8 * 4 + world)
+        for name in ("cml_batch", "ccl_batch"):  # no backward all-reduce: sent == received
+            tag = name.split("_")[0]
+            assert r[name][2][tag]["sent"] == r[name][2][tag]["received"] > 0
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", WORLDS)
 def test_sdcl_cases_exercise_the_cap_and_an_empty_rank(world):
     per_rank = _results(world)
     for key in [("image", 1000), ("global", 1000), ("image", 3), ("global", 3)]:
@@ -219,11 +237,11 @@ def test_sdcl_cases_exercise_the_cap_and_an_empty_rank(world):
             assert sum(local) == 3 * 4  # the cap binds: 3 anchors per image of the global batch
         else:
             assert sum(local) > 3 * 4
-        if world == 3:
-            assert local[-1] == 0  # rank 2 holds only the all-ignore image
+        if world in (3, 4):
+            assert local[-1] == 0  # the last rank holds only the all-ignore image
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", WORLDS)
 def test_dist_collectives_sum_gradients_across_ranks(world):
     per_rank = _results(world)
     rows = [2.0 * v for r in range(world) for v in range(1, r + 1)]

@@ -51,3 +51,18 @@ def test_demo_two_processes(tmp_path):
         assert f"miou/{name}" in tags, sorted(tags)
     assert "lr" in tags and "images_per_s" in tags
     assert "Results (world size 2" in proc.stdout and "mean unseen" in proc.stdout
+    # what a person looks at: prediction panels (PNG and TensorBoard) and each target's confusion figure
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with Image.open(report["panels"]) as im:
+        assert im.format == "PNG" and im.size[0] >= 4 * 128 and im.size[1] > 2 * 128
+    for name, png in report["confusion_figures"].items():
+        assert name in report["targets"] and Image.open(png).format == "PNG"
+    images: set = set()
+    for ev in Path(report["tensorboard"]).glob("events.*"):
+        acc = EventAccumulator(str(ev), size_guidance={"images": 0})
+        acc.Reload()
+        images |= set(acc.Tags()["images"])
+    assert "demo/panels" in images and {f"confusion/{n}" for n in report["targets"]} <= images, sorted(images)
+    assert (out / "run" / "metrics.jsonl").is_file() and (out / "run" / "summary.csv").is_file()

@@ -86,3 +86,29 @@ def test_report_errors(tmp_path, capsys):
     (tmp_path / "bad" / "eval.json").write_text("{}")
     assert main(["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r")]) == 2
     assert "no 'targets'" in capsys.readouterr().err
+
+
+def test_report_reads_training_records_and_labels_unseen_selection(tmp_path, capsys):
+    """A run evaluated only during training: report takes the best checkpoint's row of eval.jsonl and
+    shows steps, loss and images/s from metrics.jsonl, and marks a selection on an unseen target."""
+    from blindseg_dist.engine import records
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(DEMO_CONFIG), run / "config.yaml")
+    for step, loss in ((1, 2.0), (2, 1.5)):
+        records.append_jsonl(run / "metrics.jsonl", records.metrics_row(step, {"loss/total": loss, "images_per_s": 4.0}))
+    good, bad = _result({0: 8, 10: 4}, {(0, 1): 2}), _result({0: 4}, {(0, 1): 4})
+    records.append_jsonl(run / "eval.jsonl", records.eval_row(1, {"night": good}, "night", True))
+    records.append_jsonl(run / "eval.jsonl", records.eval_row(2, {"night": bad}, "night", True))
+    (run / "best.json").write_text(json.dumps({"step": 1, "checkpoint": str(run / "checkpoints/1"),
+                                               "selection": "night", "miou": good["miou"],
+                                               "selection_is_unseen_target": True}))
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out), "--no-flops"]) == 0
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert float(rows[0]["night"]) == pytest.approx(60.0, abs=1e-3)  # the best step's row, not the last
+    md = (out / "report.md").read_text()
+    assert "| run | 2 | 1.5000 | 4.0 | 1 | night (UNSEEN target) |" in md, md
+    assert "night (UNSEEN target)" in printed

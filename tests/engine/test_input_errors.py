@@ -42,22 +42,24 @@ def test_batch_of_one_on_one_process_and_a_crop_larger_than_the_frames(train_sha
 
 def test_unreadable_or_foreign_checkpoints_name_the_file(train_shards, tmp_path):
     out = tmp_path / "run"
-    res = run(train_cmd(out, train_shards, 1, processes=1), env())
+    res = run(train_cmd(out, train_shards, 2, "run.checkpoint_every=1", processes=1), env())
     assert res.returncode == 0, tail(res)
-    last = ckpt.latest_checkpoint(out)
+    first = out / "checkpoints" / "1"  # resumed from into a new folder (a branch of the run)
     saved = tmp_path / "saved"
-    shutil.copytree(last, saved)
+    shutil.copytree(first, saved)
+    resume = ["--resume", str(first)]
     for name in (ckpt.STATE_FILE, ckpt.MODEL_FILE):
-        f = last / name
+        f = first / name
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated
-        res = run(train_cmd(out, train_shards, 2, processes=1, resume=True), env())
+        res = run(train_cmd(tmp_path / "branch", train_shards, 2, processes=1) + resume, env())
         assert res.returncode == 2, tail(res)
         assert f"checkpoint file {str(f)!r} cannot be read" in res.stderr and "Traceback" not in res.stderr, tail(res)
         shutil.copy(saved / name, f)
     # a checkpoint of another backbone
-    res = run(train_cmd(out, train_shards, 2, "model.backbone=resnet34", processes=1, resume=True), env())
+    res = run(train_cmd(tmp_path / "branch", train_shards, 2, "model.backbone=resnet34", processes=1) + resume, env())
     assert res.returncode == 2, tail(res)
-    assert f"checkpoint {str(last)!r} does not fit this network" in res.stderr and "Traceback" not in res.stderr
+    assert f"checkpoint {str(first)!r} does not fit this network" in res.stderr and "Traceback" not in res.stderr, \
+        tail(res)
 
 
 def test_eval_path_errors_exit_2_and_say_what_is_wrong(train_shards, tmp_path, capsys):

@@ -58,7 +58,7 @@ def cmd_synth(args) -> int:
 
 def cmd_shard(args) -> int:
     from .data.shards import write_shards
-    from .data.sources import get_source
+    from .data.sources import DEFAULT_SPLITS, TARGETS, get_source
 
     opts = {}
     if args.label_map:
@@ -75,8 +75,13 @@ def cmd_shard(args) -> int:
             upload = upload_command(args.out, args.upload_to)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    split = args.split
+    if split is None and args.dataset in TARGETS:
+        split = DEFAULT_SPLITS[args.dataset]
+        print(f"blindseg shard: no --split given: {args.dataset} is an evaluation target, taking its evaluation "
+              f"split '{split}' (pass --split train, all or a list file for another one)")
     try:
-        source = get_source(args.dataset, args.root, split=args.split, **opts)
+        source = get_source(args.dataset, args.root, split=split, **opts)
     except ValueError as e:  # a bad split, column or label map: the message names it
         print(f"blindseg shard: {e}", file=sys.stderr)
         return 2
@@ -139,6 +144,15 @@ def cmd_ablate(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_scale(args) -> int:
+    from .tools.scale import run_scaling
+
+    size = tuple(int(v) for v in args.flops_size.lower().split("x"))
+    summary = run_scaling(args.configs, args.seeds, output_dir=args.output_dir, overrides=args.overrides,
+                          processes=args.processes, flops_size=size)
+    return 1 if summary["failed"] else 0
+
+
 def cmd_predict(args) -> int:
     from .tools.predict import predict_folder
 
@@ -147,6 +161,23 @@ def cmd_predict(args) -> int:
     except ValueError as e:  # an unreadable image, a bad --alpha: the message names it
         print(f"blindseg predict: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def cmd_browse(args) -> int:
+    from .config import load_config
+    from .tools.browse import browse
+
+    cfg = load_config(args.config, list(args.overrides))
+    try:
+        records = browse(cfg, args.num, args.out, rank=args.rank, world_size=args.world_size, tile=args.tile)
+    except ValueError as e:  # a bad --num / --tile / --rank: the message names it
+        print(f"blindseg browse: {e}", file=sys.stderr)
+        return 2
+    n_cls = sum(r["class"] is not None for r in records)
+    print(f"browse: {len(records)} samples of {cfg.data.train} ({n_cls} class-uniform, "
+          f"{len(records) - n_cls} uniform; rank {args.rank} of {args.world_size}) -> "
+          f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.jsonl'}")
     return 0
 
 
@@ -280,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     s.set_defaults(func=cmd_ablate)
 
+    s = sub.add_parser("scale", help="backbone scaling study: train + evaluate configs over seeds, "
+                                     "unseen-domain mIoU vs params / GFLOPs, images/s, peak memory")
+    s.add_argument("--configs", nargs="+", required=True, help="training configs (paths or shipped names, "
+                                                               "e.g. scaling/resnet50 scaling/vit_small)")
+    s.add_argument("--seeds", type=int, required=True, help="seeds per config (run.seed = the config's seed + i)")
+    s.add_argument("--output-dir", default="scaling")
+    s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("--flops-size", default="512x1024", help="HxW of the fvcore GFLOPs count (default 512x1024)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    s.set_defaults(func=cmd_scale)
+
     s = sub.add_parser("predict", help="colour-coded masks and overlays for a folder of images")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--images", required=True, help="folder of .png/.jpg images (searched recursively)")
@@ -302,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--processes", type=int, default=2)
     s.add_argument("--images-per-domain", type=int, default=None)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("browse", help="what the training loader feeds: a PNG grid and samples.jsonl")
+    s.add_argument("--config", required=True)
+    s.add_argument("--num", type=int, default=16, help="number of training samples (default 16)")
+    s.add_argument("--out", required=True, help="output folder: grid.png, samples.jsonl")
+    s.add_argument("--rank", type=int, default=0, help="the rank whose stream to show (default 0)")
+    s.add_argument("--world-size", type=int, default=1, help="processes of the launch (default 1)")
+    s.add_argument("--tile", type=int, default=256, help="pixel size of each view in the grid (default 256)")
+    s.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.train=DIR)")
+    s.set_defaults(func=cmd_browse)
 
     s = sub.add_parser("flops", help="fvcore FLOPs and parameters of a config and its baseline")
     s.add_argument("--config", required=True)

@@ -63,7 +63,23 @@ class ModelConfig:
     channels_last: bool = False
     """Use the channels_last memory format (faster convolutions on recent GPUs)."""
     grad_checkpointing: bool = False
-    """Activation checkpointing of the backbone stages (large backbones on small GPUs)."""
+    """Activation checkpointing of the backbone stages, every block for a ViT (large backbones on small GPUs)."""
+    timm_kwargs: dict[str, typing.Any] = field(default_factory=dict)
+    """Extra timm.create_model arguments for a timm:<name> backbone, e.g. {depth: 2} (small test models)."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of a timm backbone (ViT, ConvNeXt, Swin recipes)."""
+    vit_blocks: list[int] = field(default_factory=list)
+    """ViT: the 4 blocks (0-based, increasing) tapped for the pyramid levels 1/4, 1/8, 1/16, 1/os; [] = last block of each quarter."""
+    vit_in_points: list[str] = field(default_factory=lambda: ["embed", "p4", "p8"])
+    """ViT: the 3 affine-free IN points: embed (after the patch embedding) | block<i> | p4 | p8 | p16 | p32 (pyramid outputs)."""
+    vit_pyramid_channels: int = 256
+    """ViT: channels of every pyramid level."""
+    proj_levels: list[str] = field(default_factory=lambda: ["high", "dec0", "dec1"])
+    """Features read by the 3 projection heads: low | mid | aux | high (backbone outputs) | dec0 | dec1 (decoder in/out)."""
+    freeze_backbone: bool = False
+    """requires_grad=False on the whole encoder (ViT: its pyramid stays trainable); no optimizer state, no all-reduce."""
+    freeze_blocks: int = 0
+    """Freeze the stem / patch embedding and the first k blocks of the encoder (0: none)."""
 
 
 @dataclass
@@ -149,14 +165,32 @@ class EvalConfig:
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "sgd"
+    """sgd (momentum, the BlindNet recipe) | adamw."""
     lr: float = 0.01
-    """Base learning rate (SGD, one parameter group)."""
+    """Base learning rate (of the decoder and heads times optim.head_lr_mult; the encoder's scaled by layer_decay)."""
     momentum: float = 0.9
     """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
     weight_decay: float = 5e-4
-    """SGD weight decay."""
+    """Weight decay (SGD: L2 in the gradient; AdamW: decoupled)."""
+    no_weight_decay: list[str] = field(default_factory=list)
+    """Parameter kinds without weight decay: norm (1-D weights: norm scales, layer scales) | bias | pos_embed (position embeddings, class / register tokens, relative position tables)."""
+    schedule: str = "poly"
+    """poly | cosine decay over optim.max_steps, stepped once per optimizer step."""
     poly_power: float = 0.9
-    """Poly decay power, stepped once per optimizer step, no warm-up."""
+    """Poly decay power."""
+    min_lr_ratio: float = 0.0
+    """The decay ends at min_lr_ratio x lr."""
+    warmup_steps: int = 0
+    """Linear warm-up over the first N optimizer steps (0: none)."""
+    warmup_ratio: float = 1e-6
+    """LR factor at step 0 of the warm-up (it rises linearly to the decayed value at warmup_steps)."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay: encoder layer i of n gets lr x layer_decay ** (n - i) (ViT / ConvNeXt / Swin / ResNet blocks); 1 = off."""
+    head_lr_mult: float = 1.0
+    """LR multiplier of everything outside the encoder's blocks: decoder, aux and projection heads, a ViT's pyramid."""
     max_steps: int = 40000
     """Optimizer steps."""
     grad_clip: float = 0.0
@@ -243,7 +277,12 @@ CHOICES: dict[str, tuple] = {
     "data.on_corrupt": ON_CORRUPT,
     "run.mixed_precision": ("no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
+    "optim.optimizer": ("sgd", "adamw"),
+    "optim.schedule": ("poly", "cosine"),
 }
+
+NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = ("norm", "bias", "pos_embed")
+"""Allowed entries of optim.no_weight_decay (engine/optim.py)."""
 
 
 NULL_CHOICES: tuple[str, ...] = ("run.mixed_precision",)
@@ -355,9 +394,13 @@ def validate(cfg: Config) -> Config:
               "run.max_nonfinite"):
         positive(p)
     for p in ("loss.aux", "loss.cml", "loss.ccl", "loss.cwcl", "loss.sdcl", "data.num_workers", "eval.every",
-              "eval.max_images", "data.remote_retries", "optim.grad_clip", "optim.weight_decay", "optim.momentum", "run.image_every",
-              "run.threads"):
+              "eval.max_images", "data.remote_retries", "optim.grad_clip", "optim.weight_decay", "optim.momentum",
+              "run.image_every", "run.threads", "model.drop_path", "model.freeze_blocks", "optim.warmup_steps",
+              "optim.min_lr_ratio"):
         positive(p, strict=False)
+    for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay"):
+        positive(p)
+    _validate_recipe(cfg)
     lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
     if lo is None or not (0 < lo <= hi):
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
@@ -377,6 +420,33 @@ def validate(cfg: Config) -> Config:
                 "set loss.two_view=true or their weights to 0 (baseline)"
             )
     return cfg
+
+
+def _validate_recipe(cfg: Config) -> None:
+    o, m = cfg.optim, cfg.model
+    bad = [k for k in o.no_weight_decay if k not in NO_WEIGHT_DECAY_KINDS]
+    if bad:
+        raise ConfigError(f"config key 'optim.no_weight_decay': value {o.no_weight_decay!r}: {bad} not allowed; "
+                          f"choose among {list(NO_WEIGHT_DECAY_KINDS)}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"config key 'optim.betas': value {o.betas!r} must be [beta1, beta2] in [0, 1)")
+    for key, value, hi in (("optim.layer_decay", o.layer_decay, 1.0), ("optim.warmup_ratio", o.warmup_ratio, 1.0),
+                           ("optim.min_lr_ratio", o.min_lr_ratio, 1.0), ("model.drop_path", m.drop_path, 1.0)):
+        if value > hi:
+            raise ConfigError(f"config key '{key}': value {value!r} must be <= {hi}")
+    if m.freeze_backbone and m.freeze_blocks:
+        raise ConfigError("config key 'model.freeze_blocks': set either model.freeze_backbone=true (the whole "
+                          f"encoder) or model.freeze_blocks={m.freeze_blocks}, not both")
+    if m.vit_blocks and len(m.vit_blocks) != 4:
+        raise ConfigError(f"config key 'model.vit_blocks': value {m.vit_blocks!r} must be [] or 4 block indices")
+    from .model.blindnet import PROJ_LEVELS
+
+    if len(m.proj_levels) != 3 or any(p not in PROJ_LEVELS for p in m.proj_levels):
+        raise ConfigError(f"config key 'model.proj_levels': value {m.proj_levels!r} must be 3 of {list(PROJ_LEVELS)}")
+    if len(m.vit_in_points) != 3 or len(set(m.vit_in_points)) != 3 or not all(
+            re.fullmatch(r"embed|block\d+|p(4|8|16|32)", p) for p in m.vit_in_points):
+        raise ConfigError(f"config key 'model.vit_in_points': value {m.vit_in_points!r} must be 3 distinct of "
+                          "embed, block<i>, p4, p8, p16, p32")
 
 
 EVAL_PROTOCOLS = ("full", "mapillary_1536", "mapillary_1024", "synthia")
@@ -437,7 +507,7 @@ def shipped_config_names() -> list[str]:
     """Names of the shipped training configs ("demo", "scaling/resnet50", ...; ablation grids excluded)."""
     root = shipped_configs()
     names = (q.relative_to(root).with_suffix("").as_posix() for q in root.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("ablation/"))
+    return sorted(n for n in names if not n.startswith("ablation/") and not n.rsplit("/", 1)[-1].startswith("_"))
 
 
 def find_config(path: str | os.PathLike) -> Path:
@@ -457,17 +527,49 @@ def find_config(path: str | os.PathLike) -> Path:
                       f"{', '.join(shipped_config_names())}")
 
 
+BASE_KEY = "_base_"
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file with its ``_base_`` chain merged in: ``_base_: other.yaml`` (or a
+    list, merged in order) names files relative to this one, or shipped config names; this file's
+    keys override the bases' (sections merge key by key)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config file {str(path)!r}: _base_ cycle through {[str(p) for p in _seen]}")
+    try:
+        data = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    bases = data.pop(BASE_KEY, None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        local = path.parent / str(base)
+        try:
+            target = local if local.is_file() else find_config(base)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r}: _base_ {base!r} not found next to it nor shipped ({e})") from None
+        merged = _deep_merge(merged, read_config_tree(target, (*_seen, path)))
+    return _deep_merge(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (a path or a shipped name, see find_config) <- overrides, validated.
+    """Defaults <- YAML file (a path or a shipped name, see find_config; its ``_base_`` chain first,
+    see read_config_tree) <- overrides, validated.
     Raises ConfigError with the bad key."""
     cfg = Config()
     if path is not None:
         p = find_config(path)
-        try:
-            data = load_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-        _merge(cfg, data)
+        _merge(cfg, read_config_tree(p))
         if cfg.run.name is None:
             cfg.run.name = p.stem
     if overrides:
@@ -496,4 +598,11 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         proj_heads=cfg.loss.two_view and (cfg.loss.cwcl > 0 or cfg.loss.sdcl > 0),
         channels_last=cfg.model.channels_last,
         grad_checkpointing=cfg.model.grad_checkpointing,
+        proj_levels=tuple(cfg.model.proj_levels),
+        vit=dict(blocks=list(cfg.model.vit_blocks) or None, in_points=tuple(cfg.model.vit_in_points),
+                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path),
+        timm_kwargs=dict(cfg.model.timm_kwargs),
+        freeze_backbone=cfg.model.freeze_backbone,
+        freeze_blocks=cfg.model.freeze_blocks,
+        in_losses=cfg.loss.two_view and (cfg.loss.cml > 0 or cfg.loss.ccl > 0),
     )

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from blindseg_dist.data.location import RemoteOptions, ShardReadError, has_braces, is_remote, shard_name, resolve as resolve_location
 from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
 from blindseg_dist.data.labels import IGNORE
-from blindseg_dist.data.views import normalize, to_unit_float
+from blindseg_dist.data.views import normalize, resize_bicubic, to_unit_float
 
 Protocol = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -35,18 +35,18 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 
 
 def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
-    """Resize so the height is `height` (bicubic image, nearest label); then, with crop=True, a
+    """Resize so the height is `height` (PIL bicubic image, antialiased; nearest label); then, with crop=True, a
     centre crop height x height, padding narrow frames with 0 (image) and 255 = ignore (label)."""
 
     def apply(image: np.ndarray, label: np.ndarray):
         h, w = label.shape
-        nw = max(1, int(round(w * height / h)))
-        image = cv2.resize(image, (nw, height), interpolation=cv2.INTER_CUBIC)
+        nw = max(1, int(w / h * height))  # the released ResizeHeight: int(w / h * target_h)
+        image = resize_bicubic(image, (height, nw))  # PIL's bicubic: antialiased when shrinking
         label = cv2.resize(label, (nw, height), interpolation=cv2.INTER_NEAREST_EXACT)
         if not crop:
             return image, label
         if nw >= height:
-            x0 = (nw - height) // 2
+            x0 = int(round((nw - height) / 2.0))  # the released CenterCrop offset
             return image[:, x0:x0 + height], label[:, x0:x0 + height]
         px = (height - nw) // 2
         img_o = np.zeros((height, height, 3), np.uint8)
@@ -165,6 +165,8 @@ class EvalDataset(Dataset):
             return out[0], out[1], str(item[0])
         sp, key, members = item
         if members is None:  # a remote shard: read from its cached copy
+            if sp in self._remote["index"] and not Path(self._remote["index"][sp][0]).is_file():
+                del self._remote["index"][sp]  # evicted from the cache since: fetch it again
             members = self._index(sp).get(key)
             if members is None:
                 raise RuntimeError(f"evaluation shard {sp} holds no sample {key!r} although its manifest lists it; "

@@ -415,7 +415,7 @@ class ShardStream(IterableDataset):
                     "centroid": [centroid[1], centroid[0]] if centroid else None,
                     "crop": [round(g["x0"] / sx, 2), round(g["y0"] / sy, 2), round((g["x0"] + g["cw"]) / sx, 2),
                              round((g["y0"] + g["ch"]) / sy, 2)],
-                    "scale": g["scale"], "flip": g["flip"], "geometry": g}
+                    "scale": g["scale"], "flip": g["flip"], "geometry": {**g, "source_hw": label.shape}}
         return x, xa, y, info
 
     def _fallback(self, start: int) -> tuple[str, dict[str, bytes]]:
@@ -505,12 +505,24 @@ class ShardStream(IterableDataset):
             e, pos = e + 1, 0
 
 
+def train_loader_from_config(cfg, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                             info: bool = False, pin_memory: bool = False) -> DataLoader:
+    """The training loader of a Config (the trainer's, and `blindseg browse`'s with info=True;
+    pin_memory: the trainer's on CUDA)."""
+    return make_train_loader(
+        cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
+        scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
+        num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
+        start_step=start_step, on_corrupt=cfg.data.on_corrupt, info=info,
+        remote=_loc.RemoteOptions.from_config(cfg.data), pin_memory=pin_memory)
+
+
 def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),
                       class_uniform: float = 0.5, num_workers: int = 2, seed: int = 0, rank: int = 0,
                       world_size: int = 1, start_step: int = 0, on_corrupt: str = "warn",
                       epoch_batches: int | None = None, shuffle_buffer: int = 16, open_shards: int = 4,
                       prefetch_factor: int = 2, info: bool = False,
-                      remote: "_loc.RemoteOptions | None" = None) -> DataLoader:
+                      remote: "_loc.RemoteOptions | None" = None, pin_memory: bool = False) -> DataLoader:
     """The training loader of one rank: an infinite DataLoader of dict batches
     {"image", "image_aug": float32 (B,3,crop,crop), "label": int64 (B,crop,crop), "keys": [str],
     "corrupt_shards", "bad_samples": int64 counters of the producing worker} (plus "info": one dict
@@ -521,7 +533,9 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     retries and deadline of remote shards (data.location.RemoteOptions). class_uniform: the fraction
     of an epoch drawn class-uniformly (data/sampler.py). epoch_batches: batches per (rank, worker)
     and stream epoch; default: the whole class-uniform epoch split over world_size x workers.
-    The batches from step k on with start_step=k equal those of an uninterrupted run."""
+    The batches from step k on with start_step=k equal those of an uninterrupted run.
+    pin_memory: page-locked batches (CUDA training: the trainer's host-to-device copies are then
+    non_blocking)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     table = load_sample_table(shards, remote)
@@ -538,4 +552,4 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
         kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)

@@ -4,8 +4,10 @@ One shared geometric transform (random scale of the full frame, class-uniform or
 horizontal flip) is applied once to the uint8 frame; the original view x and the augmented view
 x_a are then derived from that same crop with independent photometric transforms.
 
-Speed: the crop window is computed in source coordinates and only that window is resampled
-(one cv2.warpAffine per image/label), never the whole scaled frame. Photometric ops run on the
+Speed: the crop window is computed in source coordinates. Enlarging resamples only that window
+(one cv2.warpAffine per image/label), never the whole scaled frame; shrinking resizes the whole
+frame with PIL's antialiased bicubic (``resize_bicubic``; the result is no larger than the source)
+and cuts the window out of it; labels are always resampled nearest on the window. Photometric ops run on the
 768x768 crop in float32 with OpenCV. All randomness comes from the rng passed to the call.
 """
 
@@ -17,6 +19,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .labels import IGNORE
 
@@ -37,6 +40,16 @@ def class_centroids(label: np.ndarray, tile: int = 1024) -> dict[str, list[list[
     from .shards import class_stats
 
     return class_stats(label, tile)[1]
+
+
+def resize_bicubic(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 HxWx3 -> uint8 (h, w, 3) with PIL's bicubic (``Image.resize(..., BICUBIC)``, what the
+    released transforms use): a = -0.5 and, when shrinking, the kernel widened by the factor, i.e.
+    antialiased. torch's antialiased interpolate implements that filter (within 1 grey level of
+    Pillow when shrinking, 2 when enlarging: tests/data/test_views.py)."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # channels-last uint8 fast path
+    out = F.interpolate(t, size=(int(hw[0]), int(hw[1])), mode="bicubic", antialias=True, align_corners=False)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
 
 
 def blur_ksize(sigma: float) -> int:
@@ -186,7 +199,13 @@ class TwoViewTransform:
             m = np.array([[1.0 / sx, 0.0, (x0 + 0.5) / sx - 0.5],
                           [0.0, 1.0 / sy, (y0 + 0.5) / sy - 0.5]])
         flags = cv2.WARP_INVERSE_MAP
-        img_c = cv2.warpAffine(image, m, (cw, ch), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE)
+        if hs < h or ws < w:
+            # shrinking: PIL's antialiased bicubic of the whole frame (no larger than the source),
+            # then the crop, as the released resize-then-crop; a plain cubic would alias
+            img_c = resize_bicubic(image, (hs, ws))[y0:y0 + ch, x0:x0 + cw]
+            img_c = np.ascontiguousarray(img_c[:, ::-1] if g["flip"] else img_c)
+        else:  # enlarging: cubic on the crop window only (never the up-to-4x larger frame)
+            img_c = cv2.warpAffine(image, m, (cw, ch), flags=cv2.INTER_CUBIC | flags, borderMode=cv2.BORDER_REPLICATE)
         lab_c = cv2.warpAffine(label, m, (cw, ch), flags=cv2.INTER_NEAREST | flags, borderMode=cv2.BORDER_REPLICATE)
         if ch == c and cw == c:
             return img_c, lab_c

@@ -137,8 +137,8 @@ def configure_deepspeed(acc: Accelerator, cfg: Config) -> None:
             "(\"auto\" follows run.mixed_precision)"
         )
     if "optimizer" in conf or "scheduler" in conf:
-        raise ConfigError(f"{source} defines an optimizer or scheduler; blindseg uses its own SGD and poly "
-                          "schedule (optim.*): remove those sections")
+        raise ConfigError(f"{source} defines an optimizer or scheduler; blindseg uses its own optimizer and "
+                          "schedule (optim.*: sgd | adamw, warm-up, poly | cosine): remove those sections")
 
 
 def check_world(num_processes: int) -> None:

@@ -44,8 +44,7 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
-from ..data.location import RemoteOptions
-from ..data.stream import make_train_loader
+from ..data.stream import train_loader_from_config
 from ..model import build_model
 from ..model.objective import BlindNetObjective
 from ..model.pretrained import check_pretrained
@@ -199,6 +198,8 @@ class Trainer(TrainLoop):
             torch.set_num_threads(cfg.run.threads)
         self.cfg, self.micro = cfg, cfg.optim.grad_accum
         self.acc = make_accelerator(cfg)
+        if self.acc.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed crop: cuDNN picks its kernels once
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
@@ -242,13 +243,11 @@ class Trainer(TrainLoop):
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
-        loader = make_train_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
-            scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
-            num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=self.rank, world_size=self.world,
-            start_step=self.step * self.micro,  # the stream position (exact while no step was skipped)
-            on_corrupt=cfg.data.on_corrupt, remote=RemoteOptions.from_config(cfg.data),
-        )
+        # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
+        # page-locked batches on CUDA: the copies in _forward are non_blocking
+        loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
+                                          start_step=self.step * self.micro,
+                                          pin_memory=self.acc.device.type == "cuda")
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
@@ -314,8 +313,9 @@ class Trainer(TrainLoop):
     def _forward(self, batch: dict, m: int) -> dict:
         """The objective on micro-batch ``m`` of this step (inputs on the device, in autocast)."""
         dev, dtype = self.acc.device, self.in_dtype
-        image, label = batch["image"].to(dev, dtype), batch["label"].to(dev)
-        image_aug = batch["image_aug"].to(dev, dtype) if self.cfg.loss.two_view else None
+        image = batch["image"].to(dev, dtype, non_blocking=True)
+        label = batch["label"].to(dev, non_blocking=True)
+        image_aug = batch["image_aug"].to(dev, dtype, non_blocking=True) if self.cfg.loss.two_view else None
         if self.cfg.model.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
             if image_aug is not None:
@@ -378,7 +378,8 @@ class Trainer(TrainLoop):
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]  # what the engine's optimizer uses
+        group = self.optimizer.param_groups[0]  # what the engine's optimizer uses, per unit lr scale
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""

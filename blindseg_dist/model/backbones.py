@@ -114,6 +114,13 @@ class Backbone(nn.Module):
                               context_fn=lambda: (nullcontext(), _frozen_bn_statistics(module)))
         return fn(x)
 
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        """The encoder's parameters in depth order, one group per layer id: [stem / patch embedding],
+        then one group per block (residual block, ConvNeXt/Swin block, ViT block). Layer-wise lr
+        decay and model.freeze_blocks read them (engine/optim.py, model/freeze.py); parameters in
+        no group (a ViT's pyramid, a final norm) are the neck, above the last block."""
+        raise NotImplementedError
+
 
 def _residual_sum(block: nn.Module, x: Tensor) -> Tensor:
     """A torchvision residual block up to the residual add (its final ReLU not applied)."""
@@ -168,6 +175,10 @@ class ResNetBackbone(Backbone):
         self.in_norms = nn.ModuleList(instance_norm(c) for c in self.in_channels)
         self.output_stride = output_stride
         self.grad_checkpointing = grad_checkpointing
+
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return [[self.conv1], *([block] for layer in layers for block in layer)]
 
     def _stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
         pre = self.in_norms[0](self.conv1(x))
@@ -252,11 +263,15 @@ class TimmBackbone(Backbone):
         output_stride: int = 16,
         pretrained: str | Path | None = None,
         grad_checkpointing: bool = False,
+        timm_kwargs: dict[str, Any] | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         import timm
 
-        kwargs: dict[str, object] = {"features_only": True, "out_indices": (-4, -3, -2, -1)}
+        kwargs: dict[str, object] = {**(timm_kwargs or {}), "features_only": True, "out_indices": (-4, -3, -2, -1)}
+        if drop_path:
+            kwargs["drop_path_rate"] = drop_path
         for prefix, extra in _TIMM_EXTRA_KWARGS.items():
             if name.startswith(prefix):
                 kwargs.update(extra)
@@ -278,7 +293,8 @@ class TimmBackbone(Backbone):
                 ) from err
             raise
         if not hasattr(body, "return_layers"):
-            raise ValueError(f"timm model {name!r} has no stage-wise feature list; use a hierarchical CNN/ViT")
+            raise ValueError(f"timm model {name!r} has no stage-wise feature list; use a hierarchical CNN, "
+                             "a hierarchical ViT (Swin) or a plain ViT (ViT, DINOv2, EVA-02; model/vit.py)")
         self.body = body
         info = body.feature_info
         self.channels = tuple(info.channels())
@@ -290,6 +306,20 @@ class TimmBackbone(Backbone):
         norm = _ChannelsLastIN if self.nhwc else instance_norm
         self.in_norms = nn.ModuleList(norm(c) for c in self.in_channels)
         self.grad_checkpointing = grad_checkpointing
+
+    def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
+        """Stem pieces first; each stage's blocks in order, the stage's other modules (downsample,
+        norm) with its first block."""
+        groups: list[list[nn.Module | nn.Parameter]] = [[]]
+        for name, module in self.body.items():
+            if name not in self.body.return_layers:
+                (groups[0] if len(groups) == 1 else groups[-1]).append(module)
+                continue
+            blocks = list(module.blocks) if hasattr(module, "blocks") else [module]
+            rest = [m for n, m in module.named_children() if n != "blocks"] if hasattr(module, "blocks") else []
+            groups.append([*rest, blocks[0]])
+            groups.extend([b] for b in blocks[1:])
+        return groups
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         feats: list[Tensor] = []
@@ -310,10 +340,22 @@ def build_backbone(
     output_stride: int = 16,
     pretrained: str | Path | None = None,
     grad_checkpointing: bool = False,
+    vit: dict[str, Any] | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
 ) -> Backbone:
-    """Build a backbone by name: "resnet18/34/50/101" (torchvision) or "timm:<model name>"."""
+    """Build a backbone by name: "resnet18/34/50/101" (torchvision) or "timm:<model name>"; a timm
+    plain ViT (ViT, DeiT, CLIP, DINOv2, EVA-02) gets model/vit.py's ViTBackbone with the options
+    ``vit`` (blocks, in_points, pyramid_channels, drop_path). ``timm_kwargs`` go to timm.create_model
+    (e.g. {"depth": 2} for a small test model)."""
     if name.startswith("timm:"):
-        return TimmBackbone(name[len("timm:"):], output_stride, pretrained, grad_checkpointing)
+        from .vit import ViTBackbone, is_vit
+
+        arch = name[len("timm:"):]
+        if is_vit(arch):
+            return ViTBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
+                               **(vit or {}))
+        return TimmBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
+                            drop_path=(vit or {}).get("drop_path", 0.0))  # (the other ViT options: plain ViTs only)
     if name not in _TORCHVISION_RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     backbone = ResNetBackbone(name, output_stride, grad_checkpointing)

@@ -6,8 +6,9 @@ three affine-free IN layers. The two-view loss combination lives in model/object
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,13 @@ from torch import Tensor, nn
 from .backbones import Backbone, build_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
 
-__all__ = ["SegNet", "build_model", "count_parameters"]
+__all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_PROJ_LEVELS"]
+
+PROJ_LEVELS: tuple[str, ...] = ("low", "mid", "aux", "high", "dec0", "dec1")
+"""Features a projection head can read: the four backbone outputs (low-level 1/4, mid, aux source,
+high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4)."""
+DEFAULT_PROJ_LEVELS: tuple[str, str, str] = ("high", "dec0", "dec1")
+"""The BlindNet levels (for a CNN and a ViT alike: the last backbone map, decoder input, decoder output)."""
 
 
 class SegNet(nn.Module):
@@ -30,15 +37,21 @@ class SegNet(nn.Module):
         proj_heads: bool,
         proj_dim: int,
         channels_last: bool,
+        proj_levels: Sequence[str] = DEFAULT_PROJ_LEVELS,
     ) -> None:
         super().__init__()
-        low, _, mid, high = backbone.channels
+        low, mid_, mid, high = backbone.channels
+        proj_levels = tuple(proj_levels)
+        if len(proj_levels) != 3 or any(p not in PROJ_LEVELS for p in proj_levels):
+            raise ValueError(f"model.proj_levels: {list(proj_levels)!r} must be 3 of {list(PROJ_LEVELS)}")
+        self.proj_levels = proj_levels
+        width = dict(low=low, mid=mid_, aux=mid, high=high, dec0=256 + 48, dec1=256)
         self.backbone = backbone
         self.decoder = DeepLabV3PlusDecoder(low, high, num_classes, backbone.output_stride)
         self.aux_head = AuxHead(mid, num_classes) if aux else None
-        # One head per decoder level j: 0 = last stage, 1 = dec0 (256 + 48 ch), 2 = dec1 (256 ch).
+        # One head per level j of proj_levels; default 0 = last stage, 1 = dec0 (256 + 48 ch), 2 = dec1 (256 ch).
         self.proj_heads = (
-            nn.ModuleList(ProjectionHead(c, proj_dim) for c in (high, 256 + 48, 256)) if proj_heads else None
+            nn.ModuleList(ProjectionHead(width[p], proj_dim) for p in proj_levels) if proj_heads else None
         )
         self.channels_last = channels_last
         for head in (self.decoder, self.aux_head, self.proj_heads):
@@ -63,7 +76,7 @@ class SegNet(nn.Module):
 
         "logits" (B, C, H, W); "logits_q" (B, C, H/4, W/4); "aux" (B, C, H/os, W/os) from the third
         stage, or None; "in_feats" the three IN outputs; "embeds" three L2-normalized (B, proj_dim, h, w)
-        projections of [last stage, dec0, dec1], or None. ``with_aux=False`` skips the aux head (the
+        projections of the proj_levels (default [last stage, dec0, dec1]), or None. ``with_aux=False`` skips the aux head (the
         augmented view: its aux logits are never used, and running it would also feed that view into
         the aux head's BN statistics). ``dense_embeds=False`` returns the heads' inputs as
         "proj_inputs" [last stage, dec0, dec1] instead of "embeds", for ``embed_rows``.
@@ -75,17 +88,19 @@ class SegNet(nn.Module):
         logits = upsample(logits_q, x.shape[-2:])
         if not self.training:
             return logits
+        named = dict(low=feats[0], mid=feats[1], aux=feats[2], high=feats[3], dec0=dec0, dec1=dec1)
+        levels = [named[p] for p in self.proj_levels]
         return {
             "logits": logits,
             "logits_q": logits_q,
             "aux": self.aux_head(feats[2]) if self.aux_head is not None and with_aux else None,
             "in_feats": in_feats,
             "embeds": (
-                [head(f) for head, f in zip(self.proj_heads, (feats[3], dec0, dec1))]
+                [head(f) for head, f in zip(self.proj_heads, levels)]
                 if self.proj_heads is not None and dense_embeds
                 else None
             ),
-            "proj_inputs": [feats[3], dec0, dec1] if self.proj_heads is not None and not dense_embeds else None,
+            "proj_inputs": levels if self.proj_heads is not None and not dense_embeds else None,
         }
 
 
@@ -100,6 +115,12 @@ def build_model(
     proj_dim: int = 256,
     channels_last: bool = False,
     grad_checkpointing: bool = False,
+    proj_levels: Sequence[str] = DEFAULT_PROJ_LEVELS,
+    vit: dict[str, Any] | None = None,
+    timm_kwargs: dict[str, Any] | None = None,
+    freeze_backbone: bool = False,
+    freeze_blocks: int = 0,
+    in_losses: bool = True,
 ) -> SegNet:
     """Build the BlindNet / DeepLabV3+ network (docs/METHOD.md, "Model").
 
@@ -107,17 +128,30 @@ def build_model(
     pretrained: local ImageNet state dict for the backbone (.pth/.pt/.safetensors); never downloads.
     aux / proj_heads: build the training-only auxiliary head / the three projection heads.
     channels_last: keep weights and activations in NHWC memory format.
-    grad_checkpointing: recompute backbone stages in backward to save memory.
+    grad_checkpointing: recompute backbone stages (ViT: every block) in backward to save memory.
+    proj_levels: the three features the projection heads read (PROJ_LEVELS).
+    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path).
+    timm_kwargs: extra timm.create_model arguments (e.g. {"depth": 2}).
+    in_losses: the IN outputs feed a loss (CML/CCL); a ViT builds no pyramid level nothing reads.
+    freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
+        k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
-                       grad_checkpointing=grad_checkpointing),
+                       grad_checkpointing=grad_checkpointing, timm_kwargs=timm_kwargs,
+                       vit={**(vit or {}), "consumers": dict(aux=aux, proj_levels=tuple(proj_levels) if proj_heads
+                                                             else (), in_losses=in_losses)}),
         num_classes,
         aux=aux,
         proj_heads=proj_heads,
         proj_dim=proj_dim,
         channels_last=channels_last,
+        proj_levels=proj_levels,
     )
+    if freeze_backbone or freeze_blocks:
+        from .freeze import freeze_encoder
+
+        freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net

@@ -14,13 +14,28 @@ import torch
 
 from ..model import build_model, count_parameters
 
-__all__ = ["CONVENTION", "compute_flops", "count_gflops", "format_flops_table"]
+__all__ = ["CONVENTION", "compute_flops", "count_gflops", "format_flops_table", "sdpa_flop_jit"]
 
 CONVENTION = "fvcore: one multiply-add = one FLOP; eval-mode forward of one image"
 
 
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle of aten::scaled_dot_product_attention (ViT attention; fvcore skips it by
+    default): q @ k^T and attn @ v, B*heads*N*M*(d + d_v) multiply-adds."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    n, d = q[-2], q[-1]
+    m, dv = k[-2], v[-1]
+    return batch * n * m * (d + dv)
+
+
 def count_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
-    """fvcore FLOPs (multiply-adds) of ``model`` in eval mode on one zero image of ``size``, in 1e9."""
+    """fvcore FLOPs (multiply-adds) of ``model`` in eval mode on one zero image of ``size``, in 1e9
+    (attention through scaled_dot_product_attention included: ``sdpa_flop_jit``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import-time FutureWarning, jit TracerWarnings
         from fvcore.nn import FlopCountAnalysis
@@ -30,6 +45,7 @@ def count_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
         try:
             with torch.no_grad():
                 analysis = FlopCountAnalysis(model, torch.zeros(1, 3, *size))
+                analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
                 analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
                 fvcore_log = logging.getLogger("fvcore")
                 level = fvcore_log.level

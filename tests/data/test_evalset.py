@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,31 @@ def test_mapillary_protocol_pads_narrow_portrait_with_ignore():
     assert img.shape == (80, 80, 3) and not (lab == 255).all(axis=0).any()
     img, lab = mapillary_protocol(height=80, crop=False)(image, label)
     assert img.shape == (80, 200, 3) and lab.shape == (80, 200)
+
+
+def test_mapillary_protocol_released_arithmetic_and_reference_configs():
+    """ResizeHeight: width int(w / h x H), PIL bicubic; CenterCrop at round((w' - H) / 2); the
+    reference and baseline recipes evaluate Mapillary at 1024 (released), 1536 stays available."""
+    from PIL import Image
+
+    from blindseg_dist.config import load_config
+    from blindseg_dist.engine.evaluate import resolve_protocol as target_protocol
+
+    image, label = make_frame(30, 100, 6)  # 100 / 30 x 32 = 106.7: int() gives 106, round() 107
+    img, lab = mapillary_protocol(height=32, crop=False)(image, label)
+    assert img.shape == (32, 106, 3)
+    ref = np.asarray(Image.fromarray(image).resize((106, 32), Image.BICUBIC)).astype(int)
+    assert np.abs(img.astype(int) - ref).max() <= 1
+    assert np.array_equal(lab, np.asarray(Image.fromarray(label).resize((106, 32), Image.NEAREST)))
+    img_c, lab_c = mapillary_protocol(height=32)(image, label)
+    assert np.array_equal(img_c, img[:, 37:69]) and np.array_equal(lab_c, lab[:, 37:69])  # round(74 / 2) = 37
+    for name in ("blindnet_r50_gta5", "baseline_r50_gta5"):
+        path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+        cfg = load_config(str(path), [])
+        assert target_protocol("mapillary", cfg.eval.targets["mapillary"], cfg.eval.protocols) == "mapillary_1024"
+        other = load_config(str(path), ["eval.protocols={mapillary: mapillary_1536}"])
+        assert other.eval.protocols["mapillary"] == "mapillary_1536"
+    assert resolve_protocol("mapillary_1536").__name__ == "mapillary_protocol_1536_crop"
 
 
 def test_protocol_by_name_and_in_dataset(shard_set):

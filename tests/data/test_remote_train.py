@@ -62,7 +62,8 @@ def test_train_shard_failing_after_retries_is_counted_or_fatal(train_dir):
         with pytest.warns(CorruptShardWarning, match="train-000002.tar"):
             batches = _take(make_train_loader(srv.url, remote=remote, **KW), 9)
         assert int(batches[-1]["corrupt_shards"]) == 1
-        assert not {"img_00004", "img_00005"} & {k for b in batches for k in b["keys"]}
+        # only what arrived complete before the drop can be used (the first half holds at most img_00004)
+        assert "img_00005" not in {k for b in batches for k in b["keys"]}
         hits = srv.hits["train-000002.tar"]
         assert hits >= 2 and hits % 2 == 0  # every open: 1 try + 1 retry
         with pytest.raises(CorruptShardError, match="train-000002.tar"):
@@ -80,7 +81,7 @@ def test_blindseg_train_and_eval_from_http_equal_local(tmp_path):
     shards = make_shards(tmp_path, images=4)
 
     def train(out, source, target):
-        res = run(train_cmd(out, source, 2, "run.record_stream=true", "eval.at_end=true", "eval.max_images=3",
+        res = run(train_cmd(out, source, 1, "run.record_stream=true", "eval.at_end=true", "eval.max_images=3",
                             f"eval.targets={{night: '{target}'}}", processes=2),
                   env(BLINDSEG_CACHE=str(tmp_path / "cache")), timeout=300)
         assert res.returncode == 0, tail(res)

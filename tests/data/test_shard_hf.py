@@ -64,9 +64,12 @@ def test_shard_hf_save_to_disk_and_dataset_dict(tmp_path, capsys):
     frames = _frames()
     ds = _hf_dataset(frames)
     ds.save_to_disk(str(tmp_path / "saved"))
+    capsys.readouterr()
     rc = main(["shard", "hf", str(tmp_path / "saved"), "--out", str(tmp_path / "s1"), "--label-column", "mask",
-               "--key-column", "name", "--samples-per-shard", "2"])
+               "--key-column", "name", "--samples-per-shard", "2", "--upload-to", "s3://bucket/mine"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert upload_command(tmp_path / "s1", "s3://bucket/mine") in printed and "data.train=s3://bucket/mine" in printed
     m = _check(tmp_path / "s1", frames)
     assert len(m["shards"]) == 3 and m["label_map"] == "trainids"
 

@@ -230,3 +230,23 @@ def test_synthia_out_of_table_id_is_not_truncated(tmp_path):
     assert d.unknown_ids == [259] and d.label[0, 0] == 255
     with pytest.raises(LayoutError, match="RGB"):
         get_source("synthia", str(tmp_path))
+
+
+def test_shard_of_a_target_without_split_takes_val_and_says_so(tmp_path, capsys):
+    import json
+
+    from blindseg_dist.cli import main
+
+    root = tmp_path / "RAND_CITYSCAPES"
+    for stem in ("0000000", "0000001", "0000003"):  # 0 and 3 in the val list, 1 in train
+        save_rgb_png(root / "RGB" / f"{stem}.png", rgb(int(stem)))
+        save_synthia_label(root / "GT" / "LABELS" / f"{stem}.png", ids(int(stem), SYN_IDS),
+                           np.zeros((12, 20), np.uint16))
+    assert main(["shard", "synthia", str(root), "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "no --split given" in out and "evaluation split 'val'" in out
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["split"] == "val" and sorted(s["key"] for s in m["samples"]) == ["0000000", "0000003"]
+    assert main(["shard", "synthia", str(root), "--out", str(tmp_path / "t"), "--split", "train"]) == 0
+    assert "no --split" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["split"] == "train"

@@ -138,17 +138,71 @@ def test_class_centroids_tile_convention():
 
 def test_window_resampling_equals_full_resize_then_crop():
     import cv2
+    from PIL import Image
+
     image, label = make_frame(90, 150, 9)
     image = cv2.GaussianBlur(image, (7, 7), 2)  # smooth content: cubic rounding only
     t = TwoViewTransform(crop_size=64)
-    for seed in range(8):
+    shrunk = enlarged = 0
+    for seed in range(16):
         ic, lc, g = t.crop(image, label, np.random.default_rng(seed))
         hs, ws = g["scaled_hw"]
-        full = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_CUBIC)
+        if hs < 90:  # shrinking: PIL's antialiased bicubic, as the released Image.resize
+            full = np.asarray(Image.fromarray(image).resize((ws, hs), Image.BICUBIC))
+            shrunk += 1
+        else:
+            full = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_CUBIC)
+            enlarged += 1
         full_l = cv2.resize(label, (ws, hs), interpolation=cv2.INTER_NEAREST_EXACT)
         y0, x0, ch, cw, py, px = (g[k] for k in ("y0", "x0", "ch", "cw", "py", "px"))
         ref, ref_l = full[y0:y0 + ch, x0:x0 + cw], full_l[y0:y0 + ch, x0:x0 + cw]
         if g["flip"]:
             ref, ref_l = ref[:, ::-1], ref_l[:, ::-1]
         assert np.abs(ic[py:py + ch, px:px + cw].astype(int) - ref).max() <= 1
-        assert np.array_equal(lc[py:py + ch, px:px + cw], ref_l)
+        assert np.array_equal(lc[py:py + ch, px:px + cw], ref_l)  # labels: nearest on the window
+    assert shrunk and enlarged
+
+
+def _stripes(h, w):
+    yy, xx = np.mgrid[:h, :w]
+    pat = (np.sin(xx * 2.6) + np.cos(yy * 2.9) + np.sin((xx + yy) * 1.3)) * 60 + 128  # 2-3 px periods
+    return np.stack([pat, 255 - pat, (xx * 7 + yy * 3) % 256], -1).clip(0, 255).astype(np.uint8)
+
+
+def test_downscaling_antialiases_like_pil_bicubic():
+    """A high-frequency pattern shrunk by the training crop and by the evaluation resize matches
+    Pillow's BICUBIC (antialiased) within 1 grey level (mean < 0.05); a plain cubic, as before, is
+    far off (aliasing). Labels stay nearest: no new class appears."""
+    import cv2
+    from PIL import Image
+
+    from blindseg_dist.data.evalset import mapillary_protocol
+    from blindseg_dist.data.views import resize_bicubic
+
+    h, w = 150, 230
+    image = _stripes(h, w)
+    label = np.zeros((h, w), np.uint8)
+    label[:, 1::2] = 7
+    label[::3] = 13
+    label[0, 0] = 255
+    for s in (0.31, 0.5, 0.74):
+        t = TwoViewTransform(crop_size=48, scale_range=(s, s))
+        ic, lc, g = t.crop(image, label, np.random.default_rng(3))
+        hs, ws = g["scaled_hw"]
+        ref = np.asarray(Image.fromarray(image).resize((ws, hs), Image.BICUBIC)).astype(int)
+        y0, x0, ch, cw, py, px = (g[k] for k in ("y0", "x0", "ch", "cw", "py", "px"))
+        ref = ref[y0:y0 + ch, x0:x0 + cw][:, ::-1] if g["flip"] else ref[y0:y0 + ch, x0:x0 + cw]
+        diff = np.abs(ic[py:py + ch, px:px + cw].astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.05, (s, diff.max(), diff.mean())
+        plain = cv2.resize(image, (ws, hs), interpolation=cv2.INTER_CUBIC)[y0:y0 + ch, x0:x0 + cw].astype(int)
+        if g["flip"]:
+            plain = plain[:, ::-1]
+        assert np.abs(plain - ref).mean() > 10  # what the test catches: aliasing
+        assert set(np.unique(lc[py:py + ch, px:px + cw]).tolist()) <= {0, 7, 13, 255}
+    # the evaluation resize (Mapillary to height 1024 from ~3000 px, here 150 -> 64)
+    img_e, lab_e = mapillary_protocol(64, crop=False)(image, label)
+    ref = np.asarray(Image.fromarray(image).resize((img_e.shape[1], 64), Image.BICUBIC)).astype(int)
+    assert np.abs(img_e.astype(int) - ref).max() <= 1
+    assert set(np.unique(lab_e).tolist()) <= {0, 7, 13, 255}
+    assert np.abs(resize_bicubic(image, (64, 98)).astype(int)
+                  - np.asarray(Image.fromarray(image).resize((98, 64), Image.BICUBIC))).max() <= 1

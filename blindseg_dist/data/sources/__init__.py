@@ -14,7 +14,8 @@ from .synthia import open_synthia
 OPENERS = {"gta5": open_gta5, "cityscapes": open_cityscapes, "bdd100k": open_bdd100k,
            "mapillary": open_mapillary, "synthia": open_synthia, "hf": open_hf}
 DEFAULT_SPLITS = {"gta5": "all", "cityscapes": "val", "bdd100k": "val", "mapillary": "val",
-                  "synthia": "train", "hf": None}
+                  "synthia": "val", "hf": None}
+TARGETS = ("cityscapes", "bdd100k", "mapillary", "synthia")  # unseen domains: the default is their evaluation split
 
 
 def get_source(name: str, root: str, split: str | None = None, **opts) -> Source:

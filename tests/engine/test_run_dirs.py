@@ -149,3 +149,18 @@ def test_keep_last_touches_only_this_runs_checkpoints(tmp_path):
     _save(out, 5, "b", protect=[out / "checkpoints" / "4"])
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["1", "2", "4", "5"]
     assert json.loads((out / "checkpoints" / "5" / "meta.json").read_text()) == {"run_id": "b", "step": 5}
+
+
+def test_two_processes_agree_on_the_default_run_folder(train_shards, tmp_path):
+    """Rank 0's timestamped folder is broadcast: both ranks write into one runs/<name>/<timestamp>/."""
+    from tests.engine._engine_runs import train_cmd
+
+    cmd = train_cmd(tmp_path / "unused", train_shards, 1, "run.name=two")
+    i = cmd.index("--output-dir")
+    del cmd[i:i + 2]  # no output folder: the default
+    res = run(cmd, env(), cwd=tmp_path)
+    assert res.returncode == 0, tail(res)
+    (folder,) = (tmp_path / "runs" / "two").iterdir()
+    assert summary(folder)["world_size"] == 2
+    assert sorted(p.name for p in (folder / "checkpoints" / "1").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert not (tmp_path / "unused").exists()

@@ -79,14 +79,25 @@ def test_resume_that_changes_batch_or_schedule_is_refused_unless_allowed(trained
     rc = cli.main([*train_args(train_shards, 3, out=out), "--resume", "--allow-changed", "colour"])
     assert rc == 2 and "not a resume key" in capsys.readouterr().err
     assert snapshot(out) == before
-    # allowed: continues the same run from step 2 to 3 (same run id, so keep_last=2 drops checkpoint 1)
+    # allowed: continues the same run (same run id, so keep_last=2 prunes its checkpoints). Checkpoint 2 is
+    # removed first, as if the run had been killed while writing it: the resume from 1 trains step 2 again
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "2")
     res = run([PY, "-m", "blindseg_dist", *train_args(train_shards, 3, out=out), "--resume",
                "--allow-changed", "optim.max_steps"], env())
     assert res.returncode == 0, tail(res)
-    assert f"resumed from {out / 'checkpoints' / '2'} at step 2" in res.stdout
+    assert f"resumed from {out / 'checkpoints' / '1'} at step 1" in res.stdout
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["2", "3"] and summary(out)["steps"] == 3
     ids = {ckpt.run_id_of(p) for p in ckpt.list_checkpoints(out)}
     assert len(ids) == 1 and None not in ids
+    # the continued records: every step once in metrics.jsonl and in TensorBoard (step 2's first rows dropped)
+    from blindseg_dist.engine.records import read_jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert sorted(e.step for e in events.Scalars("loss/total")) == [1, 2, 3]
 
 
 def test_resume_from_an_older_checkpoint_or_into_another_run_is_refused(trained, train_shards, tmp_path, capsys):

@@ -144,6 +144,15 @@ def cmd_ablate(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_scale(args) -> int:
+    from .tools.scale import run_scaling
+
+    size = tuple(int(v) for v in args.flops_size.lower().split("x"))
+    summary = run_scaling(args.configs, args.seeds, output_dir=args.output_dir, overrides=args.overrides,
+                          processes=args.processes, flops_size=size)
+    return 1 if summary["failed"] else 0
+
+
 def cmd_predict(args) -> int:
     from .tools.predict import predict_folder
 
@@ -301,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     s.set_defaults(func=cmd_ablate)
+
+    s = sub.add_parser("scale", help="backbone scaling study: train + evaluate configs over seeds, "
+                                     "unseen-domain mIoU vs params / GFLOPs, images/s, peak memory")
+    s.add_argument("--configs", nargs="+", required=True, help="training configs (paths or shipped names, "
+                                                               "e.g. scaling/resnet50 scaling/vit_small)")
+    s.add_argument("--seeds", type=int, required=True, help="seeds per config (run.seed = the config's seed + i)")
+    s.add_argument("--output-dir", default="scaling")
+    s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("--flops-size", default="512x1024", help="HxW of the fvcore GFLOPs count (default 512x1024)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    s.set_defaults(func=cmd_scale)
 
     s = sub.add_parser("predict", help="colour-coded masks and overlays for a folder of images")
     s.add_argument("--checkpoint", required=True)

@@ -275,7 +275,7 @@ CHOICES: dict[str, tuple] = {
     "loss.contrastive_scope": contrastive.SCOPES,
     "loss.cwcl_negatives": contrastive.NEGATIVES,
     "data.on_corrupt": ON_CORRUPT,
-    "run.mixed_precision": (None, "no", "bf16", "fp16"),
+    "run.mixed_precision": ("no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.schedule": ("poly", "cosine"),
@@ -283,6 +283,10 @@ CHOICES: dict[str, tuple] = {
 
 NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = ("norm", "bias", "pos_embed")
 """Allowed entries of optim.no_weight_decay (engine/optim.py)."""
+
+
+NULL_CHOICES: tuple[str, ...] = ("run.mixed_precision",)
+"""CHOICES keys that may also be null (run.mixed_precision: null follows the launcher)."""
 
 
 KEEPS_NONE: tuple[str, ...] = ("model.pretrained",)
@@ -373,8 +377,11 @@ def validate(cfg: Config) -> Config:
     """Check values whose type is right but whose meaning is not; raise ConfigError naming the key."""
     for path, allowed in CHOICES.items():
         value = get_value(cfg, path)
+        if value is None and path in NULL_CHOICES:
+            continue
         if value not in allowed:
-            raise ConfigError(f"config key '{path}': value {value!r} is not allowed; choose one of {list(allowed)}")
+            extra = " or null" if path in NULL_CHOICES else ""
+            raise ConfigError(f"config key '{path}': value {value!r} is not allowed; choose one of {list(allowed)}{extra}")
 
     def positive(path: str, strict: bool = True) -> None:
         v = get_value(cfg, path)

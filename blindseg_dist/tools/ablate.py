@@ -45,6 +45,8 @@ class PlannedRun:
     seed: int
     run_dir: Path
     overrides: list[str]
+    config: str | None = None
+    """Training config of this run (None: the plan's one config; `blindseg scale` sets one per run)."""
 
 
 def slugify(name: str) -> str:
@@ -267,22 +269,17 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default", output_dir: str | Path = "ablation",
-                 overrides: Sequence[str] = (), processes: int = 1) -> dict:
-    """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
+def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, processes: int = 1,
+                 desc: str = "ablation") -> tuple[dict[Path, dict], dict[str, list[str]]]:
+    """Train and evaluate every planned run that has no RUN/eval.json yet (each an ordinary
+    `blindseg train --resume` in its own process, output in RUN/train.log), skip the others.
+    Returns ({run_dir: eval targets} of the runs with results, {"trained"|"skipped"|"failed": [run_dir]})."""
     from tqdm import tqdm
 
-    if processes < 1:
-        raise ConfigError(f"--processes {processes}: need at least 1")
-    description, entries = load_grid(grid)
-    out = Path(output_dir).resolve()
-    config = str(Path(config).resolve()) if Path(config).is_file() else str(config)
-    plan = plan_runs(config, entries, seeds, out, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     results: dict[Path, dict] = {}
     status: dict[str, list[str]] = {"trained": [], "skipped": [], "failed": []}
     n = len(plan)
-    bar = tqdm(total=n, desc="ablation", unit="run", dynamic_ncols=True)
+    bar = tqdm(total=n, desc=desc, unit="run", dynamic_ncols=True)
     for k, run in enumerate(plan, 1):
         label = f"[{k}/{n}] {run.entry.name} seed {run.seed_index}"
         eval_json = run.run_dir / "eval.json"
@@ -291,8 +288,8 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
             state, seconds = "skipped", 0.0
         else:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = blindseg_command(["train", "--config", config, "--output-dir", str(run.run_dir), "--resume",
-                                    *run.overrides], processes=processes)
+            cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
+                                    "--resume", *run.overrides], processes=processes)
             t0 = time.perf_counter()
             with open(run.run_dir / "train.log", "w") as log:
                 log.write("$ " + " ".join(cmd) + "\n")
@@ -315,6 +312,20 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
             bar.write(f"{label}: {what} {mean:.1f} mIoU{extra}")
         bar.update(1)
     bar.close()
+    return results, status
+
+
+def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default", output_dir: str | Path = "ablation",
+                 overrides: Sequence[str] = (), processes: int = 1) -> dict:
+    """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
+    if processes < 1:
+        raise ConfigError(f"--processes {processes}: need at least 1")
+    description, entries = load_grid(grid)
+    out = Path(output_dir).resolve()
+    config = str(Path(config).resolve()) if Path(config).is_file() else str(config)
+    plan = plan_runs(config, entries, seeds, out, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    results, status = execute_plan(plan, config, processes=processes)
     table = build_tables(entries, plan, results, out, description)
     print(table)
     print(f"[ablate] {len(status['trained'])} trained, {len(status['skipped'])} skipped, "

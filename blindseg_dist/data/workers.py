@@ -37,13 +37,13 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def die_with_parent() -> bool:
-    """Ask the kernel for SIGKILL when the parent ends (Linux); False where unsupported."""
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel for signal ``sig`` when the parent ends (Linux); False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 

@@ -236,6 +236,10 @@ class Trainer(TrainLoop):
     def __init__(self, cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = (),
                  hooks: list[Hook] | None = None) -> None:
         stop = _StopFlag().install()  # from now on SIGTERM/SIGINT stop the run after its next step
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a launcher that dies (kill -9) sends us SIGTERM: checkpoint, exit
+            from ..data.workers import die_with_parent
+
+            die_with_parent(signal.SIGTERM)
         try:
             self._setup(cfg, resume, allow_changed, hooks)
         except BaseException:

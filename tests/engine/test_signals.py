@@ -179,3 +179,21 @@ def test_kill_9_of_a_rank_leaves_no_process_behind(processes, train_shards, tmp_
         assert not _alive(tree), (_alive(tree), run.text[-3000:])
     finally:
         run.kill()
+
+
+def test_kill_9_of_the_launcher_stops_the_ranks_with_a_checkpoint(train_shards, tmp_path):
+    # the ranks get SIGTERM from the kernel when their launcher dies (PR_SET_PDEATHSIG): they checkpoint and exit
+    out = tmp_path / "run"
+    run = Run(train_cmd(out, train_shards, 500, *WORKERS, launcher="blindseg"), env())
+    try:
+        _in_the_loop(run)
+        tree = run.tree()
+        run.proc.kill()
+        deadline = time.monotonic() + 60
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(tree), (_alive(tree), run.text[-3000:])
+        last = ckpt.latest_checkpoint(out)
+        assert last is not None and summary(out)["stop_reason"] == "stopped by signal", run.text[-3000:]
+    finally:
+        run.kill()

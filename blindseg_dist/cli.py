@@ -29,20 +29,24 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+class UsageError(Exception):
+    """A bad command-line value that argparse cannot check (exit 2, like a config error)."""
+
+
 def _named_paths(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --data takes NAME=PATH pairs, got {pair!r}")
+            raise UsageError(f"--data takes NAME=PATH pairs, got {pair!r}")
         name, path = pair.split("=", 1)
         from .data.location import has_braces, is_remote
         from .engine.evaluate import raw_target
 
         raw = raw_target(path)  # NAME=DATASET:PATH, or a raw dataset folder detected from its layout
         if raw is not None and not Path(raw[1]).is_dir():
-            raise SystemExit(f"error: evaluation data {name!r}: {raw[0]} folder {raw[1]!r} does not exist")
+            raise FileNotFoundError(f"evaluation data {name!r}: {raw[0]} folder {raw[1]!r} does not exist")
         if raw is None and not is_remote(path) and not has_braces(path) and not Path(path).exists():
-            raise SystemExit(f"error: evaluation data {name!r}: {path!r} does not exist")
+            raise FileNotFoundError(f"evaluation data {name!r}: {path!r} does not exist")
         out[name] = path
     return out
 
@@ -85,9 +89,13 @@ def cmd_shard(args) -> int:
     except ValueError as e:  # a bad split, column or label map: the message names it
         print(f"blindseg shard: {e}", file=sys.stderr)
         return 2
-    write_shards(source, args.out, samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-                 workers=args.workers, centroid_tile=args.centroid_tile,
-                 shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
+    manifest = write_shards(source, args.out, samples_per_shard=args.samples_per_shard,
+                            image_format=args.image_format, workers=args.workers, centroid_tile=args.centroid_tile,
+                            shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
+    if manifest["num_samples"] == 0:  # nothing to train on: not a success
+        print(f"blindseg shard: every pair was skipped ({len(manifest['skipped'])}; reasons in "
+              f"{Path(args.out) / 'manifest.json'}); no shard written", file=sys.stderr)
+        return 1
     if upload:
         print(f"upload (tars first, manifest.json last):\n  {upload}\nthen train with "
               f"data.train={args.upload_to.rstrip('/')}")
@@ -109,7 +117,13 @@ def cmd_train(args) -> int:
     if args.max_steps is not None:
         overrides.append(f"optim.max_steps={args.max_steps}")
     cfg = load_config(args.config, overrides)
-    train(cfg, resume=resume, allow_changed=tuple(allow))
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        train(cfg, resume=resume, allow_changed=tuple(allow))
+    except CheckpointError as e:  # disk full: the message says where and how much (one process; 2+: trainer)
+        print(f"blindseg train: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -117,7 +131,7 @@ def _named_protocols(pairs: list[str] | None) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"error: --protocol takes NAME=PROTOCOL pairs, got {pair!r}")
+            raise UsageError(f"--protocol takes NAME=PROTOCOL pairs, got {pair!r}")
         name, proto = pair.split("=", 1)
         out[name] = proto
     return out
@@ -130,7 +144,7 @@ def cmd_eval(args) -> int:
     protocols = _named_protocols(args.protocol)
     unknown = sorted(set(protocols) - set(data))
     if unknown:
-        raise SystemExit(f"error: --protocol names {unknown}, which are not --data targets ({', '.join(data)})")
+        raise UsageError(f"--protocol names {unknown}, which are not --data targets ({', '.join(data)})")
     evaluate_checkpoint(args.checkpoint, data, args.json, max_images=args.max_images,
                         tb_dir=args.tb_dir, protocols=protocols, sliding_window=args.sliding_window)
     return 0
@@ -157,11 +171,12 @@ def cmd_predict(args) -> int:
     from .tools.predict import predict_folder
 
     try:
-        predict_folder(args.checkpoint, args.images, args.out, alpha=args.alpha, sliding_window=args.sliding_window)
-    except ValueError as e:  # an unreadable image, a bad --alpha: the message names it
+        summary = predict_folder(args.checkpoint, args.images, args.out, alpha=args.alpha,
+                                 sliding_window=args.sliding_window)
+    except ValueError as e:  # a bad --alpha: the message names it
         print(f"blindseg predict: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if summary["skipped"] else 0  # unreadable images were skipped and listed
 
 
 def cmd_browse(args) -> int:
@@ -417,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UsageError) as e:
         print(f"blindseg {args.command}: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # a shard location whose backend is not installed (data.location)

@@ -275,7 +275,7 @@ CHOICES: dict[str, tuple] = {
     "loss.contrastive_scope": contrastive.SCOPES,
     "loss.cwcl_negatives": contrastive.NEGATIVES,
     "data.on_corrupt": ON_CORRUPT,
-    "run.mixed_precision": (None, "no", "bf16", "fp16"),
+    "run.mixed_precision": ("no", "bf16", "fp16"),
     "model.output_stride": (8, 16, 32),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.schedule": ("poly", "cosine"),
@@ -283,6 +283,10 @@ CHOICES: dict[str, tuple] = {
 
 NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = ("norm", "bias", "pos_embed")
 """Allowed entries of optim.no_weight_decay (engine/optim.py)."""
+
+
+NULL_CHOICES: tuple[str, ...] = ("run.mixed_precision",)
+"""CHOICES keys that may also be null (run.mixed_precision: null follows the launcher)."""
 
 
 KEEPS_NONE: tuple[str, ...] = ("model.pretrained",)
@@ -373,8 +377,11 @@ def validate(cfg: Config) -> Config:
     """Check values whose type is right but whose meaning is not; raise ConfigError naming the key."""
     for path, allowed in CHOICES.items():
         value = get_value(cfg, path)
+        if value is None and path in NULL_CHOICES:
+            continue
         if value not in allowed:
-            raise ConfigError(f"config key '{path}': value {value!r} is not allowed; choose one of {list(allowed)}")
+            extra = " or null" if path in NULL_CHOICES else ""
+            raise ConfigError(f"config key '{path}': value {value!r} is not allowed; choose one of {list(allowed)}{extra}")
 
     def positive(path: str, strict: bool = True) -> None:
         v = get_value(cfg, path)
@@ -391,6 +398,9 @@ def validate(cfg: Config) -> Config:
               "run.image_every", "run.threads", "model.drop_path", "model.freeze_blocks", "optim.warmup_steps",
               "optim.min_lr_ratio"):
         positive(p, strict=False)
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"config key 'optim.momentum': value {cfg.optim.momentum!r} must be in [0, 1) (SGD momentum)")
+    _validate_backbone(cfg.model.backbone)
     for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay"):
         positive(p)
     _validate_recipe(cfg)
@@ -413,6 +423,21 @@ def validate(cfg: Config) -> Config:
                 "set loss.two_view=true or their weights to 0 (baseline)"
             )
     return cfg
+
+
+def _validate_backbone(name: str) -> None:
+    from .model.backbones import BACKBONES
+
+    if name.startswith("timm:"):
+        import timm
+
+        if not timm.is_model(name[len("timm:"):]):
+            close = timm.list_models(f"*{name[len('timm:'):][:8]}*")[:5]
+            raise ConfigError(f"config key 'model.backbone': value {name!r}: timm has no model "
+                              f"{name[len('timm:'):]!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    elif name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': value {name!r} is not allowed; choose one of "
+                          f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
 def _validate_recipe(cfg: Config) -> None:

@@ -58,6 +58,9 @@ __all__ = [
     "global_mean",
     "comm_stats",
     "reset_comm_stats",
+    "is_collective_failure",
+    "publish_failure",
+    "read_failure",
 ]
 
 _BYTES: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # tag -> [sent, received]
@@ -322,3 +325,56 @@ def global_mean(local_sum: torch.Tensor, global_count: int | torch.Tensor) -> to
     if count == 0:
         return local_sum * 0.0
     return local_sum * (world_size() / count)
+
+
+# ---- failures: which rank failed first, and why (docs/DISTRIBUTED.md, "Engines") ---------------------
+_COLLECTIVE_MARKERS = ("gloo/", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                       "NCCL", "ProcessGroup", "c10d", "Broken pipe")
+_FAILURE_KEY = "blindseg/first_failure"
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True when ``err`` is a collective that failed (a peer closed its connection or did not answer
+    within the timeout), not an error of this rank's own work."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _COLLECTIVE_MARKERS)
+
+
+def _store():
+    if not is_distributed():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: nothing to publish or read
+        return None
+
+
+def publish_failure(info: dict) -> bool:
+    """Record this rank's failure (``info``: rank, step, error, exit) in the process group's store
+    unless another rank recorded one first; True when this one was recorded. Never raises."""
+    import json
+
+    store = _store()
+    if store is None:
+        return False
+    try:
+        value = json.dumps(info)
+        return store.compare_set(_FAILURE_KEY, "", value).decode() == value
+    except Exception:  # noqa: BLE001 - the store may be gone with its host
+        return False
+
+
+def read_failure() -> dict | None:
+    """The first failure a rank recorded with :func:`publish_failure`, or None. Never raises."""
+    import json
+
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if not store.check([_FAILURE_KEY]):
+            return None
+        return json.loads(store.get(_FAILURE_KEY).decode())
+    except Exception:  # noqa: BLE001
+        return None

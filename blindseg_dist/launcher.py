@@ -5,6 +5,9 @@
   ``blindseg ARGS`` in one process, or under ``accelerate launch`` on N CPU or GPU processes.
 - :func:`run_gloo`: a Python function on N local processes joined in one gloo group (the CPU
   multi-process tests and benchmarks), each rank's return value collected, failures raised.
+- :func:`main` (``python -m blindseg_dist.launcher ARGS``): ``accelerate launch ARGS`` whose exit
+  code is the run's (docs/DISTRIBUTED.md, "Engines"): 0 after a signal when every rank wrote its
+  checkpoint and exited 0, else the ranks' blindseg exit code (:func:`run_exit_code`).
 
 The launcher trap this module exists for (docs/DISTRIBUTED.md, "Pitfalls"): on a machine without
 GPUs, ``accelerate launch --cpu --num_processes N`` starts one process, and ``--multi_gpu`` without
@@ -16,7 +19,9 @@ from __future__ import annotations
 import datetime
 import os
 import queue as queue_mod
+import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -39,7 +44,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def blindseg_command(args: Sequence[str], *, processes: int = 1, machines: int = 1, machine_rank: int = 0,
                      main_ip: str = "127.0.0.1", port: int | None = None, config_file: str | Path | None = None,
-                     mixed_precision: str = "no", python: str = sys.executable) -> list[str]:
+                     mixed_precision: str = "no", python: str = sys.executable,
+                     launcher: str = "accelerate") -> list[str]:
     """The command line of ``blindseg ARGS`` (as ``python -m blindseg_dist ARGS``).
 
     One process on one machine without ``config_file``: the plain command. Otherwise under
@@ -48,13 +54,17 @@ def blindseg_command(args: Sequence[str], *, processes: int = 1, machines: int =
     the processes, engine and precision), or ``--multi_gpu --num_processes PROCESSES`` (in total,
     over all ``machines``) ``--num_machines MACHINES`` and, for several machines, this one's
     ``--machine_rank`` and the main machine's address. Run it with :func:`launch_env`.
+    ``launcher``: "accelerate" (``accelerate launch``) or "blindseg" (:func:`main`, the same
+    launch with the run's exit code).
     """
     if processes < 1 or machines < 1:
         raise ValueError(f"processes and machines must be >= 1, got {processes}, {machines}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {sorted(LAUNCHERS)}, got {launcher!r}")
     module = ["-m", "blindseg_dist", *args]
     if processes == 1 and machines == 1 and config_file is None:
         return [python, *module]
-    cmd = [python, "-m", "accelerate.commands.launch", "--main_process_port", str(port or free_port())]
+    cmd = [python, "-m", LAUNCHERS[launcher], "--main_process_port", str(port or free_port())]
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
     else:
@@ -63,6 +73,9 @@ def blindseg_command(args: Sequence[str], *, processes: int = 1, machines: int =
         if machines > 1:
             cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", main_ip]
     return cmd + module
+
+
+LAUNCHERS = {"accelerate": "accelerate.commands.launch", "blindseg": "blindseg_dist.launcher"}
 
 
 def launch_env(*, cpu: bool | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -142,3 +155,109 @@ def run_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 15
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+# ---- `python -m blindseg_dist.launcher`: accelerate launch with the run's exit code -----------------
+EXIT_PRIORITY = (2, 3, 1, 4)  # config error, non-finite losses, an error, a dead or hung rank
+
+
+def run_exit_code(codes: Sequence[int]) -> int:
+    """The exit code of a run from its ranks' exit codes: 0 when all are 0; else the most telling
+    blindseg code present, in the order 2 (config), 3 (non-finite losses), 1 (an error, printed by
+    the rank that had it), 4 (a collective failed: a rank died or hung); else 128 + the signal of a
+    rank killed by one (e.g. 137 for SIGKILL), else the largest code."""
+    bad = [int(c) for c in codes if int(c) != 0]
+    if not bad:
+        return 0
+    for code in EXIT_PRIORITY:
+        if code in bad:
+            return code
+    killed = [128 - c for c in bad if c < 0]
+    return max(killed) if killed else max(bad)
+
+
+class _SignalForwarder:
+    """The launcher's SIGTERM/SIGINT: the first is passed to the rank processes (its children),
+    which checkpoint at their next step and exit 0, so that the launch succeeds; a second one
+    falls back to torch elastic's shutdown (the signal again, SIGKILL after 30 s). Copies of the
+    first that arrive within ``DUPLICATE_S`` seconds (a signal sent to the process group and also
+    forwarded by a parent, e.g. srun or the SLURM script) count as the first."""
+
+    DUPLICATE_S = 3.0
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.first_at: float | None = None
+
+    def install(self) -> "_SignalForwarder":
+        # torch elastic would turn these into an exception (launcher exit 1) even when every rank
+        # checkpointed and exited 0: it keeps SIGHUP/SIGQUIT, we take SIGTERM/SIGINT
+        # (torchrun's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE by the parser accelerate uses)
+        os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.first_at is not None and now - self.first_at < self.DUPLICATE_S:
+            return  # the same stop request, delivered twice (also while this handler runs)
+        self.first_at = self.first_at or now
+        self.received.append(signum)
+        import psutil
+
+        name = signal.Signals(signum).name
+        if len(self.received) > 1:
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            print(f"[launch] second {name}: stopping the ranks now", file=sys.stderr, flush=True)
+            raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+        ranks = psutil.Process().children()
+        for child in ranks:
+            try:
+                child.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+        print(f"[launch] {name}: passed to {len(ranks)} rank process(es); they checkpoint at their next "
+              f"step and exit 0 (a second {name} stops them at once)", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m blindseg_dist.launcher ARGS``: ``accelerate launch ARGS``, exit code = the run's.
+
+    0 when every rank exited 0 (finished, or stopped by SIGTERM/SIGINT with a checkpoint: the
+    signal, to this process, to the ranks or to the whole group, is passed on to the ranks and the
+    launch ends normally); otherwise :func:`run_exit_code` of the ranks' codes; 128 + signal
+    when a second signal forced the ranks down."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    import psutil  # noqa: F401  (imported before any signal: the handler must not wait for it)
+
+    args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    forwarder = _SignalForwarder().install()
+    try:
+        launch_command(args)
+    except SignalException as e:
+        print(f"[launch] stopped by a second signal ({e}); the ranks were stopped at once, the last "
+              "checkpoint may be older", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = {int(r): int(f.exitcode) for r, f in e.failures.items()}
+        code = run_exit_code(list(codes.values()))
+        print(f"{e}\n[launch] rank exit codes {codes}: exit code {code} (see the first failing rank's "
+              "message above)", file=sys.stderr, flush=True)
+        return code
+    except subprocess.CalledProcessError as e:  # one process (accelerate's simple launcher)
+        code = run_exit_code([e.returncode])
+        print(f"[launch] the process exited with {e.returncode}: exit code {code}", file=sys.stderr, flush=True)
+        return code
+    if forwarder.received:
+        print("[launch] every rank stopped after a signal with a checkpoint: exit code 0", file=sys.stderr,
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

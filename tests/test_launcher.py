@@ -74,3 +74,17 @@ def test_run_gloo_collects_results_in_rank_order(world):
 def test_run_gloo_raises_with_the_failing_rank():
     with pytest.raises(RuntimeError, match=r"(?s)rank 1:.*ValueError: rank one refuses"):
         run_gloo(_fail_on_rank_one, 2, timeout=120)
+
+
+def test_blindseg_launcher_and_run_exit_codes():
+    from blindseg_dist.launcher import run_exit_code
+
+    cmd = blindseg_command(["train"], processes=2, port=1234, launcher="blindseg")
+    assert cmd[1:4] == ["-m", "blindseg_dist.launcher", "--main_process_port"]
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        blindseg_command(["train"], processes=2, launcher="torchrun")
+    # the most telling rank code: config error, non-finite, an error, a dead/hung peer; else 128 + signal
+    assert run_exit_code([0, 0]) == 0
+    assert run_exit_code([4, 1]) == 1 and run_exit_code([1, 2]) == 2 and run_exit_code([4, 3]) == 3
+    assert run_exit_code([-9, 4]) == 4  # a killed rank, the survivor's collective failed
+    assert run_exit_code([-9]) == 137 and run_exit_code([17, 0]) == 17

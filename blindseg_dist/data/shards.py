@@ -258,6 +258,9 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
               f"{total / 1e6:.1f} MB, {time.time() - start:.1f}s -> {out}")
         for s in skipped[:5]:
             print(f"  skipped {s['key']}: {s['reason']}")
+        if len(skipped) > 5:
+            print(f"  ... and {len(skipped) - 5} more skipped (all {len(skipped)} under 'skipped' in "
+                  f"{out / 'manifest.json'})")
         for w in warnings:
             print(f"  warning: {w}")
     return manifest

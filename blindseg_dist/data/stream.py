@@ -28,6 +28,7 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
 from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
 from blindseg_dist.data.views import TwoViewTransform
@@ -86,6 +88,11 @@ def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> t
                 counts = {str(root / s["name"]): int(s["count"]) for s in entries if "count" in s}
             else:
                 paths = sorted(str(p) for p in root.glob("*.tar"))
+        elif root.is_file():
+            hint = f" (its folder {root.parent} holds the shards)" if root.name == "manifest.json" else ""
+            raise FileNotFoundError(f"shard path {root} is a file, not a .tar shard or a shard folder{hint}; "
+                                    f"point data paths at a folder written by the sharder (with manifest.json) "
+                                    f"or at .tar files")
         else:
             raise FileNotFoundError(f"shard path {root} does not exist; point data paths at a folder "
                                     f"written by the sharder (with manifest.json) or at .tar files")
@@ -505,6 +512,17 @@ class ShardStream(IterableDataset):
             e, pos = e + 1, 0
 
 
+def smallest_frame(shards) -> tuple[int, int] | None:
+    """(h, w) of the frame with the smallest side in a shard folder's manifest (None: unknown)."""
+    if not isinstance(shards, (str, os.PathLike)) or not (Path(shards) / "manifest.json").is_file():
+        return None
+    try:
+        sizes = [tuple(s["size"]) for s in json.loads((Path(shards) / "manifest.json").read_text())["samples"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return min(sizes, key=min) if sizes else None
+
+
 def train_loader_from_config(cfg, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
                              info: bool = False, pin_memory: bool = False) -> DataLoader:
     """The training loader of a Config (the trainer's, and `blindseg browse`'s with info=True;
@@ -548,8 +566,21 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     if num_workers > 0:
         # forkserver, not fork: OpenCV's thread pool does not survive fork (cv2.setNumThreads in a
         # forked worker deadlocks once the parent has used cv2); the preloaded server keeps worker
-        # start-up cheap.
+        # start-up cheap. Workers and the forkserver ignore SIGINT/SIGTERM (the training process
+        # checkpoints on them) and end with the training process (data/workers.py).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
+        ctx.set_forkserver_preload(["blindseg_dist.data._forkserver"])
+        kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=ctx,
+                  worker_init_fn=functools.partial(workers.worker_init, os.getpid()))
+    return _TrainLoader(ds, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader whose worker iterator is shut down at interpreter exit: its workers ignore
+    SIGTERM, so multiprocessing's exit handler could not end them (data/workers.py)."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            workers.track(it)
+        return it

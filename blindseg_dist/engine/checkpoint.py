@@ -5,11 +5,20 @@ run that wrote it, world size, batch and schedule: what engine/rundir.py checks 
 A checkpoint is written into a temporary folder and renamed when complete, so a folder named by a
 step number is always whole; the last ``keep_last`` of the writing run are kept (checkpoints of
 another run id, and the ``protect``-ed ones, are never deleted or replaced). Only rank 0 writes
-shared files; every rank writes its own RNG file; barriers order the steps.
+shared files; every rank writes its own RNG file; after each phase the ranks agree on whether every
+rank's part succeeded (one all-gather of a flag), so a failure on one rank stops them all in step.
+
+A disk that is full, or too full for another checkpoint (free space below the size of the last
+one, or of the weights for the first), stops with :class:`CheckpointError` on every rank: the
+message names the folder, the free space and the size needed; the temporary folder is removed and
+the previous checkpoints are untouched. Testing hook: BLINDSEG_FAULT_DISK_FREE=BYTES makes the
+free-space check see that many free bytes (tests/engine/test_faults.py).
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -67,6 +76,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, I/O error); nothing of it was left behind."""
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system holding ``path`` (BLINDSEG_FAULT_DISK_FREE overrides: tests)."""
+    fake = os.environ.get("BLINDSEG_FAULT_DISK_FREE")
+    return int(fake) if fake else shutil.disk_usage(path).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _agree(error: str | None, step: int, tmp: Path) -> None:
+    """Collective: every rank learns which ranks failed their part; on any failure rank 0 removes
+    the temporary folder and every rank raises CheckpointError."""
+    failed = [r for r, bad in enumerate(dist.gather_sizes(int(error is not None), tag="checkpoint")) if bad]
+    if not failed:
+        return
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        error = f"rank(s) {failed} could not write their part (see their message)"
+    err = CheckpointError(f"checkpoint step {step} not written: {error}; its temporary folder {tmp} was removed, "
+                          f"the previous checkpoints are kept")
+    err.errno = errno.ENOSPC if "No space left" in error else errno.EIO
+    raise err
+
+
+def _attempt(fn: Callable[[], None], root: Path, errors: tuple = (OSError,)) -> str | None:
+    """None when ``fn()`` succeeded, else what went wrong (saying so when the disk is full: torch.save
+    reports ENOSPC as a RuntimeError about positions)."""
+    try:
+        fn()
+    except errors as e:
+        msg = f"{type(e).__name__}: {e}"
+        try:
+            full = getattr(e, "errno", None) == errno.ENOSPC or free_bytes(root) < 2**20
+        except OSError:
+            full = False
+        if full and "No space left" not in msg:
+            msg = f"No space left on device in {root} ({_mb(free_bytes(root))} free): {msg}"
+        return msg
+    return None
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -93,29 +154,42 @@ def save_checkpoint(
     if final.is_dir() and run_id_of(final) != run_id:
         raise RuntimeError(f"checkpoint {final} was written by another run (id {run_id_of(final)}); "
                            "not replacing it")
-    if dist.rank() == 0:
+
+    def prepare() -> None:  # rank 0: the temporary folder, if the disk can take a checkpoint
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        previous = [p for p in list_checkpoints(output_dir) if p != final]
+        needed = folder_bytes(previous[-1]) if previous else sum(
+            v.numel() * v.element_size() for v in model_state.values())
+        free = free_bytes(root)
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"No space left for it in {root}: {_mb(free)} free, the "
+                          f"{'last checkpoint takes' if previous else 'weights alone take'} {_mb(needed)}. "
+                          f"Free space or set run.output_dir on a larger disk, then continue with --resume")
         tmp.mkdir()
-    dist.barrier()
-    torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
-    if collective_save is not None:
-        collective_save(tmp)
-    if dist.rank() == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
-        (tmp / META_FILE).write_text(json.dumps({**(meta or {}), "step": step}, indent=1))
-    dist.barrier()
-    if dist.rank() == 0:
+
+    def write_rank_part() -> None:
+        torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+        if dist.rank() == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+            torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
+            (tmp / META_FILE).write_text(json.dumps({**(meta or {}), "step": step}, indent=1))
+
+    def publish() -> None:
         atomic.replace_dir(tmp, final)
         keep = {Path(p).resolve() for p in protect}
         own = [p for p in list_checkpoints(output_dir) if run_id_of(p) == run_id and p.resolve() not in keep]
         for old in own[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    _agree(_attempt(prepare, root) if dist.rank() == 0 else None, step, tmp)
+    error = _attempt(lambda: collective_save(tmp), root) if collective_save is not None else None
+    error = error or _attempt(write_rank_part, root, (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
+    _agree(error, step, tmp)
+    _agree(_attempt(publish, root) if dist.rank() == 0 else None, step, tmp)
     return final
 
 
@@ -128,15 +202,50 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"no model weights at {str(f)!r}: pass a checkpoint folder (runs/<name>/checkpoints/<step>) "
             f"or its {MODEL_FILE}"
         )
-    return load_file(str(f))
+    try:
+        return load_file(str(f))
+    except Exception as e:  # noqa: BLE001 - truncated, or not a safetensors file
+        from ..config import ConfigError
+
+        raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: {e}): truncated or "
+                          f"not a {MODEL_FILE}; use another checkpoint (for --resume: remove this folder to "
+                          f"continue from the one before)") from None
+
+
+def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``net.load_state_dict(weights)``, or a ConfigError naming ``source`` and what does not fit
+    (a checkpoint of another backbone or class count)."""
+    own = net.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = [f"{k}: file {tuple(weights[k].shape)} vs network {tuple(own[k].shape)}"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        from ..config import ConfigError
+
+        raise ConfigError(f"checkpoint {str(source)!r} does not fit this network (another model.backbone or "
+                          f"model.num_classes?): {len(missing)} missing {missing[:3]}, {len(unexpected)} "
+                          f"unexpected {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}")
+    net.load_state_dict(weights)
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(training state, this rank's RNG state or None if the checkpoint came from fewer ranks)."""
     p = Path(path)
-    state = torch.load(p / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def read(f: Path):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated or not a torch file
+            from ..config import ConfigError
+
+            raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): truncated?; use another checkpoint "
+                              f"(for --resume: remove {str(p)!r} to continue from the one before)") from None
+
+    state = read(p / STATE_FILE)
     rng_file = p / f"rng-{dist.rank()}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    rng = read(rng_file) if rng_file.is_file() else None
     return state, rng
 
 

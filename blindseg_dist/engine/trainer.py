@@ -19,14 +19,16 @@ Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
   and whose explicit values must agree with it (accelerator.configure_deepspeed). Never no_sync
   (ZeRO 2/3).
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 2 config error;
-3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint written);
-4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 1 an error (on
+2+ processes the rank that had it prints it, the others name that rank and its error and exit with
+its code); 2 config error; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint
+written); 4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
 
 Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
 non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
-the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there.
+the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
+BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +48,7 @@ import yaml
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import train_loader_from_config
+from ..data.workers import shutdown_workers
 from ..model import build_model
 from ..model.objective import BlindNetObjective
 from ..model.pretrained import check_pretrained
@@ -58,18 +62,25 @@ from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
 
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_COLLECTIVE = 4
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the next step boundary.
+
+    Installed from the start of the set-up (a signal during set-up stops the run after its first
+    step) until the end of ``train()``; restored on exit."""
 
     def __init__(self) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self):
+    def install(self) -> "_StopFlag":
+        if self._old:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -77,12 +88,19 @@ class _StopFlag:
                 pass
         return self
 
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    def __enter__(self):
+        return self.install()
+
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self.restore()
 
 
 class _Faults:
@@ -94,11 +112,14 @@ class _Faults:
         self.nan = {int(v) for v in env("BLINDSEG_FAULT_NAN", "").split(",") if v.strip()} if on else set()
         self.exit_at = int(env("BLINDSEG_FAULT_EXIT")) if on and env("BLINDSEG_FAULT_EXIT") else None
         self.hang_at = int(env("BLINDSEG_FAULT_HANG")) if on and env("BLINDSEG_FAULT_HANG") else None
+        self.raise_at = int(env("BLINDSEG_FAULT_RAISE")) if on and env("BLINDSEG_FAULT_RAISE") else None
 
     def before_step(self, attempt: int, rank: int) -> None:
         if attempt == self.exit_at:
             print(f"[fault] rank {rank}: exiting abruptly at step attempt {attempt}", flush=True)
             os._exit(17)
+        if attempt == self.raise_at:
+            raise RuntimeError(f"injected fault: rank {rank} raises at step attempt {attempt}")
         if attempt == self.hang_at:
             print(f"[fault] rank {rank}: hanging at step attempt {attempt}", flush=True)
             while True:
@@ -143,16 +164,16 @@ class TrainLoop(abc.ABC):
         """Run the loop; returns the summary. Exits 3 after too many non-finite losses, 4 when a
         collective fails on a multi-process run."""
         t_start = time.perf_counter()
-        with self.signal, self._exit_on_collective_failure():
+        with self.signal, self._exit_on_collective_failure():  # a signal until the very end only sets the flag
             self.call_hooks("before_train")
             while self.step < self.max_steps and self.stop_reason is None:
                 if self.train_step():
                     self.call_hooks("after_step")
             self.stop_reason = self.stop_reason or "finished"
             self.call_hooks("after_train")
-        summary = self.summary(time.perf_counter() - t_start)
-        self.call_hooks("summarize", summary)
-        self.close()
+            summary = self.summary(time.perf_counter() - t_start)
+            self.call_hooks("summarize", summary)
+            self.close()
         if self.stop_reason.startswith("stopped: "):
             print(f"[train] {self.stop_reason}; last checkpoint {self.last_checkpoint}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_NONFINITE)
@@ -172,18 +193,39 @@ class TrainLoop(abc.ABC):
 
     @contextlib.contextmanager
     def _exit_on_collective_failure(self) -> Iterator[None]:
+        """On 2+ processes, an exception ends this rank at once (any further collective would wait
+        for the others): this rank's own error is printed, recorded for the others (exit 1, or 2
+        for a config error); a failed collective names the rank that failed first and its error
+        (and exits with its code), or, when no rank recorded one, a dead or hung peer (exit 4)."""
         try:
             yield
-        except RuntimeError as err:
+        except Exception as err:
             if self.world == 1:
                 raise
-            # A collective failed: a peer died (connection closed) or hung past run.dist_timeout_s.
-            # Exit at once: any further collective (checkpoint, barrier) would wait for it again.
-            print(f"\n[train] rank {self.rank}: a collective failed at step {self.step} ({type(err).__name__}: "
-                  f"{str(err).splitlines()[0] if str(err) else ''}). Another rank died or hung longer than "
-                  f"run.dist_timeout_s={self.dist_timeout_s}; see its log. Last checkpoint: "
-                  f"{self.last_checkpoint}; continue with --resume.", file=sys.stderr, flush=True)
-            os._exit(EXIT_COLLECTIVE)
+            first = str(err).splitlines()[0] if str(err) else ""
+            if dist.is_collective_failure(err):
+                peer = dist.read_failure()
+                if peer is not None and peer.get("rank") != self.rank:
+                    print(f"\n[train] rank {self.rank}: stopping at step {self.step}: rank {peer['rank']} failed at "
+                          f"step {peer['step']} with {peer['error']} (its traceback is in its output). Last "
+                          f"checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
+                    os._exit(int(peer.get("exit", 1)))
+                # A peer died (connection closed) or hung past run.dist_timeout_s without a word.
+                print(f"\n[train] rank {self.rank}: a collective failed at step {self.step} ({type(err).__name__}: "
+                      f"{first}). Another rank died or hung longer than run.dist_timeout_s="
+                      f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
+                      f"with --resume.", file=sys.stderr, flush=True)
+                os._exit(EXIT_COLLECTIVE)
+            from ..config import ConfigError
+
+            code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_ERROR
+            dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
+                                  "exit": code})
+            traceback.print_exc()
+            print(f"[train] rank {self.rank}: failed at step {self.step} ({type(err).__name__}: {first}); the other "
+                  f"ranks stop too. Last checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(code)
 
 
 class Trainer(TrainLoop):
@@ -193,6 +235,20 @@ class Trainer(TrainLoop):
 
     def __init__(self, cfg: Config, *, resume: bool | str = False, allow_changed: tuple[str, ...] = (),
                  hooks: list[Hook] | None = None) -> None:
+        stop = _StopFlag().install()  # from now on SIGTERM/SIGINT stop the run after its next step
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a launcher that dies (kill -9) sends us SIGTERM: checkpoint, exit
+            from ..data.workers import die_with_parent
+
+            die_with_parent(signal.SIGTERM)
+        try:
+            self._setup(cfg, resume, allow_changed, hooks)
+        except BaseException:
+            stop.restore()
+            raise
+        self.signal = stop
+
+    def _setup(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
+               hooks: list[Hook] | None) -> None:
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -203,6 +259,7 @@ class Trainer(TrainLoop):
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
+        self._check_data(cfg)
         plan = plan_run(cfg, resume, self.world, tuple(allow_changed))  # refusals: before anything is written
         self.out_dir, self.run_id, resume_from = plan.out_dir, plan.run_id, plan.resume_from
         if self.is_main:
@@ -215,6 +272,24 @@ class Trainer(TrainLoop):
         self._build_stream(resume_from, rng)
         self.register_hooks(default_hooks(self) if hooks is None else hooks)
 
+    def _check_data(self, cfg: Config) -> None:
+        """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
+        ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
+        from ..config import ConfigError
+        from ..data.stream import smallest_frame
+
+        if cfg.data.batch_size * self.world < 2:
+            raise ConfigError(f"config key 'data.batch_size': value {cfg.data.batch_size} on {self.world} process: "
+                              "BatchNorm in training needs at least 2 images per step over all processes; use "
+                              "data.batch_size >= 2 or more processes")
+        frame = smallest_frame(cfg.data.train)
+        if frame is not None and cfg.data.crop_size > min(frame) and self.is_main:
+            import logging
+
+            logging.getLogger("blindseg_dist").warning(
+                "data.crop_size=%d is larger than the smallest training frame (%dx%d in %s): such crops are padded "
+                "(image 0, label ignored) at scale 1", cfg.data.crop_size, frame[1], frame[0], cfg.data.train)
+
     def _build_model(self, resume_from: Path | None) -> dict | None:
         """Model, objective, optimizer and scheduler, prepared; restored from ``resume_from``.
         Returns this rank's RNG state from the checkpoint (None: none to restore)."""
@@ -224,7 +299,7 @@ class Trainer(TrainLoop):
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
         if resume_from is not None:
-            net.load_state_dict(ckpt.load_model_weights(resume_from))
+            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
@@ -251,7 +326,8 @@ class Trainer(TrainLoop):
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
-        self.data_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
+        self.loader_iter = iter(loader)  # draws a seed from torch's RNG: restore the checkpoint's RNG after it
+        self.data_iter: Iterator[dict] = self.loader_iter
         if rng is not None:
             ckpt.set_rng_state(rng)
         elif resume_from is not None and self.is_main:
@@ -429,6 +505,7 @@ class Trainer(TrainLoop):
 
     def close(self) -> None:
         self.logger.close()
+        shutdown_workers(self.loader_iter)  # the loader's workers end now, not at interpreter exit
         dist.barrier()
 
 

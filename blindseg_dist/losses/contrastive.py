@@ -7,10 +7,12 @@ to (h, w) when given at another resolution.
 
 Sampling is split-independent (docs/DISTRIBUTED.md, "Sampling"): every random choice is made by
 per-pixel random keys drawn from the image's own generator, seeded by
-sample_seeds(run_seed, step, global_index); "random k of a set" = the k smallest keys. A
-selection over several images or ranks ("global" negatives, the SDCL anchor cap) takes the
-smallest keys of the union, computed from each rank's local smallest. So W ranks sample
-exactly what one process samples on the concatenated batch.
+sample_seeds(run_seed, step, global_index); "random k of a set" = the k smallest keys. The
+image-scope SDCL anchor cap takes the smallest keys of the union (from each rank's local
+smallest). The "global" scopes decide on metadata (docs/DISTRIBUTED.md, "Budgeted global
+scopes"): per-image quotas of a uniform k-subset from a hypergeometric draw seeded by the batch
+seed (a fold of every image's seed), then the quota smallest keys inside each image. So W ranks
+sample exactly what one process samples on the concatenated batch.
 
 Per image, the generator is drawn from in this order (and nothing else):
   CWCL: class-sampling keys rand(N), filler keys rand(N), and only when the image has fewer
@@ -21,9 +23,9 @@ Per image, the generator is drawn from in this order (and nothing else):
 Scopes and the distributed contract: see dist.global_mean and docs/DISTRIBUTED.md. Both losses
 return W * (sum over local anchors) / (global anchor count) [global_mean], so that the mean
 over ranks is the 1-process loss and DDP's gradient average is the 1-process gradient, on
-even and uneven splits (tests/losses/test_dist_scopes.py). Keys gathered from other ranks
-are detached (CWCL) or gathered with the autograd all_gather (SDCL negatives carry
-gradient: their backward reduce-scatter returns every rank's contribution to the owner).
+even and uneven splits (tests/losses/test_dist_scopes.py). "global": only the chosen rows move
+(dist.share_rows, an all-to-all of exact sizes): CWCL keys detached, SDCL negatives with
+gradient (the backward returns every rank's contribution to the row's owner).
 Math runs in float32 (float64 stays float64) with autocast disabled.
 """
 
@@ -539,10 +541,11 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
     pixels of c (in the image; "global": in the global batch; classes absent from the
     ground truth are skipped too), anchors = M pixels with pred_aug == c (z_a, with grad),
     positive z(p) detached, negatives = num_negatives random pixels of ground truth c taken
-    from z_a WITH gradient, shared by all anchors of c in the image ("global": drawn from the
-    class-c pixels of the whole global batch, gathered with the autograd all_gather).
+    from z_a WITH gradient, shared by all anchors of c in the image ("global": drawn uniformly
+    from the class-c pixels of the whole global batch, only those rows moved, with gradient).
     Cap: more than max_anchors_per_image * B_global anchors -> keep that many at random
-    (smallest anchor keys over the global batch). Loss = mean over the kept anchors; no
+    ("image": smallest anchor keys over the global batch; "global": a uniform draw made on the
+    per-image anchor counts, see _sdcl_plan_global). Loss = mean over the kept anchors; no
     anchors -> 0 still connected to emb_aug (and emb).
     plan: the result of sdcl_plan for these inputs (then no sampling happens here).
     return_details=True also returns a dict of the sampled indices (for tests).

@@ -54,7 +54,7 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None)
     """(config, network with the checkpoint's weights) of a checkpoint folder."""
     cfg = load_config(find_run_config(checkpoint), overrides)
     net = build_model(**{**model_kwargs(cfg), "pretrained": None})  # every weight comes from the checkpoint
-    net.load_state_dict(ckpt.load_model_weights(checkpoint))
+    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint)
     return cfg, net
 
 

@@ -43,11 +43,11 @@ def env(cpu: bool = True, **extra: str) -> dict[str, str]:
 
 def train_cmd(out: Path, shards: Path, steps: int, *overrides: str, processes: int = 2, machines: int = 1,
               machine_rank: int = 0, port: int | None = None, config_file: Path | None = None,
-              resume: bool = False) -> list[str]:
+              resume: bool = False, launcher: str = "accelerate") -> list[str]:
     args = ["train", "--config", str(ROOT / "configs/demo.yaml"), "--output-dir", str(out), "--max-steps", str(steps),
             f"data.train={shards}", *TINY, *overrides, *(["--resume"] if resume else [])]
     return blindseg_command(args, processes=processes, machines=machines, machine_rank=machine_rank, port=port,
-                            config_file=config_file)
+                            config_file=config_file, launcher=launcher)
 
 
 def run(cmd: list[str], e: dict[str, str], timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -83,3 +83,75 @@ def test_cli_reports_bad_config_key_and_value(override, expected, capsys, tmp_pa
     for text in expected:
         assert text in err, err
     assert not (tmp_path / "config.yaml").exists()  # nothing started
+
+
+def test_an_error_on_one_rank_is_printed_there_and_named_by_the_others(train_shards, tmp_path):
+    # a RuntimeError of rank 1's own work (not a failed collective): rank 1 prints its traceback, rank 0
+    # names rank 1 and its error; exit 1 everywhere (4 is for a peer that died or hung without a word)
+    out = tmp_path / "run"
+    e = env(BLINDSEG_FAULT_RAISE="1", BLINDSEG_FAULT_RANK="1")
+    res = run(train_cmd(out, train_shards, 6, "run.dist_timeout_s=60", launcher="blindseg"), e)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, tail(res)
+    assert "RuntimeError: injected fault: rank 1 raises at step attempt 1" in text and "Traceback" in text, tail(res)
+    assert "[train] rank 1: failed at step 1 (RuntimeError: injected fault" in text, tail(res)
+    assert ("[train] rank 0: stopping at step 1: rank 1 failed at step 1 with RuntimeError: injected fault"
+            in text), tail(res)
+    assert "died or hung" not in text and "[launch] rank exit codes {" in text, tail(res)
+    assert ckpt.list_checkpoints(out) == [] and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_corrupt_shard_with_on_corrupt_fail_is_reported_as_such(train_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards, shards)
+    for tar in shards.glob("*.tar"):  # every shard cut in the middle: both ranks fail on their first batch
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    res = run(train_cmd(tmp_path / "run", shards, 6, "data.on_corrupt=fail", "run.dist_timeout_s=60",
+                        launcher="blindseg"), env())
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, tail(res)
+    assert "CorruptShardError: corrupt shard" in text and "died or hung" not in text, tail(res)
+
+
+def test_a_disk_too_full_for_the_next_checkpoint_stops_cleanly_and_keeps_the_previous(train_shards, tmp_path):
+    # the free-space check sees 100 MB (BLINDSEG_FAULT_DISK_FREE): enough for the first checkpoint (the
+    # weights alone, ~74 MB, as the estimate), not for the next (the last one takes ~150 MB with momentum)
+    out = tmp_path / "run"
+    e = env(BLINDSEG_FAULT_DISK_FREE=str(100 * 2**20))
+    res = run(train_cmd(out, train_shards, 4, "run.checkpoint_every=2", "run.dist_timeout_s=60", launcher="blindseg"), e)
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, tail(res)
+    assert "checkpoint step 4 not written: OSError: [Errno 28] No space left for it in" in text, tail(res)
+    assert "100.0 MB free, the last checkpoint takes" in text and "died or hung" not in text, tail(res)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["2"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    state, rng = ckpt.load_state(out / "checkpoints" / "2")
+    assert state["step"] == 2 and rng is not None and ckpt.load_model_weights(out / "checkpoints" / "2")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 100 MB tmpfs (needs the right to mount: root in CI containers); unmounted afterwards."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the BLINDSEG_FAULT_DISK_FREE test covers the check")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_enospc_while_writing_a_checkpoint_removes_the_partial_folder(train_shards, small_tmpfs):
+    # a real full disk: the weights (~74 MB) fit the 100 MB tmpfs, the optimizer state does not
+    out = small_tmpfs / "run"
+    res = run(train_cmd(out, train_shards, 2, "run.checkpoint_every=1", processes=1), env())
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, tail(res)
+    assert "blindseg train: checkpoint step 1 not written:" in text and "No space left on device" in text, tail(res)
+    assert "Traceback" not in text, tail(res)
+    assert ckpt.list_checkpoints(out) == [] and not list((out / "checkpoints").glob(".tmp-*"))
+    import shutil
+
+    assert shutil.disk_usage(small_tmpfs).used < 10 * 2**20  # the partial checkpoint's bytes are freed

@@ -79,14 +79,25 @@ def test_resume_that_changes_batch_or_schedule_is_refused_unless_allowed(trained
     rc = cli.main([*train_args(train_shards, 3, out=out), "--resume", "--allow-changed", "colour"])
     assert rc == 2 and "not a resume key" in capsys.readouterr().err
     assert snapshot(out) == before
-    # allowed: continues the same run from step 2 to 3 (same run id, so keep_last=2 drops checkpoint 1)
+    # allowed: continues the same run (same run id, so keep_last=2 prunes its checkpoints). Checkpoint 2 is
+    # removed first, as if the run had been killed while writing it: the resume from 1 trains step 2 again
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "2")
     res = run([PY, "-m", "blindseg_dist", *train_args(train_shards, 3, out=out), "--resume",
                "--allow-changed", "optim.max_steps"], env())
     assert res.returncode == 0, tail(res)
-    assert f"resumed from {out / 'checkpoints' / '2'} at step 2" in res.stdout
+    assert f"resumed from {out / 'checkpoints' / '1'} at step 1" in res.stdout
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["2", "3"] and summary(out)["steps"] == 3
     ids = {ckpt.run_id_of(p) for p in ckpt.list_checkpoints(out)}
     assert len(ids) == 1 and None not in ids
+    # the continued records: every step once in metrics.jsonl and in TensorBoard (step 2's first rows dropped)
+    from blindseg_dist.engine.records import read_jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert sorted(e.step for e in events.Scalars("loss/total")) == [1, 2, 3]
 
 
 def test_resume_from_an_older_checkpoint_or_into_another_run_is_refused(trained, train_shards, tmp_path, capsys):
@@ -149,3 +160,18 @@ def test_keep_last_touches_only_this_runs_checkpoints(tmp_path):
     _save(out, 5, "b", protect=[out / "checkpoints" / "4"])
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["1", "2", "4", "5"]
     assert json.loads((out / "checkpoints" / "5" / "meta.json").read_text()) == {"run_id": "b", "step": 5}
+
+
+def test_two_processes_agree_on_the_default_run_folder(train_shards, tmp_path):
+    """Rank 0's timestamped folder is broadcast: both ranks write into one runs/<name>/<timestamp>/."""
+    from tests.engine._engine_runs import train_cmd
+
+    cmd = train_cmd(tmp_path / "unused", train_shards, 1, "run.name=two")
+    i = cmd.index("--output-dir")
+    del cmd[i:i + 2]  # no output folder: the default
+    res = run(cmd, env(), cwd=tmp_path)
+    assert res.returncode == 0, tail(res)
+    (folder,) = (tmp_path / "runs" / "two").iterdir()
+    assert summary(folder)["world_size"] == 2
+    assert sorted(p.name for p in (folder / "checkpoints" / "1").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert not (tmp_path / "unused").exists()

@@ -120,3 +120,25 @@ def test_training_writes_metrics_eval_records_and_keeps_the_best(train_shards, t
         table = list(csv.DictReader(f))
     assert [r["step"] for r in table] == ["1", "2", "3"] and "miou/source" in table[0] and "grad_norm" in table[0]
     assert json.loads((out / "summary.json").read_text())["best"]["step"] == best["step"]
+
+
+def test_log_with_names_accelerate_trackers(tmp_path):
+    """run.log_with goes through accelerate's trackers: tensorboard writes DIR/tb; an unknown name is a
+    config error at load time, a known tracker that is not installed one when the logger starts."""
+    import pytest
+    from accelerate.tracking import get_available_trackers
+
+    from blindseg_dist.config import ConfigError
+    from blindseg_dist.engine.logging import RunLogger
+
+    with pytest.raises(ConfigError, match="run.log_with"):
+        load_config(ROOT / "configs/demo.yaml", ["run.log_with=[tensorboard, nosuch]"])
+    logger = RunLogger(tmp_path / "tb", enabled=True, log_with=["tensorboard"])
+    assert [t.name for t in logger.trackers] == ["tensorboard"] and logger.writer is not None
+    logger.scalars({"loss/total": 1.0}, 1)
+    logger.close()
+    assert list((tmp_path / "tb").glob("events.*"))
+    missing = [n for n in ("wandb", "mlflow", "aim") if n not in {str(t) for t in get_available_trackers()}]
+    assert missing, "wandb, mlflow and aim are not dependencies of the project"
+    with pytest.raises(ConfigError, match=f"'{missing[0]}' is not installed"):
+        RunLogger(tmp_path / "tb2", enabled=True, log_with=["tensorboard", missing[0]])

@@ -47,3 +47,30 @@ def test_predict_errors_name_the_folder(tmp_path, checkpoint, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and what in err and str(folder) in err
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_keeps_same_named_images_apart_skips_bad_ones_and_ignores_its_output(tmp_path, checkpoint, capsys):
+    rng = np.random.default_rng(1)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    a = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    b = np.zeros((40, 48, 3), dtype=np.uint8)  # a different image of the same stem
+    Image.fromarray(a).save(imgs / "x.png")
+    Image.fromarray(b).save(imgs / "x.jpg", quality=95)
+    Image.fromarray(a[:1, :1]).save(imgs / "tiny.png")  # 1x1
+    (imgs / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = imgs / "pred"  # --out inside --images
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--images", str(imgs), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err  # images were skipped: the end says so
+    assert f"skipped {imgs / 'tiny.png'}: 1x1 px" in err and f"skipped {imgs / 'broken.jpg'}: cannot read it" in err
+    assert "2 of 4 image(s) skipped" in err
+    labels = sorted(p.name for p in (out / "labels").iterdir())
+    assert labels == ["x.jpg.png", "x.png.png"]  # two output sets, none overwritten
+    over_png = np.asarray(Image.open(out / "overlays" / "x.png.png")).astype(float)
+    mask_png = np.asarray(Image.open(out / "masks" / "x.png.png")).astype(float)
+    assert np.abs(over_png - (0.5 * a + 0.5 * mask_png)).max() <= 1  # x.png's overlay is of x.png
+    # a second run reads only the 4 inputs again, not the outputs now under imgs/pred
+    summary = predict_folder(checkpoint, imgs, out, progress=False)
+    assert summary["images"] == 2 and len(summary["skipped"]) == 2
+    assert sorted(p.name for p in (out / "labels").iterdir()) == labels

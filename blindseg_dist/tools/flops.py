@@ -14,7 +14,8 @@ import torch
 
 from ..model import build_model, count_parameters
 
-__all__ = ["CONVENTION", "compute_flops", "count_gflops", "format_flops_table", "sdpa_flop_jit"]
+__all__ = ["CONVENTION", "compute_flops", "count_gflops", "format_flops_table", "sdpa_flop_jit", "meta_gmacs",
+           "zero_memory_bytes"]
 
 CONVENTION = "fvcore: one multiply-add = one FLOP; eval-mode forward of one image"
 
@@ -57,6 +58,43 @@ def count_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
         finally:
             model.train(was_training)
     return total / 1e9
+
+
+def meta_gmacs(model_kwargs: dict[str, Any], size: tuple[int, int]) -> float:
+    """Multiply-adds (1e9) of the eval-mode inference network on one image of ``size``, counted by
+    torch.utils.flop_counter on the meta device (no weights, no compute: large models at full
+    resolution in seconds). It counts matmuls, convolutions and attention (FLOPs / 2 = MACs), not
+    the norms and resizes fvcore also counts, and it counts transposed convolutions its own way, so it
+    differs from ``count_gflops`` by a few percent (tests/model/test_vit.py bounds the difference;
+    ViT-S/16 at 512x1024: 158.7 here, 153.2 fvcore)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {**model_kwargs, "pretrained": None, "aux": False, "proj_heads": False}
+    with torch.device("meta"):
+        model = build_model(**kwargs).eval()
+        x = torch.zeros(1, 3, int(size[0]), int(size[1]))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def zero_memory_bytes(trainable: int, frozen: int = 0, *, world: int = 8, optimizer: str = "adamw",
+                      precision: str = "bf16") -> dict[str, float]:
+    """Bytes per GPU of weights + gradients + optimizer state under ZeRO stages 0-3 on ``world``
+    GPUs (the ZeRO paper's model; activations and buffers excluded). bf16: 16-bit weights and
+    gradients, fp32 master weights in the optimizer state (AdamW: master + 2 moments = 12 B per
+    parameter, SGD with momentum: 8 B); fp32: 4 B weights and gradients, AdamW 8 B, SGD 4 B.
+    Frozen parameters hold weights only (no gradient, no optimizer state)."""
+    w = 2 if precision in ("bf16", "fp16") else 4
+    k = {("adamw", 2): 12, ("sgd", 2): 8, ("adamw", 4): 8, ("sgd", 4): 4}[(optimizer, w)]
+    n, t, f = world, trainable, frozen
+    return {
+        "stage0": w * (t + f) + w * t + k * t,
+        "stage1": w * (t + f) + w * t + k * t / n,
+        "stage2": w * (t + f) + (w + k) * t / n,
+        "stage3": (w * (t + f) + (w + k) * t) / n,
+    }
 
 
 def compute_flops(model_kwargs: dict[str, Any], size: tuple[int, int] = (1024, 2048)) -> dict[str, Any]:

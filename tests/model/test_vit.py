@@ -199,3 +199,16 @@ def test_fvcore_counts_the_attention() -> None:
     net = build_model("timm:vit_small_patch16_224", timm_kwargs=TINY, vit=VIT_OPTS, aux=False, proj_heads=False)
     small, large = count_gflops(net, (64, 64)), count_gflops(net, (128, 128))
     assert small > 0 and 3.5 < large / small < 4.6  # ~4x the pixels; attention grows as N^2
+
+
+def test_meta_device_count_is_close_to_fvcore_and_zero_bytes() -> None:
+    from blindseg_dist.tools.flops import meta_gmacs, zero_memory_bytes
+
+    kw = dict(backbone="timm:vit_small_patch14_dinov2", timm_kwargs=TINY, vit=VIT_OPTS, aux=False, proj_heads=False)
+    fv = count_gflops(build_model(**kw), (56, 84))
+    meta = meta_gmacs(kw, (56, 84))
+    assert 0.9 * fv < meta < 1.1 * fv  # the counters differ on norms, resizes, transposed convs
+    b = zero_memory_bytes(1000, 200, world=4, optimizer="adamw", precision="bf16")
+    assert b == {"stage0": 2 * 1200 + 2 * 1000 + 12 * 1000, "stage1": 2 * 1200 + 2 * 1000 + 12 * 1000 / 4,
+                 "stage2": 2 * 1200 + 14 * 1000 / 4, "stage3": (2 * 1200 + 14 * 1000) / 4}
+    assert zero_memory_bytes(10, world=2, optimizer="sgd", precision="no")["stage0"] == 4 * 10 + 4 * 10 + 4 * 10

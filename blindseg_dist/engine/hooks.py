@@ -11,7 +11,8 @@ the methods on every rank, hook after hook in registration order:
   (a signal), ``trainer.stop_reason`` is already set during the last ``after_step``.
 - ``after_train()``: once, when the loop has ended for any reason; ``trainer.stop_reason`` is
   "finished", "stopped by signal" or "stopped: N non-finite losses in a row ...". It runs inside
-  the trainer's collective-failure guard: collectives (the final checkpoint) belong here.
+  the trainer's collective-failure guard (so do ``summarize`` and the trainer's close): collectives
+  (the final checkpoint) belong here.
 - ``summarize(summary)``: once, after that, with the run summary (a dict) to read or extend.
 
 Rule for hooks with collectives (checkpoints, evaluation, the log all-reduce): decide from values

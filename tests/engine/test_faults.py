@@ -90,7 +90,7 @@ def test_an_error_on_one_rank_is_printed_there_and_named_by_the_others(train_sha
     # names rank 1 and its error; exit 1 everywhere (4 is for a peer that died or hung without a word)
     out = tmp_path / "run"
     e = env(BLINDSEG_FAULT_RAISE="1", BLINDSEG_FAULT_RANK="1")
-    res = run(train_cmd(out, train_shards, 6, "run.dist_timeout_s=60", launcher="blindseg"), e)
+    res = run(train_cmd(out, train_shards, 6, "run.dist_timeout_s=60", launcher="blindseg"), e, timeout=400)
     text = res.stdout + res.stderr
     assert res.returncode == 1, tail(res)
     assert "RuntimeError: injected fault: rank 1 raises at step attempt 1" in text and "Traceback" in text, tail(res)
@@ -109,7 +109,7 @@ def test_a_corrupt_shard_with_on_corrupt_fail_is_reported_as_such(train_shards, 
     for tar in shards.glob("*.tar"):  # every shard cut in the middle: both ranks fail on their first batch
         tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     res = run(train_cmd(tmp_path / "run", shards, 6, "data.on_corrupt=fail", "run.dist_timeout_s=60",
-                        launcher="blindseg"), env())
+                        launcher="blindseg"), env(), timeout=400)
     text = res.stdout + res.stderr
     assert res.returncode == 1, tail(res)
     assert "CorruptShardError: corrupt shard" in text and "died or hung" not in text, tail(res)
@@ -120,7 +120,8 @@ def test_a_disk_too_full_for_the_next_checkpoint_stops_cleanly_and_keeps_the_pre
     # weights alone, ~74 MB, as the estimate), not for the next (the last one takes ~150 MB with momentum)
     out = tmp_path / "run"
     e = env(BLINDSEG_FAULT_DISK_FREE=str(100 * 2**20))
-    res = run(train_cmd(out, train_shards, 4, "run.checkpoint_every=2", "run.dist_timeout_s=60", launcher="blindseg"), e)
+    res = run(train_cmd(out, train_shards, 4, "run.checkpoint_every=2", "run.dist_timeout_s=60", launcher="blindseg"),
+              e, timeout=400)
     text = res.stdout + res.stderr
     assert res.returncode == 1, tail(res)
     assert "checkpoint step 4 not written: OSError: [Errno 28] No space left for it in" in text, tail(res)
@@ -138,7 +139,8 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); the BLINDSEG_FAULT_DISK_FREE test covers the check")
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}); "
+                    "the BLINDSEG_FAULT_DISK_FREE test covers the check")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 

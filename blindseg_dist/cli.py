@@ -419,11 +419,25 @@ def _library_logging() -> None:
     log.setLevel(logging.INFO)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that key=value overrides may stand anywhere on the command line
+    (`train --config C --resume --output-dir X optim.lr=0.02 --max-steps 9 run.threads=1`):
+    argparse alone takes the positional overrides once and rejects later ones."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        loose = [e for e in extra if "=" in e and not e.startswith("-")]
+        if hasattr(args, "overrides") and len(loose) == len(extra):
+            args.overrides = [*args.overrides, *loose]
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _library_logging()
     from .config import ConfigError
 

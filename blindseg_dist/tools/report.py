@@ -228,7 +228,8 @@ def run_flops(run: RunResult, size: tuple[int, int] = FLOPS_SIZE) -> dict | None
         return None
     kwargs = model_kwargs(load_config(run.config))
     kwargs["pretrained"] = None
-    key = {"size": [int(size[0]), int(size[1])], "model_kwargs": kwargs}
+    # through JSON once, so that tuples in the kwargs compare equal to the lists read back from the cache
+    key = json.loads(json.dumps({"size": [int(size[0]), int(size[1])], "model_kwargs": kwargs}))
     cache = run.path / "flops.json" if run.path is not None else None
     if cache is not None and cache.is_file():
         try:

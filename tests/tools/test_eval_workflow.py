@@ -75,9 +75,10 @@ def test_eval_on_raw_folders_equals_eval_on_their_shards(tmp_path, capsys):
 def test_eval_errors_name_the_raw_folder(tmp_path, capsys):
     run = tmp_path / "run"
     make_checkpoint(run)
-    with pytest.raises(SystemExit, match="cityscapes folder"):
-        main(["eval", "--checkpoint", str(run), "--json", str(tmp_path / "o.json"), "--data",
-              f"x=cityscapes:{tmp_path / 'missing'}"])
+    rc = main(["eval", "--checkpoint", str(run), "--json", str(tmp_path / "o.json"), "--data",
+               f"x=cityscapes:{tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cityscapes folder" in err and "missing" in err and not (tmp_path / "o.json").exists()
 
 
 def test_prediction_panels_show_training_crops_and_each_target(tmp_path):

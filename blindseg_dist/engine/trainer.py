@@ -28,7 +28,8 @@ Testing hooks (environment variables, read once; tests/engine/test_faults.py use
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
 non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
 the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
-BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work).
+BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work);
+BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during set-up, before the model is built.
 """
 from __future__ import annotations
 
@@ -114,6 +115,11 @@ class _Faults:
         self.hang_at = int(env("BLINDSEG_FAULT_HANG")) if on and env("BLINDSEG_FAULT_HANG") else None
         self.raise_at = int(env("BLINDSEG_FAULT_RAISE")) if on and env("BLINDSEG_FAULT_RAISE") else None
 
+    @staticmethod
+    def at_setup(rank: int) -> None:
+        if os.environ.get("BLINDSEG_FAULT_SETUP") and rank == int(os.environ.get("BLINDSEG_FAULT_RANK", "0")):
+            raise RuntimeError(f"injected fault: rank {rank} raises during set-up")
+
     def before_step(self, attempt: int, rank: int) -> None:
         if attempt == self.exit_at:
             print(f"[fault] rank {rank}: exiting abruptly at step attempt {attempt}", flush=True)
@@ -192,8 +198,8 @@ class TrainLoop(abc.ABC):
         """Release what the run holds, after the summary."""
 
     @contextlib.contextmanager
-    def _exit_on_collective_failure(self) -> Iterator[None]:
-        """On 2+ processes, an exception ends this rank at once (any further collective would wait
+    def _exit_on_collective_failure(self, during: str | None = None) -> Iterator[None]:
+        """On 2+ processes (``during``: "set-up" when not in the loop), an exception ends this rank at once (any further collective would wait
         for the others): this rank's own error is printed, recorded for the others (exit 1, or 2
         for a config error); a failed collective names the rank that failed first and its error
         (and exits with its code), or, when no rank recorded one, a dead or hung peer (exit 4)."""
@@ -203,15 +209,17 @@ class TrainLoop(abc.ABC):
             if self.world == 1:
                 raise
             first = str(err).splitlines()[0] if str(err) else ""
+            where = f"during {during}" if during else f"at step {self.step}"
             if dist.is_collective_failure(err):
                 peer = dist.read_failure()
                 if peer is not None and peer.get("rank") != self.rank:
-                    print(f"\n[train] rank {self.rank}: stopping at step {self.step}: rank {peer['rank']} failed at "
-                          f"step {peer['step']} with {peer['error']} (its traceback is in its output). Last "
+                    peer_where = peer.get("where") or f"at step {peer['step']}"
+                    print(f"\n[train] rank {self.rank}: stopping {where}: rank {peer['rank']} failed "
+                          f"{peer_where} with {peer['error']} (its traceback is in its output). Last "
                           f"checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
                     os._exit(int(peer.get("exit", 1)))
                 # A peer died (connection closed) or hung past run.dist_timeout_s without a word.
-                print(f"\n[train] rank {self.rank}: a collective failed at step {self.step} ({type(err).__name__}: "
+                print(f"\n[train] rank {self.rank}: a collective failed {where} ({type(err).__name__}: "
                       f"{first}). Another rank died or hung longer than run.dist_timeout_s="
                       f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
                       f"with --resume.", file=sys.stderr, flush=True)
@@ -220,9 +228,9 @@ class TrainLoop(abc.ABC):
 
             code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_ERROR
             dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
-                                  "exit": code})
+                                  "exit": code, "where": where})
             traceback.print_exc()
-            print(f"[train] rank {self.rank}: failed at step {self.step} ({type(err).__name__}: {first}); the other "
+            print(f"[train] rank {self.rank}: failed {where} ({type(err).__name__}: {first}); the other "
                   f"ranks stop too. Last checkpoint: {self.last_checkpoint}.", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(code)
@@ -259,6 +267,13 @@ class Trainer(TrainLoop):
         self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
         super().__init__(max_steps=cfg.optim.max_steps, rank=self.acc.process_index, world=self.acc.num_processes,
                          dist_timeout_s=cfg.run.dist_timeout_s)
+        # from here the process group exists: an error on one rank is recorded and named by the others
+        with self._exit_on_collective_failure(during="set-up"):
+            self._setup_run(cfg, resume, allow_changed, hooks)
+
+    def _setup_run(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
+                   hooks: list[Hook] | None) -> None:
+        """Set-up after the accelerator (process group) and the loop's counters exist."""
         self._check_data(cfg)
         plan = plan_run(cfg, resume, self.world, tuple(allow_changed))  # refusals: before anything is written
         self.out_dir, self.run_id, resume_from = plan.out_dir, plan.run_id, plan.resume_from
@@ -268,6 +283,7 @@ class Trainer(TrainLoop):
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if resume and resume_from is None and self.is_main:
             print(f"[train] --resume: no checkpoint under {self.out_dir / 'checkpoints'}; starting from step 0")
+        _Faults.at_setup(self.rank)
         rng = self._build_model(resume_from)
         self._build_stream(resume_from, rng)
         self.register_hooks(default_hooks(self) if hooks is None else hooks)

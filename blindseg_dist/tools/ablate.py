@@ -269,15 +269,36 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
+def _final_checkpoint(run: PlannedRun, config: str | None) -> tuple[Path | None, Any]:
+    """(the run's checkpoint at optim.max_steps if it is complete, else None; the run's config)."""
+    from ..engine import checkpoint as ckpt
+
+    cfg = load_config(run.config or config, list(run.overrides))
+    final = ckpt.checkpoint_dir(run.run_dir) / str(cfg.optim.max_steps)
+    return (final if (final / ckpt.STATE_FILE).is_file() else None), cfg
+
+
+def _eval_command(final: Path, cfg: Any, eval_json: Path, processes: int) -> list[str]:
+    """`blindseg eval` of checkpoint ``final`` on the run's eval.targets (its eval.max_images;
+    protocols and sliding window from the run's config), writing RUN/eval.json."""
+    return blindseg_command(["eval", "--checkpoint", str(final),
+                             "--data", *[f"{k}={v}" for k, v in cfg.eval.targets.items()],
+                             "--json", str(eval_json), "--max-images", str(cfg.eval.max_images)],
+                            processes=processes)
+
+
 def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, processes: int = 1,
                  desc: str = "ablation") -> tuple[dict[Path, dict], dict[str, list[str]]]:
     """Train and evaluate every planned run that has no RUN/eval.json yet (each an ordinary
-    `blindseg train --resume` in its own process, output in RUN/train.log), skip the others.
-    Returns ({run_dir: eval targets} of the runs with results, {"trained"|"skipped"|"failed": [run_dir]})."""
+    `blindseg train --resume` in its own process, output in RUN/train.log), skip the others. A run
+    whose final checkpoint (at optim.max_steps) exists without eval.json (stopped after its last save)
+    is only evaluated (`blindseg eval` of that checkpoint, output in RUN/eval.log), not trained.
+    Returns ({run_dir: eval targets} of the runs with results,
+    {"trained"|"evaluated"|"skipped"|"failed": [run_dir]})."""
     from tqdm import tqdm
 
     results: dict[Path, dict] = {}
-    status: dict[str, list[str]] = {"trained": [], "skipped": [], "failed": []}
+    status: dict[str, list[str]] = {"trained": [], "evaluated": [], "skipped": [], "failed": []}
     n = len(plan)
     bar = tqdm(total=n, desc=desc, unit="run", dynamic_ncols=True)
     for k, run in enumerate(plan, 1):
@@ -288,27 +309,35 @@ def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, proce
             state, seconds = "skipped", 0.0
         else:
             run.run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
-                                    "--resume", *run.overrides], processes=processes)
+            final, cfg = _final_checkpoint(run, config)
+            if final is not None and cfg.eval.targets:
+                done, logname = "evaluated", "eval.log"
+                cmd = _eval_command(final, cfg, eval_json, processes)
+            else:
+                done, logname = "trained", "train.log"
+                cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
+                                        "--resume", *run.overrides], processes=processes)
             t0 = time.perf_counter()
-            with open(run.run_dir / "train.log", "w") as log:
+            with open(run.run_dir / logname, "w") as log:
                 log.write("$ " + " ".join(cmd) + "\n")
                 log.flush()
                 rc = subprocess.run(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT).returncode
             seconds = time.perf_counter() - t0
-            state = "trained" if rc == 0 and eval_json.is_file() else "failed"
+            state = done if rc == 0 and eval_json.is_file() else "failed"
             if state == "failed":
                 why = f"exit code {rc}" if rc else "no eval.json written"
-                bar.write(f"{label}: training ... FAILED ({why}, {seconds:.0f} s); log {run.run_dir / 'train.log'}:\n"
-                          + _tail(run.run_dir / "train.log"))
+                doing = "training" if done == "trained" else "evaluating the final checkpoint"
+                bar.write(f"{label}: {doing} ... FAILED ({why}, {seconds:.0f} s); log {run.run_dir / logname}:\n"
+                          + _tail(run.run_dir / logname))
         status[state].append(str(run.run_dir))
         if state != "failed":
             targets = json.loads(eval_json.read_text())["targets"]
             results[run.run_dir] = targets
             write_hparams(run, targets)
             mean = 100 * float(np.nanmean([r["miou"] for r in targets.values()]))
-            what = "training ... done" if state == "trained" else "skipped (eval.json exists)"
-            extra = f" in {seconds:.0f} s" if state == "trained" else ""
+            what = {"trained": "training ... done", "evaluated": "final checkpoint evaluated (no training)",
+                    "skipped": "skipped (eval.json exists)"}[state]
+            extra = f" in {seconds:.0f} s" if state != "skipped" else ""
             bar.write(f"{label}: {what} {mean:.1f} mIoU{extra}")
         bar.update(1)
     bar.close()
@@ -328,7 +357,8 @@ def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default"
     results, status = execute_plan(plan, config, processes=processes)
     table = build_tables(entries, plan, results, out, description)
     print(table)
-    print(f"[ablate] {len(status['trained'])} trained, {len(status['skipped'])} skipped, "
+    print(f"[ablate] {len(status['trained'])} trained, {len(status['evaluated'])} evaluated only, "
+          f"{len(status['skipped'])} skipped, "
           f"{len(status['failed'])} failed; tables {out / 'ablation.md'}, {out / 'ablation.csv'}; "
           f"TensorBoard HParams: tensorboard --logdir {out / 'runs'}")
     return {"output_dir": str(out), "table": table, **status}

@@ -177,6 +177,7 @@ def run_scaling(configs: Sequence[str], seeds: int, *, output_dir: str | Path = 
                                             out / "runs" / entry.slug / "model.json")
     table, rows = build_scaling_tables(entries, plan, results, figures, out)
     print(table)
-    print(f"[scale] {len(status['trained'])} trained, {len(status['skipped'])} skipped, {len(status['failed'])} failed; "
+    print(f"[scale] {len(status['trained'])} trained, {len(status['evaluated'])} evaluated only, "
+          f"{len(status['skipped'])} skipped, {len(status['failed'])} failed; "
           f"{out / 'scaling.md'}, {out / 'scaling.csv'}, {out / 'scaling.png'}")
     return {"output_dir": str(out), "table": table, "rows": rows, **status}

@@ -100,3 +100,33 @@ def test_grid_and_plan_errors(tmp_path):
         plan_runs(DEMO_CONFIG, bad_entries, 1, tmp_path, ["eval.targets={a: /x}"])
     plan = plan_runs(DEMO_CONFIG, entries, 3, tmp_path, ["eval.targets={a: /x}"])
     assert len(plan) == 24 and plan[5].run_dir == tmp_path / "runs" / "ce_both_views" / "seed2"
+
+
+def test_a_finished_run_without_eval_json_is_evaluated_on_rerun_not_trained(tmp_path, capsys):
+    # killed after its final checkpoint, before eval.json: the rerun evaluates that checkpoint only
+    from blindseg_dist.tools.ablate import execute_plan
+
+    shards = make_shards(tmp_path / "data", images=4)
+    overrides = [f"data.train={shards['train']}", "data.crop_size=64", "data.batch_size=2", "data.num_workers=0",
+                 "optim.max_steps=2", "run.log_every=1", "run.threads=1", f"eval.targets={{night: {shards['night']}}}"]
+    _, entries = load_grid("tiny")
+    plan = plan_runs(str(DEMO_CONFIG), entries[:1], 1, tmp_path / "abl", overrides)
+    results, status = execute_plan(plan, str(DEMO_CONFIG))
+    run_dir = plan[0].run_dir
+    assert status["trained"] == [str(run_dir)] and not status["failed"], (run_dir / "train.log").read_text()[-3000:]
+    first = json.loads((run_dir / "eval.json").read_text())["targets"]["night"]["miou"]
+    ckpt_files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    assert any(p.parent.name == "2" for p in ckpt_files)
+    (run_dir / "eval.json").unlink()
+
+    results, status = execute_plan(plan, str(DEMO_CONFIG))
+    log = (run_dir / "eval.log").read_text() if (run_dir / "eval.log").is_file() else ""
+    assert status["evaluated"] == [str(run_dir)] and not status["failed"] and not status["trained"], log[-3000:]
+    printed = capsys.readouterr()
+    assert "final checkpoint evaluated (no training)" in printed.out + printed.err
+    again = json.loads((run_dir / "eval.json").read_text())["targets"]["night"]["miou"]
+    assert results[run_dir]["night"]["miou"] == again == pytest.approx(first, abs=1e-6)
+    # no training: the checkpoints are untouched, and no train.log of a second run
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (run_dir / "checkpoints").rglob("*")
+            if p.is_file()} == ckpt_files
+    assert "[train]" not in log

@@ -29,7 +29,8 @@ BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3
 non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
 the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
 BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work);
-BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during set-up, before the model is built.
+BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during set-up, before the model is built
+(BLINDSEG_FAULT_SETUP=missing: a FileNotFoundError there).
 """
 from __future__ import annotations
 
@@ -117,8 +118,10 @@ class _Faults:
 
     @staticmethod
     def at_setup(rank: int) -> None:
-        if os.environ.get("BLINDSEG_FAULT_SETUP") and rank == int(os.environ.get("BLINDSEG_FAULT_RANK", "0")):
-            raise RuntimeError(f"injected fault: rank {rank} raises during set-up")
+        what = os.environ.get("BLINDSEG_FAULT_SETUP")
+        if what and rank == int(os.environ.get("BLINDSEG_FAULT_RANK", "0")):
+            error = FileNotFoundError if what == "missing" else RuntimeError
+            raise error(f"injected fault: rank {rank} raises during set-up")
 
     def before_step(self, attempt: int, rank: int) -> None:
         if attempt == self.exit_at:
@@ -133,6 +136,23 @@ class _Faults:
 
     def loss(self, loss: torch.Tensor, attempt: int) -> torch.Tensor:
         return loss * float("nan") if attempt in self.nan else loss
+
+
+def _exit_code(err: BaseException, *, setup: bool) -> int:
+    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up also 2
+    for what `blindseg train` exits 2 with on one process (a missing file, a usage error, a shard
+    location that cannot be read or whose backend is missing: cli.main)."""
+    from ..config import ConfigError
+
+    if isinstance(err, ConfigError):
+        return EXIT_CONFIG
+    if setup:
+        from ..cli import UsageError
+        from ..data.location import MissingBackendError, ShardReadError
+
+        if isinstance(err, (FileNotFoundError, UsageError, MissingBackendError, ShardReadError)):
+            return EXIT_CONFIG
+    return EXIT_ERROR
 
 
 class TrainLoop(abc.ABC):
@@ -224,9 +244,7 @@ class TrainLoop(abc.ABC):
                       f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
                       f"with --resume.", file=sys.stderr, flush=True)
                 os._exit(EXIT_COLLECTIVE)
-            from ..config import ConfigError
-
-            code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_ERROR
+            code = _exit_code(err, setup=during is not None)
             dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
                                   "exit": code, "where": where})
             traceback.print_exc()

@@ -2,6 +2,7 @@
 hangs (the others exit with a clear error within run.dist_timeout_s), and bad config keys at the CLI.
 
 The faults are injected with the trainer's documented testing hooks (BLINDSEG_FAULT_* variables)."""
+import ast
 import subprocess
 import time
 
@@ -101,20 +102,23 @@ def test_an_error_on_one_rank_is_printed_there_and_named_by_the_others(train_sha
     assert ckpt.list_checkpoints(out) == [] and not list((out / "checkpoints").glob(".tmp-*"))
 
 
-def test_a_set_up_error_on_one_rank_is_printed_there_and_named_by_the_others(train_shards, tmp_path):
-    # rank 1 fails before the loop (after the process group exists): same report as a loop error, not exit 4
+@pytest.mark.parametrize("fault, error, code", [("1", "RuntimeError", 1), ("missing", "FileNotFoundError", 2)])
+def test_a_set_up_error_on_one_rank_is_printed_there_and_named_by_the_others(fault, error, code, train_shards,
+                                                                             tmp_path):
+    # rank 1 fails before the loop (after the process group exists): same report as a loop error, not exit 4;
+    # its code is the one `blindseg train` has for that error on one process (2: a missing file)
     out = tmp_path / "run"
-    e = env(BLINDSEG_FAULT_SETUP="1", BLINDSEG_FAULT_RANK="1")
+    e = env(BLINDSEG_FAULT_SETUP=fault, BLINDSEG_FAULT_RANK="1")
     res = run(train_cmd(out, train_shards, 6, "run.dist_timeout_s=60", launcher="blindseg"), e, timeout=400)
     text = res.stdout + res.stderr
-    assert res.returncode == 1, tail(res)
-    assert "RuntimeError: injected fault: rank 1 raises during set-up" in text and "Traceback" in text, tail(res)
-    assert "[train] rank 1: failed during set-up (RuntimeError: injected fault" in text, tail(res)
-    assert "[train] rank 0: stopping " in text and ("rank 1 failed during set-up with RuntimeError: injected fault"
+    assert res.returncode == code, tail(res)
+    assert f"{error}: injected fault: rank 1 raises during set-up" in text and "Traceback" in text, tail(res)
+    assert f"[train] rank 1: failed during set-up ({error}: injected fault" in text, tail(res)
+    assert "[train] rank 0: stopping " in text and (f"rank 1 failed during set-up with {error}: injected fault"
                                                     in text), tail(res)
     assert "died or hung" not in text and "[launch] rank exit codes {" in text, tail(res)
-    codes = text.split("[launch] rank exit codes {", 1)[1].split("}", 1)[0]
-    assert "4" not in codes, codes
+    codes = ast.literal_eval("{" + text.split("[launch] rank exit codes {", 1)[1].split("}", 1)[0] + "}")
+    assert codes == {0: code, 1: code}, codes  # both ranks, neither 4
 
 
 def test_a_corrupt_shard_with_on_corrupt_fail_is_reported_as_such(train_shards, tmp_path):

@@ -67,7 +67,7 @@ class SegNet(nn.Module):
         """Projection head ``level`` on feature rows (P, C) -> L2-normalized (P, proj_dim).
 
         The heads are per-pixel (1x1 convs), so this equals the dense head at those pixels."""
-        return self.proj_heads[level](rows[:, :, None, None])[:, :, 0, 0]
+        return self.proj_heads[level].rows(rows)
 
     def forward(
         self, x: Tensor, *, with_aux: bool = True, dense_embeds: bool = True

@@ -93,6 +93,16 @@ class ProjectionHead(nn.Module):
         z = self.body(x)
         return z / (z.norm(dim=1, keepdim=True) + 1e-7)
 
+    def rows(self, x: Tensor) -> Tensor:
+        """The same head on feature rows (P, C) -> (P, dim): the 1x1 convs as matrix products.
+
+        Equal to ``forward`` at those pixels; a 1x1 conv over a (P, C, 1, 1) batch runs 6-17x
+        slower than the matrix product on the CPU (oneDNN treats every row as an image)."""
+        c1, _, c2 = self.body
+        z = F.linear(x, c1.weight.flatten(1), c1.bias).relu_()
+        z = F.linear(z, c2.weight.flatten(1), c2.bias)
+        return z / (z.norm(dim=1, keepdim=True) + 1e-7)
+
 
 def init_weights(module: nn.Module) -> None:
     """The released head initialization: Kaiming-normal convs (fan_in, ReLU gain: std =

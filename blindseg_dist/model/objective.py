@@ -144,7 +144,8 @@ class BlindNetObjective(nn.Module):
         """(B, D, h, w) embedding map holding the projection of ``feats`` at the flat pixels ``pix``
         (zeros elsewhere: never read by the losses, whose plans chose ``pix``)."""
         b, c, h, w = feats.shape
-        rows = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)[pix]  # (P, C)
+        n = h * w
+        rows = feats.flatten(2)[pix // n, :, pix % n]  # (P, C), without a permuted copy of the map
         z = self.net.embed_rows(level, rows)  # (P, D)
         dense = z.new_zeros(b * h * w, z.shape[1]).index_copy(0, pix, z)  # (B*h*w, D)
         return dense.view(b, h, w, -1).permute(0, 3, 1, 2)

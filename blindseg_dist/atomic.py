@@ -60,10 +60,24 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move the complete folder ``tmp`` to ``final``, replacing a folder already there.
 
-    A folder cannot be renamed over a non-empty one, so an existing ``final`` is removed first;
-    a reader can then find no ``final`` for a moment, never a partial one."""
+    A folder cannot be renamed over a non-empty one, so an existing ``final`` is first renamed
+    aside (``.old-<name>-<pid>`` beside it), ``tmp`` renamed into place, then the old one removed.
+    A reader can find no ``final`` for a moment, never a partial one; if the second rename fails
+    the old folder is put back, and a process killed between the two renames leaves the complete
+    old folder under its ``.old-`` name instead of deleting it."""
     final = Path(final)
+    aside = None
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, final)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return final

@@ -60,3 +60,24 @@ def test_replace_dir(tmp_path):
     (tmp / "model.safetensors").write_text("new")
     assert atomic.replace_dir(tmp, final) == final
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"] and not tmp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["7"]  # the old folder set aside is removed
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_move_fails(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "7", tmp_path / ".tmp-7"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_text("new")
+    real = os.replace
+
+    def failing(src, dst):
+        if os.fspath(src) == os.fspath(tmp):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError):
+        atomic.replace_dir(tmp, final)
+    assert (final / "model.safetensors").read_text() == "old"  # never deleted for a failed replace
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-7", "7"]

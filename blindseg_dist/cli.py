@@ -443,27 +443,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"blindseg {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, UsageError) as e:
-        print(f"blindseg {args.command}: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:  # a shard location whose backend is not installed (data.location)
-        from .data.location import MissingBackendError
-
-        if not isinstance(e, MissingBackendError):
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is one of the exit-2 errors
+        if not exits_2(e):
             raise
-        print(f"blindseg {args.command}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a shard location that cannot be read after its retries
-        from .data.location import ShardReadError
-
-        if not isinstance(e, ShardReadError):
-            raise
-        print(f"blindseg {args.command}: {e}", file=sys.stderr)
+        what = "config error: " if isinstance(e, ConfigError) else ""
+        print(f"blindseg {args.command}: {what}{e}", file=sys.stderr)
         return 2
 
+
+def exits_2(err: BaseException) -> bool:
+    """The errors `blindseg` exits 2 for (a config or usage error, a missing file, a shard location
+    that cannot be read or whose backend is missing); also the trainer's set-up rule on 2+ ranks."""
+    from .config import ConfigError
+    from .data.location import MissingBackendError, ShardReadError
+
+    return isinstance(err, (ConfigError, FileNotFoundError, UsageError, MissingBackendError, ShardReadError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -139,18 +139,16 @@ class _Faults:
 
 
 def _exit_code(err: BaseException, *, setup: bool) -> int:
-    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up also 2
-    for what `blindseg train` exits 2 with on one process (a missing file, a usage error, a shard
-    location that cannot be read or whose backend is missing: cli.main)."""
+    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up 2 for
+    whatever `blindseg train` exits 2 with on one process (cli.exits_2)."""
     from ..config import ConfigError
 
     if isinstance(err, ConfigError):
         return EXIT_CONFIG
     if setup:
-        from ..cli import UsageError
-        from ..data.location import MissingBackendError, ShardReadError
+        from ..cli import exits_2
 
-        if isinstance(err, (FileNotFoundError, UsageError, MissingBackendError, ShardReadError)):
+        if exits_2(err):
             return EXIT_CONFIG
     return EXIT_ERROR
 

@@ -7,6 +7,7 @@ loss on the concatenated global batch, with gradients that DDP's averaging turns
 """
 
 from blindseg_dist.losses.contrastive import (
+    PixelRows,
     class_wise_contrastive_loss,
     cwcl_pixels,
     cwcl_plan,
@@ -31,4 +32,5 @@ __all__ = [
     "cwcl_pixels",
     "sdcl_plan",
     "sdcl_pixels",
+    "PixelRows",
 ]

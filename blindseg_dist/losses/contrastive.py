@@ -2,7 +2,7 @@
 
 class_wise_contrastive_loss (CWCL) and semantic_disentanglement_loss (SDCL), one decoder
 level per call (the caller averages the 3 levels). Embeddings are (B, D, h, w) and
-L2-normalized; labels / predictions are (B, H, W) class ids (255 = ignore), nearest-resized
+L2-normalized (or PixelRows: the same map given only at the pixels the plan reads); labels / predictions are (B, H, W) class ids (255 = ignore), nearest-resized
 to (h, w) when given at another resolution.
 
 Sampling is split-independent (docs/DISTRIBUTED.md, "Sampling"): every random choice is made by
@@ -99,16 +99,66 @@ def _ids_at(t: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
     if t.dim() != 3 or t.is_floating_point():
         raise ValueError(f"{name} must be a (B, H, W) integer tensor of class ids (argmax for "
                          f"predictions), got {tuple(t.shape)} {t.dtype}")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) > IGNORE):
-        raise ValueError(f"{name} holds ids outside [0, {IGNORE}] (min {int(t.min())}, max "
-                         f"{int(t.max())}); use train ids with {IGNORE} as ignore")
+    if t.numel():
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host read for both bounds
+        if lo < 0 or hi > IGNORE:
+            raise ValueError(f"{name} holds ids outside [0, {IGNORE}] (min {lo}, max {hi}); use "
+                             f"train ids with {IGNORE} as ignore")
     if tuple(t.shape[-2:]) != tuple(size):
         t = F.interpolate(t[:, None].float(), size=size, mode="nearest")[:, 0]  # exact < 2^24
     return t.long().flatten(1)
 
 
-def _pixels(emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return emb.flatten(2).transpose(1, 2).to(dtype)  # (B, D, h, w) -> (B, N, D)
+class PixelRows:
+    """An embedding map given only at some pixels: the (P, D) rows at the sorted flat indices
+    ``pix`` into B*h*w of a (B, D, h, w) map. The losses accept it wherever they accept the
+    dense map, and read only the pixels their plan chose (cwcl_pixels / sdcl_pixels), so no
+    zero-filled dense map, and no dense zero gradient, is built (docs/METHOD.md, "Sparse
+    projection heads")."""
+
+    def __init__(self, rows: torch.Tensor, pix: torch.Tensor, shape: tuple[int, int, int, int]):
+        if rows.dim() != 2 or pix.dim() != 1 or rows.shape[0] != pix.shape[0]:
+            raise ValueError(f"PixelRows: rows must be (P, D) and pix (P,), got {tuple(rows.shape)} "
+                             f"and {tuple(pix.shape)}")
+        self.rows, self.pix = rows, pix
+        self.shape = torch.Size(shape)
+        if self.shape[1] != rows.shape[1]:
+            raise ValueError(f"PixelRows: rows have D={rows.shape[1]}, the map shape says {tuple(shape)}")
+
+    def dim(self) -> int:
+        return 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.rows.requires_grad
+
+    def detach(self) -> "PixelRows":
+        return PixelRows(self.rows.detach(), self.pix, tuple(self.shape))
+
+    def sum(self) -> torch.Tensor:
+        return self.rows.sum()
+
+    def take(self, flat: torch.Tensor) -> torch.Tensor:
+        """Rows at the flat pixel indices ``flat`` (any shape) -> flat.shape + (D,). Every index
+        must be one of ``pix`` (the plan's pixels): checked by tests, not per step (a host sync)."""
+        return self.rows[torch.searchsorted(self.pix, flat)]
+
+
+def _take(emb, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Embedding rows at flat pixel indices into B*h*w -> flat.shape + (D,), in ``dtype``.
+    ``emb``: a dense (B, D, h, w) map or PixelRows."""
+    if isinstance(emb, PixelRows):
+        return emb.take(flat).to(dtype)
+    n = emb.shape[-2] * emb.shape[-1]
+    return emb.flatten(2)[flat // n, :, flat % n].to(dtype)  # no permuted copy of the map
 
 
 def _rank_in_group(keys: torch.Tensor, group: torch.Tensor, num_groups: int
@@ -123,16 +173,18 @@ def _rank_in_group(keys: torch.Tensor, group: torch.Tensor, num_groups: int
     return order, rank
 
 
-def _info_nce(pos: torch.Tensor, neg: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-anchor CE with target 0 over [pos, neg...] / tau. pos (A,), neg (A, K)."""
-    logits = torch.cat([pos[:, None], neg], dim=1) / tau  # (A, 1 + K)
-    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+def _info_nce(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Per-anchor CE with target 0 over the logits [pos, neg...], ALREADY divided by tau (the
+    callers scale the (A, D) anchors by 1/tau, not the (A, K) similarities): pos (A,), neg (A, K).
+    logsumexp([pos, neg]) = logaddexp(pos, logsumexp(neg)), so no (A, 1 + K) concatenation is
+    built; a row of neg that is all -inf (every key masked) gives 0."""
+    return torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos
 
 
 def _connected_zero(emb_aug: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     """A 0 that keeps both embeddings (so every parameter) in the graph: DDP needs no
     find_unused_parameters even when a rank has no anchors."""
-    zero = emb_aug.sum() * 0.0
+    zero = emb_aug.sum() * 0.0  # (a PixelRows sums its rows)
     if emb.requires_grad:
         zero = zero + emb.sum() * 0.0
     return zero
@@ -142,7 +194,7 @@ def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _check_embeddings(emb_aug: torch.Tensor, emb: torch.Tensor, name: str) -> None:
+def _check_embeddings(emb_aug, emb, name: str) -> None:
     if emb_aug.dim() != 4 or emb_aug.shape != emb.shape:
         raise ValueError(f"{name}: emb_aug and emb must be (B, D, h, w) of the same shape, got "
                          f"{tuple(emb_aug.shape)} and {tuple(emb.shape)}")
@@ -332,17 +384,17 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
         return _connected_zero(emb_aug, emb)
     with torch.autocast(device_type=emb_aug.device.type, enabled=False):
         dt = _math_dtype(emb_aug)
-        gi = idx[..., None].expand(-1, -1, d)
-        anc = _pixels(emb_aug, dt).gather(1, gi)  # (B, M, D) with grad
-        keys = _pixels(emb.detach(), dt).gather(1, gi)  # (B, M, D); key j = anchor j's positive
-        pos = (anc * keys).sum(-1)  # (B, M)
+        flat = idx + torch.arange(b, device=idx.device)[:, None] * (h * w)  # (B, M) into B*h*w
+        anc = _take(emb_aug, flat, dt) / tau  # (B, M, D) with grad, scaled: logits come out / tau
+        keys = _take(emb.detach(), flat, dt)  # (B, M, D); key j = anchor j's positive
+        pos = (anc * keys).sum(-1)  # (B, M) / tau
 
         if scope == "image":
             n_global = dist.all_reduce_count([b], tag="cwcl")[0] * m
             neg = anc @ keys.transpose(1, 2)  # (B, M, M)
             if negatives == "paper":
                 neg = neg.masked_fill(ids[:, :, None] == ids[:, None, :], float("-inf"))
-            local_sum = _info_nce(pos.flatten(), neg.flatten(0, 1), tau).sum()
+            local_sum = _info_nce(pos.flatten(), neg.flatten(0, 1)).sum()
         else:
             sizes = dist.gather_sizes(b, tag="cwcl", device=emb_aug.device)
             offset, b_global = sum(sizes[:dist.rank()]), sum(sizes)
@@ -373,7 +425,7 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
                 neg = anc[i] @ all_keys.T  # (M, G)
                 if negatives == "paper":
                     neg = neg.masked_fill(gids[i][:, None] == all_ids[None, :], float("-inf"))
-                local_sum = local_sum + _info_nce(pos[i], neg, tau).sum()
+                local_sum = local_sum + _info_nce(pos[i], neg).sum()
         return dist.global_mean(local_sum, n_global) + _connected_zero(emb_aug, emb)
 
 
@@ -568,36 +620,35 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
 
     with torch.autocast(device_type=dev.type, enabled=False):
         dt = _math_dtype(emb_aug)
-        za = _pixels(emb_aug, dt)  # (B, N, D) with grad
-        z = _pixels(emb.detach(), dt)  # (B, N, D)
-        anc = za[ab, ap]  # (A, D)
-        pos = (anc * z[ab, ap]).sum(-1)  # (A,)
+        flat_a = ab * n + ap  # anchors, flat into B*h*w
+        anc = _take(emb_aug, flat_a, dt) / tau  # (A, D) with grad, scaled: logits come out / tau
+        pos = (anc * _take(emb.detach(), flat_a, dt)).sum(-1)  # (A,) / tau
         zero = _connected_zero(emb_aug, emb)
         if scope == "image":
             need, bank_idx = plan["groups"], plan["negatives"]  # (G,), (G, K)
-            bank = za.reshape(b * n, -1)[bank_idx]  # (G, K, D) with grad
+            bank = _take(emb_aug, bank_idx, dt)  # (G, K, D) with grad
             slot = torch.searchsorted(need, ab * _NUM_IDS + ac)  # (A,) group of each anchor
-            bounds = torch.searchsorted(need, torch.arange(b + 1, device=dev) * _NUM_IDS)
+            bounds = torch.searchsorted(need, torch.arange(b + 1, device=dev) * _NUM_IDS).tolist()
             local_sum = anc.new_zeros(())
             for i in torch.unique(ab).tolist():  # per image: (A_i, G_i*K), not (A, G*K)
                 a_i = torch.nonzero(ab == i).flatten()
-                lo, hi = int(bounds[i]), int(bounds[i + 1])
+                lo, hi = bounds[i], bounds[i + 1]
                 sims = anc[a_i] @ bank[lo:hi].reshape(-1, bank.shape[-1]).T  # (A_i, G_i*K)
                 neg = sims.view(a_i.numel(), hi - lo, num_negatives)[
                     torch.arange(a_i.numel(), device=dev), slot[a_i] - lo]  # (A_i, K)
-                local_sum = local_sum + _info_nce(pos[a_i], neg, tau).sum()
+                local_sum = local_sum + _info_nce(pos[a_i], neg).sum()
             details = {"negatives": bank_idx, "groups": need}
         else:
             need_cls, local = plan["groups"], plan["candidates"]
             # the C x K chosen negatives: only these rows move (autograd all-to-all: their
             # gradient returns to the owner, summed over every rank's anchors)
-            shared = dist.share_rows(za.reshape(b * n, -1)[local], plan["share_sizes"], tag="sdcl")
+            shared = dist.share_rows(_take(emb_aug, local, dt), plan["share_sizes"], tag="sdcl")
             bank = shared[plan["bank_order"]].view(-1, num_negatives, shared.shape[-1])  # (C, K, D)
             slot = torch.searchsorted(need_cls, ac)
             sims = anc @ bank.reshape(-1, bank.shape[-1]).T  # (A, C*K)
             neg = sims.view(ab.numel(), bank.shape[0], num_negatives)[
                 torch.arange(ab.numel(), device=dev), slot]  # (A, K)
-            local_sum = _info_nce(pos, neg, tau).sum()
+            local_sum = _info_nce(pos, neg).sum()
             zero = zero + shared.sum() * 0.0  # this rank must run the all-to-all's backward
             details = {"negatives": plan["bank_order"].view(-1, num_negatives), "groups": need_cls,
                        "candidates": local, "share_sizes": plan["share_sizes"]}

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import LossConfig
 from ..losses import (
+    PixelRows,
     class_wise_contrastive_loss,
     covariance_matching_loss,
     cross_covariance_loss,
@@ -140,12 +141,11 @@ class BlindNetObjective(nn.Module):
             terms["sdcl"] = torch.stack(sdcl_vals).mean()
             weighted["sdcl"] = w.sdcl * terms["sdcl"]
 
-    def _embed_at(self, level: int, feats: torch.Tensor, pix: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) embedding map holding the projection of ``feats`` at the flat pixels ``pix``
-        (zeros elsewhere: never read by the losses, whose plans chose ``pix``)."""
+    def _embed_at(self, level: int, feats: torch.Tensor, pix: torch.Tensor) -> PixelRows:
+        """The projection of ``feats`` (B, C, h, w) at the sorted flat pixels ``pix`` only, as
+        PixelRows: the losses read these rows directly (no dense map, no dense zero gradient)."""
         b, c, h, w = feats.shape
         n = h * w
         rows = feats.flatten(2)[pix // n, :, pix % n]  # (P, C), without a permuted copy of the map
         z = self.net.embed_rows(level, rows)  # (P, D)
-        dense = z.new_zeros(b * h * w, z.shape[1]).index_copy(0, pix, z)  # (B*h*w, D)
-        return dense.view(b, h, w, -1).permute(0, 3, 1, 2)
+        return PixelRows(z, pix, (b, z.shape[1], h, w))

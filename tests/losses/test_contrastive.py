@@ -378,3 +378,47 @@ def test_bad_arguments_raise_clear_errors():
         class_wise_contrastive_loss(emb_aug, emb, y, y, seeds=[1, 2])
     with pytest.raises(ValueError, match="outside"):
         class_wise_contrastive_loss(emb_aug, emb, y + 300, y)
+
+
+@pytest.mark.parametrize("scope", ["image", "global"])
+def test_pixel_rows_give_the_dense_map_values_and_gradients(scope):
+    """PixelRows (the embeddings only at the plan's pixels, what the sparse heads pass) give the
+    dense map's loss, and the dense map's gradient at those pixels (it is zero elsewhere)."""
+    from blindseg_dist.losses import PixelRows, cwcl_pixels, cwcl_plan, sdcl_pixels, sdcl_plan
+
+    b, d, h, w = 2, 8, 24, 24
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (b, h, w), generator=g)
+    labels[:, :3] = 255
+    pred = labels.clone()
+    pred_aug = torch.where(torch.rand(b, h, w, generator=g) < 0.3,
+                           torch.randint(0, 4, (b, h, w), generator=g), labels)
+    seeds = sample_seeds(5, 2, range(b))
+    cw = cwcl_plan(labels, pred, (h, w), pixels_per_class=10, seeds=seeds)
+    sd = sdcl_plan(labels, pred, pred_aug, (h, w), scope=scope, num_negatives=5, seeds=seeds)
+    pix = torch.unique(torch.cat([cwcl_pixels(cw, h * w), sdcl_pixels(sd)]))
+    assert 0 < pix.numel() < b * h * w  # sparse: some pixels are never read
+
+    def losses(emb_aug, emb):
+        return (class_wise_contrastive_loss(emb_aug, emb, labels, pred, scope=scope, tau=TAU,
+                                            pixels_per_class=10, seeds=seeds, plan=cw),
+                semantic_disentanglement_loss(emb_aug, emb, labels, pred, pred_aug, scope=scope,
+                                              num_negatives=5, tau=TAU, seeds=seeds, plan=sd))
+
+    emb_aug, emb = _emb(b, d, h, w, seed=4)
+    dense = losses(emb_aug, emb.detach())
+    (g_dense,) = torch.autograd.grad(sum(dense), emb_aug)
+    g_dense = g_dense.permute(0, 2, 3, 1).reshape(-1, d)
+    rows_a = emb_aug.detach().permute(0, 2, 3, 1).reshape(-1, d)[pix].requires_grad_()
+    rows = emb.detach().permute(0, 2, 3, 1).reshape(-1, d)[pix]
+    sparse = losses(PixelRows(rows_a, pix, (b, d, h, w)), PixelRows(rows, pix, (b, d, h, w)))
+    (g_rows,) = torch.autograd.grad(sum(sparse), rows_a)
+    for s_val, d_val in zip(sparse, dense):
+        assert d_val > 0
+        torch.testing.assert_close(s_val, d_val, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_rows, g_dense[pix], rtol=1e-10, atol=1e-14)
+    unread = torch.ones(b * h * w, dtype=torch.bool)
+    unread[pix] = False
+    assert g_dense[unread].abs().max() == 0  # the pixels PixelRows leaves out carry no gradient
+    with pytest.raises(ValueError, match="PixelRows"):
+        PixelRows(rows_a, pix[:-1], (b, d, h, w))

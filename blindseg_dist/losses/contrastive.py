@@ -152,13 +152,17 @@ class PixelRows:
         return self.rows[torch.searchsorted(self.pix, flat)]
 
 
-def _take(emb, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Embedding rows at flat pixel indices into B*h*w -> flat.shape + (D,), in ``dtype``.
-    ``emb``: a dense (B, D, h, w) map or PixelRows."""
+def rows_at(emb, flat: torch.Tensor) -> torch.Tensor:
+    """Rows at flat pixel indices into B*h*w -> flat.shape + (C,). ``emb``: a dense (B, C, h, w)
+    map (read without a permuted copy) or PixelRows."""
     if isinstance(emb, PixelRows):
-        return emb.take(flat).to(dtype)
+        return emb.take(flat)
     n = emb.shape[-2] * emb.shape[-1]
-    return emb.flatten(2)[flat // n, :, flat % n].to(dtype)  # no permuted copy of the map
+    return emb.flatten(2)[flat // n, :, flat % n]
+
+
+def _take(emb, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return rows_at(emb, flat).to(dtype)
 
 
 def _rank_in_group(keys: torch.Tensor, group: torch.Tensor, num_groups: int

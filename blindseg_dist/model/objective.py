@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig
+from ..losses.contrastive import rows_at
 from ..losses import (
     PixelRows,
     class_wise_contrastive_loss,
@@ -145,7 +146,5 @@ class BlindNetObjective(nn.Module):
         """The projection of ``feats`` (B, C, h, w) at the sorted flat pixels ``pix`` only, as
         PixelRows: the losses read these rows directly (no dense map, no dense zero gradient)."""
         b, c, h, w = feats.shape
-        n = h * w
-        rows = feats.flatten(2)[pix // n, :, pix % n]  # (P, C), without a permuted copy of the map
-        z = self.net.embed_rows(level, rows)  # (P, D)
+        z = self.net.embed_rows(level, rows_at(feats, pix))  # (P, C) -> (P, D)
         return PixelRows(z, pix, (b, z.shape[1], h, w))

@@ -20,6 +20,10 @@ all three models in one process. This version removes both differences.
     .venv/bin/python bench/step_overhead.py [--config blindnet_r50_gta5] [--crop 512] [--batch 2]
         [--rounds 5] [--warmup 1] [--threads 2] [--profile] [--flops] [--shards DIR]
 
+The workers start with the allocator default that `blindseg` sets (blindseg_dist/runtime_env.py:
+THP_MEM_ALLOC_ENABLE=1, large CPU buffers on transparent huge pages); THP_MEM_ALLOC_ENABLE=0 in the
+environment measures without it. Every step's minor page faults are recorded with its time.
+
 --profile: one extra step of BlindNet and of two-view CE under torch.profiler (CPU): writes the top
 operators of each and the per-operator difference (where the extra time goes) to
 bench/results/step_overhead_profile_<crop>.txt. --flops: fvcore FLOPs of the forward of each
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing as mp
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -37,10 +43,13 @@ from pathlib import Path
 
 import torch
 
-from blindseg_dist import atomic
+from blindseg_dist import atomic, runtime_env
 from blindseg_dist.config import load_config, model_kwargs
 
 NAMES = ("blindnet", "two_view_ce", "single_view")
+# allocator settings that change step times; recorded with the results when set
+ENV_KNOBS = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+             "LD_PRELOAD", "OMP_NUM_THREADS")
 
 
 def configure(cfg, name: str):
@@ -67,8 +76,9 @@ def _worker(conn, cfg, name: str, batches_path: str, threads: int) -> None:
     batches = torch.load(batches_path)
     b = cfg.data.batch_size
 
-    def step(k: int) -> float:
+    def step(k: int) -> tuple[float, int]:
         batch = batches[k % len(batches)]
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         out = obj(batch["image"], batch["label"], batch["image_aug"] if cfg.loss.two_view else None,
                   step=k, global_index=k * b + torch.arange(b))
@@ -77,7 +87,8 @@ def _worker(conn, cfg, name: str, batches_path: str, threads: int) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         _ = {t_: float(v.detach()) for t_, v in out["terms"].items()}  # what the trainer logs
-        return time.perf_counter() - t
+        # minor page faults: memory the allocator handed back to the OS and faults in again
+        return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     while True:
         cmd, arg = conn.recv()
@@ -95,6 +106,16 @@ def _worker(conn, cfg, name: str, batches_path: str, threads: int) -> None:
         else:
             conn.send(None)
             return
+
+
+def _aug_stats_flops(inputs, outputs) -> int:
+    """fvcore handle of losses.covariance._AugStats (multiply-adds, as fvcore counts matmuls): the
+    Gram F_a F_a^T is B x C x C x N, the cross diagonal B x C x N."""
+    from fvcore.nn.jit_handles import get_shape
+
+    b, c, n = get_shape(inputs[0])
+    gram, cross = outputs[0].node().scalar_args()  # the (gram, cross) flags of the call
+    return b * c * c * n * int(gram) + b * c * n * int(cross)
 
 
 def _fvcore_flops(obj, batch, b) -> dict:
@@ -115,6 +136,8 @@ def _fvcore_flops(obj, batch, b) -> dict:
             from fvcore.nn import FlopCountAnalysis
 
             fca = FlopCountAnalysis(Total(obj), (batch["image"], batch["label"], batch["image_aug"]))
+            # the tracer sees a custom autograd Function as one opaque op: count its products
+            fca.set_op_handle("prim::PythonOp._AugStats", _aug_stats_flops)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             return {"total": float(fca.total()), "by_operator": {k: float(v) for k, v in fca.by_operator().items()}}
     except Exception as e:  # tracing a data-dependent objective can fail; report it, do not guess
@@ -185,6 +208,9 @@ def main() -> None:
         over.append(f"model.backbone={args.backbone}")
     cfg = load_config(args.config, overrides=over)
     out = Path(args.out or f"bench/results/step_overhead_{args.crop}.json")
+    # the allocator settings `blindseg` starts its processes with (blindseg_dist/runtime_env.py);
+    # the spawned workers inherit them. THP_MEM_ALLOC_ENABLE=0 in the environment measures without.
+    runtime_env.apply_defaults()
     n_steps = args.warmup + args.rounds + 1
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,12 +232,15 @@ def main() -> None:
                 for name in NAMES:
                     call(name, "step", k)
             times = {n: [] for n in NAMES}
+            faults = {n: [] for n in NAMES}
             for r in range(args.rounds):
                 order = NAMES if r % 2 == 0 else NAMES[::-1]
                 for name in order:
-                    times[name].append(call(name, "step", args.warmup + r))
-                print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in NAMES),
-                      flush=True)
+                    t, f = call(name, "step", args.warmup + r)
+                    times[name].append(t)
+                    faults[name].append(f)
+                print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                    f"{n} {times[n][-1]:.2f}s ({faults[n][-1] / 1e3:.0f}k faults)" for n in NAMES), flush=True)
             prof = {n: call(n, "profile", n_steps - 1) for n in ("blindnet", "two_view_ce")} if args.profile else None
             flops = {n: call(n, "flops") for n in NAMES} if args.flops else None
         finally:
@@ -239,7 +268,8 @@ def main() -> None:
     result = {"config": args.config, "backbone": cfg.model.backbone, "crop": args.crop, "batch_per_process": args.batch,
               "rounds": args.rounds, "warmup": args.warmup, "threads": args.threads,
               "data": args.shards or "synthetic GTA5-like scenes through the training loader",
-              "median_step_s": med, "all_step_s": times, "ratio_per_round": per_round,
+              "median_step_s": med, "all_step_s": times, "minor_page_faults_per_step": faults,
+              "env": {k: os.environ[k] for k in ENV_KNOBS if k in os.environ}, "ratio_per_round": per_round,
               "ratio_blindnet_vs_two_view_ce": ratio,
               "ratio_median_of_rounds": ratio_rounds, "ratio_of_fastest_steps": ratio_min,
               "ratio_blindnet_vs_single_view": med["blindnet"] / med["single_view"],

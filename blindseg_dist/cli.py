@@ -8,6 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import runtime_env
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -434,6 +436,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime_env.apply_defaults()  # before anything imports torch (blindseg_dist/runtime_env.py)
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from . import dist
+from . import dist, runtime_env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,11 +80,12 @@ LAUNCHERS = {"accelerate": "accelerate.commands.launch", "blindseg": "blindseg_d
 
 def launch_env(*, cpu: bool | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a :func:`blindseg_command`: ``base`` (default: this process's environment)
-    with OMP_NUM_THREADS=1 unless ``base`` sets it, and in CPU mode ``ACCELERATE_USE_CPU=1``.
+    with OMP_NUM_THREADS=1 and :data:`runtime_env.DEFAULTS` unless ``base`` sets them, and in CPU mode ``ACCELERATE_USE_CPU=1``.
     ``cpu``: None = CPU mode when this machine has no GPU; False for a DeepSpeed launch on the
     CPU (the trainer then leaves Accelerate's CPU mode itself and names gloo)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("OMP_NUM_THREADS", "1")
+    runtime_env.apply_defaults(env)  # huge pages for large CPU buffers (blindseg_dist/runtime_env.py)
     if cpu is None:
         cpu = not torch.cuda.is_available()
     if cpu:

@@ -45,7 +45,7 @@ def test_several_machines_and_config_files():
 
 def test_launch_env_cpu_mode():
     env = launch_env(cpu=True, base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1", "ACCELERATE_USE_CPU": "1"}
     assert "ACCELERATE_USE_CPU" not in launch_env(cpu=False, base={})
     assert launch_env(cpu=True, base={"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"  # the caller's wins
     assert ("ACCELERATE_USE_CPU" in launch_env(base={})) == (not torch.cuda.is_available())

@@ -17,10 +17,11 @@ from blindseg_dist.losses.contrastive import (
     sdcl_plan,
     semantic_disentanglement_loss,
 )
-from blindseg_dist.losses.covariance import covariance_matching_loss, cross_covariance_loss
+from blindseg_dist.losses.covariance import covariance_losses, covariance_matching_loss, cross_covariance_loss
 from blindseg_dist.losses.segmentation import segmentation_loss
 
 __all__ = [
+    "covariance_losses",
     "covariance_matching_loss",
     "cross_covariance_loss",
     "class_wise_contrastive_loss",

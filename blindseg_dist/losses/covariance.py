@@ -15,6 +15,11 @@ Scopes (docs/DISTRIBUTED.md, "Loss scopes"):
   all-reduce would return: W x the 1-process gradient, which DDP averages back).
 Math runs in float32 (float64 stays float64) with autocast disabled: Gram sums over ~1e5
 pixels overflow fp16. Proven by tests/losses/test_covariance.py and test_dist_scopes.py.
+
+Both losses read the augmented view through one autograd node per IN point (`_AugStats`): the
+Gram F_a F_a^T (CML) and the diagonal of sg(F) F_a^T (CCL). `covariance_losses` computes the
+two losses together so that their gradients reach F_a as one tensor (docs/METHOD.md,
+"CML and CCL in one pass", under "Losses").
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from blindseg_dist import dist
 
@@ -60,6 +66,115 @@ def _flat_views(f: torch.Tensor, fa: torch.Tensor) -> tuple[torch.Tensor, torch.
     return x, xa
 
 
+class _AugStats(torch.autograd.Function):
+    """Per image, the two statistics the losses take from the augmented view F_a (B, C, N):
+    S_a = F_a F_a^T (B, C, C) for CML and d = diag(sg(F) F_a^T) (B, C) for CCL.
+
+    The backward is dF_a = (g_S + g_S^T) F_a + g_d * sg(F), as ONE batched product with the CCL
+    term added in the same call (baddbmm). Autograd's own graph for `F_a @ F_a.T` makes two
+    C x C x N products (one per operand) and adds them; `(F * F_a).sum(-1)` writes a (B, C, N)
+    product; and the two losses' gradients are added once more where they meet. Either
+    statistic may be skipped (an empty tensor) when its loss is off.
+    """
+
+    @staticmethod
+    def forward(ctx, xa: torch.Tensor, x: torch.Tensor, gram: bool, cross: bool):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(xa if gram else None, x if cross else None)
+        s = torch.bmm(xa, xa.transpose(1, 2)) if gram else xa.new_empty(0)
+        # batched dot products: no (B, C, N) temporary
+        d = torch.einsum("bcn,bcn->bc", x, xa) if cross else xa.new_empty(0)
+        return s, d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_s, g_d):
+        xa, x = ctx.saved_tensors
+        grad = g_d.unsqueeze(-1) * x if g_d is not None and x is not None else None
+        if g_s is not None and xa is not None:
+            sym = g_s + g_s.transpose(1, 2)
+            grad = torch.bmm(sym, xa) if grad is None else torch.baddbmm(grad, sym, xa)
+        return grad, None, None, None
+
+
+def _stats(f: torch.Tensor, fa: torch.Tensor, gram: bool, cross: bool):
+    """(S = sg(F) sg(F)^T, S_a, d, N) per image for one IN point; S is None without CML."""
+    x, xa = _flat_views(f, fa)
+    s_a, d = _AugStats.apply(xa, x, gram, cross)
+    s = torch.bmm(x, x.transpose(1, 2)) if gram else None
+    return s, s_a, d, x.shape[-1]
+
+
+def covariance_losses(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor], *,
+                      scope: str = "image", eps: float = 1e-5, cml: bool = True,
+                      ccl: bool = True) -> dict[str, torch.Tensor]:
+    """CML and/or CCL in one pass over the IN points: {"cml": ..., "ccl": ...} for those asked.
+
+    The values and gradients are those of `covariance_matching_loss` and `cross_covariance_loss`
+    (which call this); computing both here lets their gradients reach F_a as one tensor.
+    """
+    if not (cml or ccl):
+        raise ValueError("covariance_losses: ask for at least one of cml, ccl")
+    names = [n for n, on in (("cml", cml), ("ccl", ccl)) if on]
+    feats, feats_aug = _check(feats, feats_aug, scope, "covariance_matching_loss" if cml else
+                              "cross_covariance_loss")
+    dev = feats_aug[0].device
+    with torch.autocast(device_type=dev.type, enabled=False):
+        stats = [_stats(f, fa, cml, ccl) for f, fa in zip(feats, feats_aug)]
+        if scope == "image":
+            out = {}
+            for name in names:
+                b_global = dist.all_reduce_count([feats_aug[0].shape[0]], tag=name)[0]
+                total = 0.0
+                for s, s_a, d, n in stats:
+                    if name == "cml":
+                        # (Sigma + eps I) - (Sigma_a + eps I): the eps I cancels
+                        per_image = ((s - s_a) / (n - 1)).pow(2).mean(dim=(1, 2))  # (B,)
+                    else:
+                        per_image = (d / (n - 1) + eps - 1).pow(2).mean(-1)  # (B,)
+                    total = total + dist.global_mean(per_image.sum(), b_global)
+                out[name] = total / len(stats)
+            return out
+
+        out = {}
+        if cml:
+            # "batch": per point only the pooled difference D = S(sg F) - S(F_a) matters
+            # (Sigma - Sigma_a = D / (n - 1): the eps I cancels), and D is symmetric, so its upper
+            # triangle is all that is sent: C (C + 1) / 2 values per point instead of 2 C^2.
+            ups, shapes = [], []
+            for s, s_a, _, n in stats:
+                c = s.shape[1]
+                iu = torch.triu_indices(c, c, device=s.device)
+                diff = s.sum(0) - s_a.sum(0)
+                ups.append(diff[iu[0], iu[1]])  # (C (C + 1) / 2,) local upper triangle
+                shapes.append((c, n, iu[0] == iu[1]))
+            # The loss below is a function of the pooled sums only: identical on every rank, so
+            # the backward all-reduce is skipped (dist.all_reduce_sum_identical: W x the local
+            # gradient is exactly what that all-reduce would return).
+            pooled = dist.all_reduce_sum_identical(torch.cat(ups), tag="cml")
+            b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="cml")[0])
+            total, off = 0.0, 0
+            for c, n_img, diag in shapes:
+                k = c * (c + 1) // 2
+                dd = pooled[off: off + k] / (b_global * n_img - 1)
+                off += k
+                sq = dd.pow(2)  # off-diagonal entries stand for two of the C x C
+                total = total + (2 * sq.sum() - sq[diag].sum()) / (c * c)
+            out["cml"] = total / len(stats)
+        if ccl:
+            # identical loss on every rank: no backward all-reduce (as for CML above)
+            pooled = dist.all_reduce_sum_identical(torch.cat([d.sum(0) for _, _, d, _ in stats]), tag="ccl")
+            b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="ccl")[0])
+            total, off = 0.0, 0
+            for _, _, d, n_img in stats:
+                c = d.shape[1]
+                diag = pooled[off: off + c] / (b_global * n_img - 1) + eps  # eps once, after
+                off += c
+                total = total + (diag - 1).pow(2).mean()
+            out["ccl"] = total / len(stats)
+        return out
+
+
 def covariance_matching_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor],
                              *, scope: str = "image", eps: float = 1e-5) -> torch.Tensor:
     """CML: mean squared difference of channel covariances, averaged over the IN points.
@@ -68,46 +183,7 @@ def covariance_matching_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[
     B*C*C entries of (Sigma(sg F) - Sigma(F_a))^2. "batch": one Sigma per point from the
     global batch (mean over the C*C entries).
     """
-    feats, feats_aug = _check(feats, feats_aug, scope, "covariance_matching_loss")
-    dev = feats_aug[0].device
-    with torch.autocast(device_type=dev.type, enabled=False):
-        if scope == "image":
-            b_global = dist.all_reduce_count([feats_aug[0].shape[0]], tag="cml")[0]
-            total = 0.0
-            for f, fa in zip(feats, feats_aug):
-                x, xa = _flat_views(f, fa)
-                n = x.shape[-1]
-                eye = eps * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-                sig = x @ x.transpose(1, 2) / (n - 1) + eye  # (B, C, C)
-                sig_a = xa @ xa.transpose(1, 2) / (n - 1) + eye  # (B, C, C)
-                per_image = (sig - sig_a).pow(2).mean(dim=(1, 2))  # (B,)
-                total = total + dist.global_mean(per_image.sum(), b_global)
-            return total / len(feats)
-
-        # "batch": per point only the pooled difference D = S(sg F) - S(F_a) matters
-        # (Sigma - Sigma_a = D / (n - 1): the eps I cancels), and D is symmetric, so its upper
-        # triangle is all that is sent: C (C + 1) / 2 values per point instead of 2 C^2.
-        stats, shapes = [], []
-        for f, fa in zip(feats, feats_aug):
-            x, xa = _flat_views(f, fa)
-            c = x.shape[1]
-            iu = torch.triu_indices(c, c, device=x.device)
-            diff = torch.einsum("bcn,bdn->cd", x, x) - torch.einsum("bcn,bdn->cd", xa, xa)
-            stats.append(diff[iu[0], iu[1]])  # (C (C + 1) / 2,) local upper triangle
-            shapes.append((c, x.shape[2], iu[0] == iu[1]))
-        # The loss below is a function of the pooled sums only: identical on every rank, so
-        # the backward all-reduce is skipped (dist.all_reduce_sum_identical: W x the local
-        # gradient is exactly what that all-reduce would return).
-        pooled = dist.all_reduce_sum_identical(torch.cat(stats), tag="cml")
-        b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="cml")[0])
-        total, off = 0.0, 0
-        for c, n_img, diag in shapes:
-            k = c * (c + 1) // 2
-            d = pooled[off: off + k] / (b_global * n_img - 1)
-            off += k
-            sq = d.pow(2)  # off-diagonal entries stand for two of the C x C
-            total = total + (2 * sq.sum() - sq[diag].sum()) / (c * c)
-        return total / len(feats)
+    return covariance_losses(feats, feats_aug, scope=scope, eps=eps, cml=True, ccl=False)["cml"]
 
 
 def cross_covariance_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor],
@@ -118,30 +194,4 @@ def cross_covariance_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[tor
     the global batch, then over the IN points. "batch": the diagonal of the global-batch
     cross-covariance. Only the diagonal is constrained, so only it is computed.
     """
-    feats, feats_aug = _check(feats, feats_aug, scope, "cross_covariance_loss")
-    dev = feats_aug[0].device
-    with torch.autocast(device_type=dev.type, enabled=False):
-        if scope == "image":
-            b_global = dist.all_reduce_count([feats_aug[0].shape[0]], tag="ccl")[0]
-            total = 0.0
-            for f, fa in zip(feats, feats_aug):
-                x, xa = _flat_views(f, fa)
-                diag = (x * xa).sum(-1) / (x.shape[-1] - 1) + eps  # (B, C)
-                per_image = (diag - 1).pow(2).mean(-1)  # (B,)
-                total = total + dist.global_mean(per_image.sum(), b_global)
-            return total / len(feats)
-
-        stats, shapes = [], []
-        for f, fa in zip(feats, feats_aug):
-            x, xa = _flat_views(f, fa)
-            stats.append((x * xa).sum(dim=(0, 2)))  # (C,) local diagonal of sum F F_a^T
-            shapes.append((x.shape[1], x.shape[2]))
-        # identical loss on every rank: no backward all-reduce (see covariance_matching_loss)
-        pooled = dist.all_reduce_sum_identical(torch.cat(stats), tag="ccl")
-        b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="ccl")[0])
-        total, off = 0.0, 0
-        for c, n_img in shapes:
-            diag = pooled[off: off + c] / (b_global * n_img - 1) + eps  # eps once, after
-            off += c
-            total = total + (diag - 1).pow(2).mean()
-        return total / len(feats)
+    return covariance_losses(feats, feats_aug, scope=scope, eps=eps, cml=False, ccl=True)["ccl"]

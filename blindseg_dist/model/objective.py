@@ -16,8 +16,7 @@ from ..losses.contrastive import rows_at
 from ..losses import (
     PixelRows,
     class_wise_contrastive_loss,
-    covariance_matching_loss,
-    cross_covariance_loss,
+    covariance_losses,
     cwcl_pixels,
     cwcl_plan,
     sample_seeds,
@@ -83,12 +82,12 @@ class BlindNetObjective(nn.Module):
             out_a = self.net(image_aug, with_aux=False, dense_embeds=dense)  # aux CE: original view only
             terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
             weighted["ce_aug"] = 0.5 * terms["ce_aug"]
-            if w.cml > 0:
-                terms["cml"] = covariance_matching_loss(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope)
-                weighted["cml"] = w.cml * terms["cml"]
-            if w.ccl > 0:
-                terms["ccl"] = cross_covariance_loss(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope)
-                weighted["ccl"] = w.ccl * terms["ccl"]
+            if w.cml > 0 or w.ccl > 0:  # one pass: both gradients reach the IN outputs as one tensor
+                cov = covariance_losses(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope,
+                                        cml=w.cml > 0, ccl=w.ccl > 0)
+                for name, v in cov.items():
+                    terms[name] = v
+                    weighted[name] = getattr(w, name) * v
             if w.cwcl > 0 or w.sdcl > 0:
                 self._contrastive(out, out_a, label, step, global_index, terms, weighted)
         # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blindseg_dist.losses import covariance_matching_loss, cross_covariance_loss
+from blindseg_dist.losses.covariance import _AugStats, covariance_losses
 
 EPS = 1e-5
 
@@ -130,9 +131,48 @@ def test_bf16_autocast_keeps_float32_math(fn, scope):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("scope", ["image", "batch"])
+@pytest.mark.parametrize("which", [(True, True), (True, False), (False, True)])
+def test_both_losses_in_one_pass_give_the_naive_values_and_gradients(scope, which):
+    """covariance_losses (one autograd node per IN point, the two gradients fused) against the
+    naive formulas through plain autograd: values and the gradient of a weighted sum."""
+    cml, ccl = which
+    f, fa = _feats(7)
+    fa = [t.requires_grad_() for t in fa]
+    got = covariance_losses(f, fa, scope=scope, cml=cml, ccl=ccl)
+    assert set(got) == {n for n, on in (("cml", cml), ("ccl", ccl)) if on}
+    fa_ref = [t.detach().clone().requires_grad_() for t in fa]
+    want = {"cml": naive_cml(f, fa_ref, scope), "ccl": naive_ccl(f, fa_ref, scope)}
+    for name, v in got.items():
+        torch.testing.assert_close(v, want[name], rtol=1e-10, atol=1e-14)
+    weights = {"cml": 0.7, "ccl": 1.3}
+    sum(weights[n] * v for n, v in got.items()).backward()
+    sum(weights[n] * want[n] for n in got).backward()
+    for t, r in zip(fa, fa_ref):
+        torch.testing.assert_close(t.grad, r.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_aug_stats_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    xa = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 3, generator=g, dtype=torch.float64)  # a NON-symmetric upstream gradient on S
+    for gram, cross in ((True, True), (True, False), (False, True)):
+        def fn(t, gram=gram, cross=cross):
+            s, d = _AugStats.apply(t, x, gram, cross)
+            out = (d ** 3).sum() if cross else 0.0
+            return out + ((s * w).sum() + (s ** 3).sum() if gram else 0.0)
+        assert torch.autograd.gradcheck(fn, (xa,))
+    s, d = _AugStats.apply(xa, x, True, True)
+    torch.testing.assert_close(s, xa @ xa.transpose(1, 2))
+    torch.testing.assert_close(d, (x * xa).sum(-1))
+
+
 def test_bad_arguments_raise_clear_errors():
     f, fa = _feats(6)
     with pytest.raises(ValueError, match="scope"):
         covariance_matching_loss(f, fa, scope="global")
     with pytest.raises(ValueError, match="same shape"):
         cross_covariance_loss(f, [fa[1], fa[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        covariance_losses(f, fa, cml=False, ccl=False)

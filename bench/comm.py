@@ -26,9 +26,11 @@ cost < 5% step time against image scopes on 2 and 4 processes.
 
     .venv/bin/python bench/comm.py [--worlds-bytes 2,4,8] [--bytes-crop 256]
         [--worlds-speed 2,4] [--backbone resnet18] [--crop 128] [--batch 2] [--steps 5]
-        [--cwcl-global-keys 6000]
+        [--cwcl-global-keys 6000] [--skip-speed] [--profile]
 
-Prints tables and writes bench/results/comm.json.
+Prints tables and writes bench/results/comm.json; --profile also writes comm_profile_<W>.txt beside
+it: one more global-scope and image-scope step of rank 0 under torch.profiler (top operators, the
+objective's labelled loss ranges, and where the difference goes).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +190,7 @@ def _speed_variants(keys: int) -> dict[str, LossWeights]:
 
 
 def _speed_worker(rank: int, world: int, backbone: str, crop: int, batch: int, steps: int,
-                  warmup: int, keys: int) -> dict:
+                  warmup: int, keys: int, profile: bool = False) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     g = torch.Generator().manual_seed(rank)
@@ -207,22 +210,38 @@ def _speed_worker(rank: int, world: int, backbone: str, crop: int, batch: int, s
     times = {name: [] for name in runs}
     comm = {}
     gidx = torch.arange(rank * batch, (rank + 1) * batch)
+
+    def step(name: str, i: int) -> float:
+        mod, opt = runs[name]
+        dist.barrier()
+        dist.reset_comm_stats()
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = mod(data["image"], data["label"], data["image_aug"], step=i, global_index=gidx)
+        out["total"].backward()
+        opt.step()
+        return time.perf_counter() - t
+
     for i in range(warmup + steps):
         order = list(runs) if i % 2 == 0 else list(runs)[::-1]
         for name in order:
-            mod, opt = runs[name]
-            dist.barrier()
-            dist.reset_comm_stats()
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            out = mod(data["image"], data["label"], data["image_aug"], step=i, global_index=gidx)
-            out["total"].backward()
-            opt.step()
-            dt = time.perf_counter() - t
+            dt = step(name, i)
             if i >= warmup:
                 times[name].append(dt)
                 comm[name] = dist.comm_stats()
-    return {"times": times, "comm": comm}
+    prof = {}
+    if profile:  # one more step of the global and the image scopes; rank 0 records it
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        for name in ("global", "image"):
+            if rank == 0:
+                with profiler(activities=[ProfilerActivity.CPU]) as p:
+                    step(name, warmup + steps)
+                prof[name] = [(e.key, e.self_cpu_time_total, e.cpu_time_total, e.count) for e in p.key_averages()]
+            else:
+                step(name, warmup + steps)
+    return {"times": times, "comm": comm, "profile": prof}
 
 
 # ----------------------------------------------------------------------------- main
@@ -243,6 +262,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more global-scope and image-scope step on rank 0 of each speed world: "
+                         "bench/results/comm_profile_<W>.txt (top operators, labelled loss ranges, difference)")
     ap.add_argument("--out", default="bench/results/comm.json")
     args = ap.parse_args()
     keys = args.cwcl_global_keys
@@ -317,7 +339,15 @@ def main() -> None:
         speed = {}
         for world in _ints(args.worlds_speed):
             res = run_gloo(_speed_worker, world, args.backbone, args.crop, args.batch, args.steps,
-                           args.warmup, keys, timeout=3000, collective_timeout_s=600)
+                           args.warmup, keys, args.profile, timeout=3000, collective_timeout_s=600)
+            if args.profile:
+                from step_overhead import _profile_text  # bench/ is this script's folder
+
+                ptxt = Path(args.out).with_name(f"comm_profile_{world}.txt")
+                atomic.write_text(ptxt, f"{args.backbone}, crop {args.crop}, {args.batch} images/process, {world} "
+                                        f"processes, rank 0, cwcl_global_keys={keys}\n\n"
+                                  + _profile_text(res[0]["profile"], names=("global", "image")))
+                print(f"wrote {ptxt}")
             names = list(res[0]["times"])
             per_step = {n: [max(r["times"][n][i] for r in res) for i in range(args.steps)] for n in names}
             med = {n: statistics.median(v) for n, v in per_step.items()}
@@ -331,6 +361,8 @@ def main() -> None:
                             "global_over_image_of_medians": med["global"] / med["image"],
                             "global_over_image_min": best_t["global"] / best_t["image"],
                             "comm_rank0": res[0]["comm"]}
+            if args.profile:
+                speed[world]["profile"] = str(Path(args.out).with_name(f"comm_profile_{world}.txt"))
         print(f"\n2. step time (both views + backward + SGD), {args.backbone}, crop {args.crop}, {args.batch} "
               f"images/process, 1 thread/process, gloo, median of {args.steps} alternating rounds after "
               f"{args.warmup} warm-up (slowest rank per step), shared 2-core machine")

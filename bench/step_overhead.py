@@ -167,23 +167,31 @@ def real_batches(cfg, n: int, shards: str | None) -> list[dict]:
         return [{k: next_b[k] for k in ("image", "image_aug", "label")} for next_b in (next(it) for _ in range(n))]
 
 
-def _profile_text(rows: dict[str, list], top: int = 25) -> str:
+def _profile_text(rows: dict[str, list], top: int = 25, names: tuple[str, str] = ("blindnet", "two_view_ce")) -> str:
+    """Top operators of each of the two profiled steps, the objective's labelled ranges
+    ("blindseg/...": forward time inside each loss term), and the per-operator difference."""
     lines = []
-    for name in ("blindnet", "two_view_ce"):
+    for name in names:
         r = sorted(rows[name], key=lambda x: -x[1])[:top]
         total = sum(x[1] for x in rows[name]) / 1e6
         lines.append(f"== {name}: top {top} operators by self CPU time (total self {total:.2f} s)")
         lines.append(f"{'operator':<48}{'self s':>9}{'total s':>9}{'calls':>8}")
         lines += [f"{k[:47]:<48}{s / 1e6:>9.3f}{t / 1e6:>9.3f}{c:>8}" for k, s, t, c in r]
         lines.append("")
-    a = {k: s for k, s, _, _ in rows["blindnet"]}
-    c = {k: s for k, s, _, _ in rows["two_view_ce"]}
+    lines.append("== labelled ranges of the objective (forward only; total CPU time inside, s)")
+    labels = sorted({k for name in names for k, *_ in rows[name] if k.startswith("blindseg/")})
+    totals = {name: {k: t for k, _, t, _ in rows[name]} for name in names}
+    lines.append(f"{'range':<48}" + "".join(f"{n[:10]:>11}" for n in names))
+    lines += [f"{k:<48}" + "".join(f"{totals[n].get(k, 0) / 1e6:>11.3f}" for n in names) for k in labels]
+    lines.append("")
+    a = {k: s for k, s, _, _ in rows[names[0]]}
+    c = {k: s for k, s, _, _ in rows[names[1]]}
     diff = sorted(((k, a.get(k, 0) - c.get(k, 0), a.get(k, 0), c.get(k, 0)) for k in set(a) | set(c)),
                   key=lambda x: -x[1])
     total = (sum(a.values()) - sum(c.values())) / 1e6
-    lines.append(f"== where the difference goes: blindnet - two_view_ce self CPU time per operator "
+    lines.append(f"== where the difference goes: {names[0]} - {names[1]} self CPU time per operator "
                  f"(total {total:+.2f} s)")
-    lines.append(f"{'operator':<48}{'diff s':>9}{'blindnet':>10}{'2-view CE':>10}")
+    lines.append(f"{'operator':<48}{'diff s':>9}{names[0][:9]:>10}{names[1][:9]:>10}")
     lines += [f"{k[:47]:<48}{d / 1e6:>+9.3f}{x / 1e6:>10.3f}{y / 1e6:>10.3f}" for k, d, x, y in diff[:top]]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ median over its logged steps after the warm-up (`batch / images_per_s` of metric
 step); the ratio of a round is BlindNet / two-view CE.
 
     .venv/bin/python bench/step_overhead_train.py [--crop 512] [--batch 2] [--rounds 3] [--steps 6]
-        [--warmup 2] [--threads 2] [--config blindnet_r50_gta5]
+        [--warmup 2] [--threads 2] [--config blindnet_r50_gta5] [--backbone NAME] [--names a,b,c]
 
 Writes bench/results/step_overhead_train_<crop>.json. THP_MEM_ALLOC_ENABLE=0 in the environment
 measures without the allocator default `blindseg` sets (blindseg_dist/runtime_env.py).
@@ -52,6 +52,8 @@ def _run(args, name: str, shards: str, out_dir: Path) -> dict:
             "data.num_workers=1", "model.pretrained=none", "model.require_pretrained=false",
             f"optim.max_steps={args.warmup + args.steps}", "run.log_every=1", "run.checkpoint_every=1000000",
             f"run.threads={args.threads}", "eval.targets={}", *CONFIGS[name]]
+    if args.backbone:
+        over.append(f"model.backbone={args.backbone}")
     env = runtime_env.apply_defaults(dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     cmd = [sys.executable, "-m", "blindseg_dist", "train", "--config", args.config, "--output-dir", str(out_dir), *over]
     t = time.perf_counter()
@@ -68,6 +70,7 @@ def _run(args, name: str, shards: str, out_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="blindnet_r50_gta5")
+    ap.add_argument("--backbone", default=None, help="default: the config's")
     ap.add_argument("--crop", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)

@@ -10,6 +10,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from ..config import LossConfig
 from ..losses.contrastive import rows_at
@@ -83,8 +84,9 @@ class BlindNetObjective(nn.Module):
             terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
             weighted["ce_aug"] = 0.5 * terms["ce_aug"]
             if w.cml > 0 or w.ccl > 0:  # one pass: both gradients reach the IN outputs as one tensor
-                cov = covariance_losses(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope,
-                                        cml=w.cml > 0, ccl=w.ccl > 0)
+                with record_function("blindseg/cml+ccl"):  # a labelled range in profiles (bench/)
+                    cov = covariance_losses(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope,
+                                            cml=w.cml > 0, ccl=w.ccl > 0)
                 for name, v in cov.items():
                     terms[name] = v
                     weighted[name] = getattr(w, name) * v
@@ -115,25 +117,29 @@ class BlindNetObjective(nn.Module):
             else:
                 f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
                 size = tuple(f.shape[-2:])
-                cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds) if w.cwcl > 0 else None
-                sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
-                           if w.sdcl > 0 else None)
-                n = size[0] * size[1]
-                read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
-                read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
-                pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
-                emb_a = self._embed_at(j, f_a, pix)
-                with torch.no_grad():  # original-view embeddings are only used detached
-                    emb = self._embed_at(j, f, pix)
+                with record_function("blindseg/sampling"):
+                    cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds) if w.cwcl > 0 else None
+                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
+                               if w.sdcl > 0 else None)
+                    n = size[0] * size[1]
+                    read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
+                    read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
+                    pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
+                with record_function("blindseg/heads"):
+                    emb_a = self._embed_at(j, f_a, pix)
+                    with torch.no_grad():  # original-view embeddings are only used detached
+                        emb = self._embed_at(j, f, pix)
             if w.cwcl > 0:
-                cwcl_vals.append(class_wise_contrastive_loss(
-                    emb_a, emb, label, pred, negatives=w.cwcl_negatives, scope=w.contrastive_scope, tau=w.tau,
-                    global_keys=w.cwcl_global_keys,
-                    seeds=cw_seeds, plan=cw_plan))
+                with record_function("blindseg/cwcl"):
+                    cwcl_vals.append(class_wise_contrastive_loss(
+                        emb_a, emb, label, pred, negatives=w.cwcl_negatives, scope=w.contrastive_scope, tau=w.tau,
+                        global_keys=w.cwcl_global_keys,
+                        seeds=cw_seeds, plan=cw_plan))
             if w.sdcl > 0:
-                sdcl_vals.append(semantic_disentanglement_loss(
-                    emb_a, emb, label, pred, pred_aug, scope=w.contrastive_scope, tau=w.tau,
-                    seeds=sd_seeds, plan=sd_plan))
+                with record_function("blindseg/sdcl"):
+                    sdcl_vals.append(semantic_disentanglement_loss(
+                        emb_a, emb, label, pred, pred_aug, scope=w.contrastive_scope, tau=w.tau,
+                        seeds=sd_seeds, plan=sd_plan))
         if cwcl_vals:
             terms["cwcl"] = torch.stack(cwcl_vals).mean()
             weighted["cwcl"] = w.cwcl * terms["cwcl"]

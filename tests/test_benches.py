@@ -1,0 +1,55 @@
+"""The step-cost and communication benches run end to end at tiny sizes (their figures come from
+full-size runs, README "What a BlindNet step costs"; here only that they work and record what they claim)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")  # the benches apply blindseg's default where unset
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_step_overhead_records_faults_allocator_and_counts_the_covariance_node(tmp_path):
+    res = tmp_path / "so.json"
+    _run(["bench/step_overhead.py", "--backbone", "resnet18", "--crop", "64", "--rounds", "1", "--warmup", "0",
+          "--threads", "1", "--profile", "--flops", "--out", str(res)])
+    r = json.loads(res.read_text())
+    assert r["env"]["THP_MEM_ALLOC_ENABLE"] == THP
+    assert set(r["minor_page_faults_per_step"]) == {"blindnet", "two_view_ce", "single_view"}
+    assert all(len(v) == 1 and v[0] >= 0 for v in r["minor_page_faults_per_step"].values())
+    by_op = r["fvcore_forward_flops"]["blindnet"]["by_operator"]
+    # the one-pass covariance node is counted: Gram (B C^2 N) + diagonal (B C N) at 3 IN points
+    # of ResNet-18 at crop 64 (64 ch at 32^2, 64 at 16^2, 128 at 8^2; 2 images)
+    want = sum(2 * c * c * n + 2 * c * n for c, n in ((64, 32 * 32), (64, 16 * 16), (128, 8 * 8)))
+    assert by_op["PythonOp._AugStats"] == want
+    text = Path(r["profile"]).read_text()
+    assert "blindseg/cml+ccl" in text and "blindseg/cwcl" in text and "where the difference goes" in text
+
+
+def test_step_overhead_through_blindseg_train(tmp_path):
+    res = tmp_path / "train.json"
+    _run(["bench/step_overhead_train.py", "--backbone", "resnet18", "--crop", "64", "--rounds", "1", "--steps", "1",
+          "--warmup", "1", "--threads", "1", "--names", "blindnet,two_view_ce", "--out", str(res)])
+    r = json.loads(res.read_text())
+    assert set(r["median_step_s"]) == {"blindnet", "two_view_ce"}
+    assert all(len(v) == 1 and len(v[0]["step_s"]) == 1 for v in r["runs"].values())
+    assert r["ratio_blindnet_vs_two_view_ce"] > 0 and r["env"]["THP_MEM_ALLOC_ENABLE"] == THP
+
+
+def test_comm_profile_splits_the_global_scope_cost(tmp_path):
+    res = tmp_path / "comm.json"
+    _run(["bench/comm.py", "--worlds-bytes", "2", "--bytes-crop", "64", "--worlds-speed", "2", "--crop", "64",
+          "--steps", "1", "--warmup", "0", "--profile", "--out", str(res)])
+    r = json.loads(res.read_text())
+    assert r["bytes"]["measured_received"]["2"] and r["step_time"]["by_processes"]["2"]["global_over_image"] > 0
+    text = (tmp_path / "comm_profile_2.txt").read_text()
+    assert "global - image" in text and "blindseg/cwcl" in text

@@ -47,14 +47,13 @@ def _shards(tmp: Path, crop: int) -> str:
     return str(tmp / "shards")
 
 
-def _run(args, name: str, shards: str, out_dir: Path) -> dict:
+def _run(args, name: str, shards: str, out_dir: Path, env: dict) -> dict:
     over = [f"data.train={shards}", f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
             "data.num_workers=1", "model.pretrained=none", "model.require_pretrained=false",
             f"optim.max_steps={args.warmup + args.steps}", "run.log_every=1", "run.checkpoint_every=1000000",
             f"run.threads={args.threads}", "eval.targets={}", *CONFIGS[name]]
     if args.backbone:
         over.append(f"model.backbone={args.backbone}")
-    env = runtime_env.apply_defaults(dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     cmd = [sys.executable, "-m", "blindseg_dist", "train", "--config", args.config, "--output-dir", str(out_dir), *over]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -85,11 +84,13 @@ def main() -> None:
         raise SystemExit(f"--names: blindnet and two_view_ce, optionally single_view; got {args.names}")
     out = Path(args.out or f"bench/results/step_overhead_train_{args.crop}.json")
     runs = {n: [] for n in names}
+    # every run's environment: blindseg's defaults (what it would set itself) and the thread count
+    env = runtime_env.apply_defaults(dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     with tempfile.TemporaryDirectory() as tmp:
         shards = _shards(Path(tmp), args.crop)
         for r in range(args.rounds):
             for name in (names if r % 2 == 0 else names[::-1]):
-                runs[name].append(_run(args, name, shards, Path(tmp) / f"{name}-{r}"))
+                runs[name].append(_run(args, name, shards, Path(tmp) / f"{name}-{r}", env))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {runs[n][-1]['median_step_s']:.2f}s" for n in names)
                   + f"; BlindNet / two-view CE {runs['blindnet'][-1]['median_step_s'] / runs['two_view_ce'][-1]['median_step_s']:.3f}",
                   flush=True)
@@ -105,7 +106,7 @@ def main() -> None:
           f"goal <= 1.10: {'PASS' if ratio <= 1.10 else 'FAIL'} ({ratio:.3f})")
     atomic.write_json(out, {"config": args.config, "crop": args.crop, "batch_per_process": args.batch,
                             "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                            "env": {k: runtime_env.apply_defaults(dict(os.environ))[k] for k in runtime_env.DEFAULTS},
+                            "env": {k: env[k] for k in runtime_env.DEFAULTS},
                             "median_step_s": med, "runs": runs, "ratio_per_round": per_round,
                             "ratio_blindnet_vs_two_view_ce": ratio, "goal": "<= 1.10", "pass": ratio <= 1.10}, indent=1)
     print(f"wrote {out}")

@@ -69,6 +69,12 @@ class SegNet(nn.Module):
             from .mask2former import Mask2FormerHead
 
             opts = dict(mask2former or {})
+            tokens = backbone.tokens() if callable(getattr(backbone, "tokens", None)) else None
+            if tokens is not None:  # Rein: its tokens are the queries (released link_token_to_query)
+                if opts.setdefault("queries", tokens.shape[1]) != tokens.shape[1]:
+                    raise ValueError(f"model.m2f_queries={opts['queries']}: with Rein's tokens as the queries it must "
+                                     f"equal the tokens per layer ({tokens.shape[1]}, model.rein_tokens)")
+                opts["token_dim"] = tokens.shape[-1]
             self.decoder = Mask2FormerHead(backbone.channels, getattr(backbone, "strides", (4, 8, 16, backbone.output_stride)),
                                            num_classes, **opts)
             hd = self.decoder.hidden_dim
@@ -101,7 +107,7 @@ class SegNet(nn.Module):
         """Rein's layer tokens [L, T, C] when the head takes its queries from them, else None."""
         if self.decode_head != "mask2former" or self.decoder.token_queries is None:
             return None
-        return self.backbone.rein_tokens()
+        return self.backbone.tokens()
 
     def forward(
         self, x: Tensor, *, with_aux: bool = True, dense_embeds: bool = True

@@ -115,3 +115,19 @@ def test_config_keys():
     with pytest.raises(ConfigError, match="model.m2f_hidden_dim"):
         load_config(None, ["model.decode_head=mask2former", "model.m2f_hidden_dim=48"])
     load_config(None, ["model.decode_head=mask2former", "model.proj_levels=[high, pd8, mask]"])
+
+
+def test_flops_reports_the_head():
+    from blindseg_dist.tools.flops import compute_flops, format_flops_table
+
+    kw = dict(backbone="resnet18", num_classes=5, output_stride=32, decode_head="mask2former", mask2former=TINY)
+    res = compute_flops(kw, size=(64, 64))
+    m = res["model"]
+    net = build_model(**kw)
+    assert m["decode_head"]["name"] == "mask2former"
+    assert m["decode_head"]["params"] == sum(p.numel() for p in net.decoder.parameters())
+    assert m["backbone"]["params"] + m["decode_head"]["params"] == m["inference"]["params"]
+    assert m["decode_head"]["gflops"] > 0 and m["backbone"]["gflops"] > 0
+    assert m["backbone"]["gflops"] + m["decode_head"]["gflops"] <= m["inference"]["gflops"] + 1e-9
+    assert res["baseline"]["inference"]["params"] == m["inference"]["params"]
+    assert "decode head (mask2former)" in format_flops_table(res)

@@ -104,10 +104,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: str = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
-    cwcl_global_keys: int = 6000
+    cwcl_global_keys: int = 750
     """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
-    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
-    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
+    (750 = as many as the image scope's 15 x 50: the global scope changes where the negatives come from, not
+    how many); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -231,6 +231,11 @@ class RunConfig:
     (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
+    compile: bool = False
+    """torch.compile the network (forward and the projection heads' row path; docs/GPU_STEP.md)."""
+    compile_backend: str = "inductor"
+    """run.compile's backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing
+    without code generation: compiles in seconds, for checks) | eager (capture only)."""
 
 
 @dataclass
@@ -276,6 +281,7 @@ CHOICES: dict[str, tuple] = {
     "loss.cwcl_negatives": contrastive.NEGATIVES,
     "data.on_corrupt": ON_CORRUPT,
     "run.mixed_precision": ("no", "bf16", "fp16"),
+    "run.compile_backend": ("inductor", "aot_eager", "eager"),  # model/compiled.py's BACKENDS
     "model.output_stride": (8, 16, 32),
     "optim.optimizer": ("sgd", "adamw"),
     "optim.schedule": ("poly", "cosine"),

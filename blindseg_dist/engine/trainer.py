@@ -9,7 +9,7 @@ scheduler (engine/optim.py) is ours (not prepared by Accelerate), so it steps ex
 optimizer step. The streaming loader is not prepared either: each rank streams its own shards
 (Accelerate would dispatch from rank 0 or split the data twice).
 
-Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
+Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
 - DDP: micro-batches before the last run under ``no_sync``; Accelerate divides the loss by
   grad_accum; clipping by ``accelerator.clip_grad_norm_``; bf16 by Accelerate's autocast.
 - DeepSpeed (``accelerate launch --config_file launch/accelerate/deepspeed_zero*.yaml``):
@@ -333,7 +333,7 @@ class Trainer(TrainLoop):
         if resume_from is not None:
             ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
-            net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
+            net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them

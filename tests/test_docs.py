@@ -125,8 +125,9 @@ def test_quick_start_commands_in_readme():
     assert "bash launch/setup.sh && .venv/bin/blindseg demo" in text
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
-    assert ci == ["bash launch/setup.sh && .venv/bin/python -m pytest -q tests"], ci
-    assert ci[0] in text
+    assert "bash launch/setup.sh && .venv/bin/python -m pytest -q tests" in ci, ci
+    missing = [line for line in ci if line not in text]
+    assert not missing, f"commands of .ci/run the README does not state: {missing}"
 
 
 def test_no_internal_issue_numbers():

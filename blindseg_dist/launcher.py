@@ -6,7 +6,7 @@
 - :func:`run_gloo`: a Python function on N local processes joined in one gloo group (the CPU
   multi-process tests and benchmarks), each rank's return value collected, failures raised.
 - :func:`main` (``python -m blindseg_dist.launcher ARGS``): ``accelerate launch ARGS`` whose exit
-  code is the run's (docs/DISTRIBUTED.md, "Engines"): 0 after a signal when every rank wrote its
+  code is the run's (docs/OPERATIONS.md, "Exit codes"): 0 after a signal when every rank wrote its
   checkpoint and exited 0, else the ranks' blindseg exit code (:func:`run_exit_code`).
 
 The launcher trap this module exists for (docs/DISTRIBUTED.md, "Pitfalls"): on a machine without

@@ -9,7 +9,7 @@ scheduler (engine/optim.py) is ours (not prepared by Accelerate), so it steps ex
 optimizer step. The streaming loader is not prepared either: each rank streams its own shards
 (Accelerate would dispatch from rank 0 or split the data twice).
 
-Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
+Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
 - DDP: micro-batches before the last run under ``no_sync``; Accelerate divides the loss by
   grad_accum; clipping by ``accelerator.clip_grad_norm_``; bf16 by Accelerate's autocast.
 - DeepSpeed (``accelerate launch --config_file launch/accelerate/deepspeed_zero*.yaml``):
@@ -150,6 +150,9 @@ class TrainLoop(abc.ABC):
         self.protected: list[Path] = []  # checkpoints keep_last must not delete (the best one)
         self.signal = _StopFlag()
         self.hooks: list[Hook] = []
+        # seconds since the start of the loop: waiting for the loader (next_batch), and the rest of
+        # the steps (compute, including skipped steps); LogHook logs them per interval (time/data, time/step)
+        self.seconds = {"data": 0.0, "step": 0.0}
 
     @property
     def is_main(self) -> bool:
@@ -172,7 +175,10 @@ class TrainLoop(abc.ABC):
         with self.signal, self._exit_on_collective_failure():  # a signal until the very end only sets the flag
             self.call_hooks("before_train")
             while self.step < self.max_steps and self.stop_reason is None:
-                if self.train_step():
+                t, data = time.perf_counter(), self.seconds["data"]
+                taken = self.train_step()
+                self.seconds["step"] += time.perf_counter() - t - (self.seconds["data"] - data)
+                if taken:
                     self.call_hooks("after_step")
             self.stop_reason = self.stop_reason or "finished"
             self.call_hooks("after_train")
@@ -187,6 +193,14 @@ class TrainLoop(abc.ABC):
     @abc.abstractmethod
     def train_step(self) -> bool:
         """One optimizer step; True when it was taken (False: skipped, hooks not called)."""
+
+    def next_batch(self) -> Any:
+        """The next batch of ``self.data_iter``; the time spent waiting for it counts as data time."""
+        t = time.perf_counter()
+        try:
+            return next(self.data_iter)
+        finally:
+            self.seconds["data"] += time.perf_counter() - t
 
     def summary(self, seconds: float) -> dict[str, Any]:
         """The run summary handed to the hooks' ``summarize``."""
@@ -314,7 +328,7 @@ class Trainer(TrainLoop):
         if resume_from is not None:
             ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
-            net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
+            net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
@@ -372,7 +386,7 @@ class Trainer(TrainLoop):
         sums: dict[str, float] = {}
         skip = stop = False
         for m in range(self.micro):
-            batch = next(self.data_iter)
+            batch = self.next_batch()
             last = m == self.micro - 1
             # The last micro-batch closes the accumulation: DDP all-reduces only there (no_sync
             # before it), DeepSpeed steps there; the prepared optimizer steps only when it is set.

@@ -33,6 +33,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from . import dist, runtime_env
+from .errors import EXIT_PRIORITY
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -159,7 +160,6 @@ def run_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 15
 
 
 # ---- `python -m blindseg_dist.launcher`: accelerate launch with the run's exit code -----------------
-EXIT_PRIORITY = (2, 3, 1, 4)  # config error, non-finite losses, an error, a dead or hung rank
 
 
 def run_exit_code(codes: Sequence[int]) -> int:

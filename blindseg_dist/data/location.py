@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
 from .. import atomic
+from ..errors import MissingBackendError, ShardReadError  # noqa: F401 (raised here, named by callers)
 
 RETRIES = 3  # extra attempts per shard (data.remote_retries)
 TIMEOUT = 600.0  # seconds per shard, whole transfer (data.remote_timeout)
@@ -42,19 +43,6 @@ _FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", 
                     "hf": "huggingface_hub"}
 _SAMPLE = ("label.png", "meta.json")
 _IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")
-
-
-class ShardReadError(OSError):
-    """A shard (or manifest) could not be read after its retries, or is incomplete."""
-
-    def __init__(self, message: str, *, samples: int = 0, missing: bool = False):
-        super().__init__(message)
-        self.samples = samples  # complete samples read before the failure
-        self.missing = missing  # the location answered "not found" (not retried)
-
-
-class MissingBackendError(ImportError):
-    """A URL scheme whose fsspec backend (or fsspec itself) is not installed."""
 
 
 # -- parsing ------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blindseg_dist.config import ON_CORRUPT  # what a corrupt shard does: skip the rest of it (counted) | raise
 from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
 from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
@@ -53,7 +54,6 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext
 _IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")
 
 
-ON_CORRUPT = ("warn", "fail")  # what a corrupt shard does: skip the rest of it (counted) | raise
 
 
 class CorruptShardWarning(RuntimeWarning):

@@ -19,10 +19,8 @@ Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
   and whose explicit values must agree with it (accelerator.configure_deepspeed). Never no_sync
   (ZeRO 2/3).
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 1 an error (on
-2+ processes the rank that had it prints it, the others name that rank and its error and exit with
-its code); 2 config error; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint
-written); 4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+Exit codes (errors.py): a rank that fails prints its error; on 2+ processes the others name that
+rank and its error and exit with its code.
 
 Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
@@ -51,8 +49,10 @@ from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import train_loader_from_config
 from ..data.workers import shutdown_workers
+from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
 from ..model import build_model
 from ..model.objective import BlindNetObjective
+from ..model.backbones import check_backbone
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
@@ -64,10 +64,6 @@ from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_COLLECTIVE = 4
 
 
 class _StopFlag:
@@ -136,21 +132,6 @@ class _Faults:
 
     def loss(self, loss: torch.Tensor, attempt: int) -> torch.Tensor:
         return loss * float("nan") if attempt in self.nan else loss
-
-
-def _exit_code(err: BaseException, *, setup: bool) -> int:
-    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up 2 for
-    whatever `blindseg train` exits 2 with on one process (cli.exits_2)."""
-    from ..config import ConfigError
-
-    if isinstance(err, ConfigError):
-        return EXIT_CONFIG
-    if setup:
-        from ..cli import exits_2
-
-        if exits_2(err):
-            return EXIT_CONFIG
-    return EXIT_ERROR
 
 
 class TrainLoop(abc.ABC):
@@ -256,7 +237,7 @@ class TrainLoop(abc.ABC):
                       f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
                       f"with --resume.", file=sys.stderr, flush=True)
                 os._exit(EXIT_COLLECTIVE)
-            code = _exit_code(err, setup=during is not None)
+            code = exit_code(err, setup=during is not None)
             dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
                                   "exit": code, "where": where})
             traceback.print_exc()
@@ -287,6 +268,7 @@ class Trainer(TrainLoop):
 
     def _setup(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
                hooks: list[Hook] | None) -> None:
+        check_backbone(cfg.model.backbone)  # a name the model code does not know stops here, before any output
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -321,7 +303,6 @@ class Trainer(TrainLoop):
     def _check_data(self, cfg: Config) -> None:
         """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
         ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
-        from ..config import ConfigError
         from ..data.stream import smallest_frame
 
         if cfg.data.batch_size * self.world < 2:

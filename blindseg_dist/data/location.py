@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from .. import atomic
+from ..errors import MissingBackendError, ShardReadError  # noqa: F401 (raised here, named by callers)
 
 RETRIES = 3  # extra attempts per shard (data.remote_retries)
 TIMEOUT = 600.0  # seconds per shard, whole transfer (data.remote_timeout)
@@ -49,19 +50,6 @@ _FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", 
 IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")  # a sample's image member, by preference
 _SAMPLE = ("label.png", "meta.json")  # the other members every sample has
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext may hold dots
-
-
-class ShardReadError(OSError):
-    """A shard (or manifest) could not be read after its retries, or is incomplete."""
-
-    def __init__(self, message: str, *, samples: int = 0, missing: bool = False):
-        super().__init__(message)
-        self.samples = samples  # complete samples read before the failure
-        self.missing = missing  # the location answered "not found" (not retried)
-
-
-class MissingBackendError(ImportError):
-    """A URL scheme whose fsspec backend (or fsspec itself) is not installed."""
 
 
 # -- parsing ------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from blindseg_dist.config import ON_CORRUPT  # what a corrupt shard does: skip the rest of it (counted) | raise
 from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
 from blindseg_dist.data.location import index_shard, open_shard  # noqa: F401 - index_shard: importable here as before
@@ -50,7 +51,6 @@ from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order,
 from blindseg_dist.data.views import TwoViewTransform
 
 
-ON_CORRUPT = ("warn", "fail")  # what a corrupt shard does: skip the rest of it (counted) | raise
 
 
 class CorruptShardWarning(RuntimeWarning):

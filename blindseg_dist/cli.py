@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import runtime_env
+from .errors import EXIT_CONFIG, ConfigError, UsageError, exit_code
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -29,10 +30,6 @@ def _ints(text: str) -> list[int]:
     if len(vals) not in (2, 4) or min(vals) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W (positive)")
     return vals
-
-
-class UsageError(Exception):
-    """A bad command-line value that argparse cannot check (exit 2, like a config error)."""
 
 
 def _named_paths(pairs: list[str]) -> dict[str, str]:
@@ -488,25 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = _parse(build_parser(), argv)
     _library_logging()
-    from .config import ConfigError
-
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of the exit-2 errors
-        if not exits_2(e):
+        code = exit_code(e)
+        if code != EXIT_CONFIG:
             raise
         what = "config error: " if isinstance(e, ConfigError) else ""
         print(f"blindseg {args.command}: {what}{e}", file=sys.stderr)
-        return 2
+        return code
 
-
-def exits_2(err: BaseException) -> bool:
-    """The errors `blindseg` exits 2 for (a config or usage error, a missing file, a shard location
-    that cannot be read or whose backend is missing); also the trainer's set-up rule on 2+ ranks."""
-    from .config import ConfigError
-    from .data.location import MissingBackendError, ShardReadError
-
-    return isinstance(err, (ConfigError, FileNotFoundError, UsageError, MissingBackendError, ShardReadError))
 
 if __name__ == "__main__":
     sys.exit(main())

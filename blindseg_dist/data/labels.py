@@ -14,6 +14,7 @@ import numpy as np
 
 NUM_CLASSES = 19
 IGNORE = 255
+TILE = 1024  # the released class-uniform tile: class centroids are taken per whole TILE x TILE tile
 
 # (trainId, name, Cityscapes labelId, colour): docs/DATA.md, "Label space".
 CLASSES: tuple[tuple[int, str, int, tuple[int, int, int]], ...] = (

@@ -239,9 +239,10 @@ def _manifest_dataset(path: str | Path) -> str:
         return ""
 
 
-def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
-    """The protocol of target ``name``: eval.protocols[name], else from the target's name or its
-    shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536), else full."""
+def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
+    """The protocol name of target ``name``: eval.protocols[name], else from the target's name or
+    its shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536), else full.
+    (data.evalset.resolve_protocol then turns such a name into the frame transform.)"""
     if protocols and name in protocols:
         proto = protocols[name]
         if proto not in PROTOCOLS:
@@ -253,6 +254,9 @@ def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | No
     if "mapillary" in hint:
         return "mapillary_1536"
     return "full"
+
+
+resolve_protocol = target_protocol  # the former name of target_protocol, kept for importers
 
 
 def build_eval_dataset(path: str | Path, protocol: str, remote=None):
@@ -438,7 +442,7 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
             protocols.update({m: protocols[fam] for m in info["members"]})
     results = {}
     for name, path in targets.items():
-        protocol = resolve_protocol(name, path, protocols)
+        protocol = target_protocol(name, path, protocols)
         ds = build_eval_dataset(path, protocol, remote)
         cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
                               predict=predict)

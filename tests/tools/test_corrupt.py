@@ -169,3 +169,21 @@ def test_eval_reads_and_groups_a_corrupted_family(corrupted, tmp_path, capsys):
     assert main(["report", str(tmp_path / "eval.json"), "--out", str(tmp_path / "rep"), "--no-flops"]) == 0
     assert "src-c mPC" in (tmp_path / "rep" / "report.md").read_text()
     assert "| mPC |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_help_table_is_the_bench_result_and_the_bench_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recorded = json.loads((root / "bench" / "results" / "corruption_speed.json").read_text())
+    assert recorded["size"] == [192, 384] and recorded["severity"] == 3
+    assert {r["corruption"]: round(r["seconds_per_image"], 4) for r in recorded["rows"]} == SECONDS_PER_IMAGE
+    spec = importlib.util.spec_from_file_location("corruption_speed", root / "bench" / "corruption_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    assert bench.main(["--size", "40x64", "--images", "1", "--repeats", "1", "--corruptions", "contrast,pixelate",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["corruption"] for r in rows] == ["contrast", "pixelate"] and all(r["seconds_per_image"] > 0 for r in rows)

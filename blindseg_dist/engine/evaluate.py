@@ -4,7 +4,9 @@ ranks with each image counted exactly once, IoU = TP / (TP + FP + FN), mIoU = na
 
 Protocols (``eval.protocols``, per target): ``full`` (the image as stored), ``mapillary_1536`` /
 ``mapillary_1024`` (resize to that height, centre crop, pad with ignore; applied by the dataset),
-``synthia`` (mIoU over 19 classes, and over 16 without terrain, truck, train as ``miou16``).
+``synthia`` (mIoU over 19 classes, and over 16 without terrain, truck, train as ``miou16``), ``acdc``
+(the 1920x1080 frame as stored, sliding windows of ACDC_WINDOW as Rein evaluates ACDC, unless
+eval.sliding_window sets one for every target).
 A target without an entry gets its protocol from its name or its shard manifest's dataset.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .. import dist
 from ..config import EVAL_PROTOCOLS as PROTOCOLS
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 
+ACDC_WINDOW = (1024, 683)  # crop, stride (px) of the acdc protocol's sliding window (Rein's ACDC test_cfg)
 SYNTHIA_MISSING = (9, 14, 16)  # terrain, truck, train: absent from SYNTHIA, excluded from mIoU16
 SYNTHIA16 = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_MISSING)
 
@@ -241,7 +244,7 @@ def _manifest_dataset(path: str | Path) -> str:
 
 def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
     """The protocol name of target ``name``: eval.protocols[name], else from the target's name or
-    its shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536), else full.
+    its shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536, acdc -> acdc), else full.
     (data.evalset.resolve_protocol then turns such a name into the frame transform.)"""
     if protocols and name in protocols:
         proto = protocols[name]
@@ -253,7 +256,17 @@ def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | Non
         return "synthia"
     if "mapillary" in hint:
         return "mapillary_1536"
+    if "acdc" in hint:
+        return "acdc"
     return "full"
+
+
+def target_window(protocol: str, sliding_window: Sequence[int] | None) -> list[int]:
+    """The sliding window of a target: eval.sliding_window when set (every target), else the protocol's
+    own (acdc: ACDC_WINDOW), else [] (the whole image)."""
+    if sliding_window:
+        return list(sliding_window)
+    return list(ACDC_WINDOW) if protocol == "acdc" else []
 
 
 resolve_protocol = target_protocol  # the former name of target_protocol, kept for importers
@@ -434,7 +447,6 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
     from ..data.location import RemoteOptions
 
     remote = RemoteOptions.from_config(data_cfg)
-    predict = make_predictor(eval_cfg.sliding_window)
     targets, families = expand_targets(dict(eval_cfg.targets))
     protocols = dict(eval_cfg.protocols)
     for fam, info in families.items():
@@ -444,6 +456,7 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
     for name, path in targets.items():
         protocol = target_protocol(name, path, protocols)
         ds = build_eval_dataset(path, protocol, remote)
+        predict = make_predictor(target_window(protocol, eval_cfg.sliding_window))
         cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
                               predict=predict)
         results[name] = target_result(cm, protocol=protocol)

@@ -74,7 +74,7 @@ def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_s
     import torch
 
     from ..data.stream import make_train_loader
-    from .evaluate import build_eval_dataset, predict_logits, resolve_protocol
+    from .evaluate import build_eval_dataset, predict_logits, target_protocol
     from .logging import image_panel
 
     was_training = net.training
@@ -85,7 +85,7 @@ def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_s
     with torch.no_grad():
         panels.append(image_panel(batch, net(batch["image"]), max_images=n_train))
         for name, path in targets.items():
-            item = build_eval_dataset(path, resolve_protocol(name, path))[0]
+            item = build_eval_dataset(path, target_protocol(name, path))[0]
             one = {"image": item["image"][None], "label": item["label"][None]}
             panels.append(image_panel(one, predict_logits(net, one["image"], item["label"].shape), max_images=1))
     net.train(was_training)

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist
+from blindseg_dist.config import CONTRASTIVE_SCOPES as SCOPES
+from blindseg_dist.config import CWCL_NEGATIVES as NEGATIVES
 from blindseg_dist.data.labels import IGNORE
 
 _NUM_IDS = IGNORE + 1  # class ids live in [0, IGNORE]; IGNORE (255) is ignore
 _PSEUDO_BASE = 256  # CWCL filler groups get ids >= 256 (their own pseudo-class)
-NEGATIVES = ("reference", "paper")
-SCOPES = ("image", "global")
 
 _MASK64 = (1 << 64) - 1
 

@@ -30,11 +30,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet as tv_resnet
 
+from ..errors import ConfigError
+
 __all__ = [
     "Backbone",
     "ResNetBackbone",
     "TimmBackbone",
     "build_backbone",
+    "check_backbone",
     "instance_norm",
     "load_state_dict_file",
     "BACKBONES",
@@ -50,6 +53,22 @@ _TORCHVISION_RESNETS: dict[str, Callable[..., tv_resnet.ResNet]] = {
 }
 BACKBONES: tuple[str, ...] = (*_TORCHVISION_RESNETS, "timm:<name>")
 """Names accepted by ``build_backbone``."""
+
+
+def check_backbone(name: str) -> None:
+    """Raise ConfigError naming model.backbone when ``name`` is neither a torchvision ResNet of
+    BACKBONES nor ``timm:<a model timm has>`` (build_model and the trainer's set-up call it)."""
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch[:8]}*")[:5]
+            raise ConfigError(f"config key 'model.backbone': value {name!r}: timm has no model "
+                              f"{arch!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    elif name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': value {name!r} is not allowed; choose one of "
+                          f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
 def instance_norm(channels: int) -> nn.InstanceNorm2d:

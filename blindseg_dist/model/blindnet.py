@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, build_backbone
+from ..config import PROJ_LEVELS
+from .backbones import Backbone, build_backbone, check_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
 
 __all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_PROJ_LEVELS"]
 
-PROJ_LEVELS: tuple[str, ...] = ("low", "mid", "aux", "high", "dec0", "dec1")
-"""Features a projection head can read: the four backbone outputs (low-level 1/4, mid, aux source,
-high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4)."""
+# PROJ_LEVELS (config.py): features a projection head can read: the four backbone outputs (low-level
+# 1/4, mid, aux source, high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4).
 DEFAULT_PROJ_LEVELS: tuple[str, str, str] = ("high", "dec0", "dec1")
 """The BlindNet levels (for a CNN and a ViT alike: the last backbone map, decoder input, decoder output)."""
 
@@ -137,6 +137,7 @@ def build_model(
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
+    check_backbone(backbone)
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
                        grad_checkpointing=grad_checkpointing, timm_kwargs=timm_kwargs,

@@ -42,7 +42,7 @@ Schedule = Literal["poly", "cosine"]
 NoWeightDecayKind = Literal["norm", "bias", "pos_embed"]
 ProjLevel = Literal["low", "mid", "aux", "high", "dec0", "dec1"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
-EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia"]
+EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
 
 CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 """loss.ce_scope (losses/segmentation.py)."""
@@ -190,8 +190,9 @@ class EvalConfig:
     max_images: int = 0
     """Evaluate at most N images per target (0: all); for quick checks only."""
     protocols: dict[str, EvalProtocol] = field(default_factory=dict)
-    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
-    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia | acdc; a target without one is
+    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, acdc -> acdc,
+    else full)."""
     selection: str | None = None
     """Target whose mIoU picks the best checkpoint (DIR/best.json; never deleted by keep_last). null = the
     held-out source split (the target named 'source', or whose shards come from data.train's dataset);

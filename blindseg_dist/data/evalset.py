@@ -62,11 +62,11 @@ def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
 
 def resolve_protocol(protocol: str | Protocol | None) -> Protocol | None:
     """A protocol callable, or a name: "mapillary_<height>" (e.g. mapillary_1536, mapillary_1024)
-    -> mapillary_protocol(height); "full", "synthia" and None -> no transform (full resolution)."""
+    -> mapillary_protocol(height); "full", "synthia", "acdc" and None -> no transform (full resolution)."""
     if protocol is None or callable(protocol):
         return protocol
     name = str(protocol)
-    if name in ("full", "synthia"):
+    if name in ("full", "synthia", "acdc"):
         return None
     if name.startswith("mapillary_") and name[len("mapillary_"):].isdigit():
         return mapillary_protocol(int(name[len("mapillary_"):]))

@@ -217,7 +217,9 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
         raise ValueError(f"{data}: the evaluation set holds no frames")
     info = _describe(data, ds)
     spp = int(samples_per_shard or info.get("samples_per_shard") or 64)
-    origin = data if (":" in data and not Path(data).exists()) else str(Path(data).resolve())
+    from ..engine.evaluate import origin_id
+
+    origin = origin_id(data)  # how `blindseg eval` finds the clean set of the family among its targets
     package = _package_version()
     sets = []
     todo = [(c, s) for c in names for s in levels]

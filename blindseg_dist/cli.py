@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "per (corruption, severity) into OUT/<corruption>-<severity>/ (labels and keys unchanged, "
                     "PNG images, a seed per image: a rerun writes the same bytes; complete sets are skipped). "
                     "Evaluate the family with `blindseg eval --data NAME=OUT`.",
-        epilog="corruptions (`all` = the 15 standard ones) and seconds per image at severity 3 on a 192x384\n"
-               "frame, one process of a 2-core CPU (python bench/corruption_speed.py):\n" + speed_table())
+        epilog="corruptions (`all` = the 15 standard ones) and CPU seconds per image at severity 3, one thread\n"
+               "of a 2-core CPU, on a 192x384 and a 1024x2048 frame (python bench/corruption_speed.py):\n"
+               + speed_table())
     s.add_argument("data", help="the evaluation set: shards (folder, pattern, URL) or a raw dataset folder "
                                 "(DATASET:PATH or a detected layout), as `blindseg eval --data` takes it")
     s.add_argument("--out", required=True, help="output folder: one <corruption>-<severity>/ shard set each")

@@ -34,14 +34,22 @@ SEVERITIES = (1, 2, 3, 4, 5)
 _SEEDED = ("impulse_noise", "glass_blur")  # take a `seed` argument instead of numpy's global RNG
 PACKAGE = "imagecorruptions-imaug"  # the distribution that provides the `imagecorruptions` module
 
-# Seconds per image at severity 3 on a 192x384 (the demo's size) RGB frame, one process of a 2-core CPU:
-# `python bench/corruption_speed.py` (bench/results/corruption_speed.json; --size for other frames).
+# CPU seconds per image at severity 3, one thread of a 2-core CPU, on a 192x384 RGB frame (the demo's size)
+# and on a 1024x2048 one (Cityscapes): `python bench/corruption_speed.py [--size 1024x2048]`
+# (bench/results/corruption_speed.json, corruption_speed_1024x2048.json).
 SECONDS_PER_IMAGE = {
-    "gaussian_noise": 0.0404, "shot_noise": 0.0760, "impulse_noise": 0.0278, "defocus_blur": 0.0303,
-    "glass_blur": 0.1181, "motion_blur": 0.0495, "zoom_blur": 0.3596, "snow": 0.0204, "frost": 0.0209,
-    "fog": 0.0271, "brightness": 0.0842, "contrast": 0.0100, "elastic_transform": 0.0483, "pixelate": 0.0017,
-    "jpeg_compression": 0.0019, "speckle_noise": 0.0145, "gaussian_blur": 0.0124, "spatter": 0.0213,
-    "saturate": 0.0815,
+    "gaussian_noise": 0.0132, "shot_noise": 0.0214, "impulse_noise": 0.0091, "defocus_blur": 0.0100,
+    "glass_blur": 0.0391, "motion_blur": 0.0156, "zoom_blur": 0.1375, "snow": 0.0179, "frost": 0.0183,
+    "fog": 0.0166, "brightness": 0.0456, "contrast": 0.0042, "elastic_transform": 0.0255, "pixelate": 0.0009,
+    "jpeg_compression": 0.0013, "speckle_noise": 0.0073, "gaussian_blur": 0.0081, "spatter": 0.0119,
+    "saturate": 0.0573,
+}
+SECONDS_PER_IMAGE_1024X2048 = {
+    "gaussian_noise": 0.3088, "shot_noise": 0.4439, "impulse_noise": 0.1379, "defocus_blur": 0.1440,
+    "glass_blur": 0.9611, "motion_blur": 0.6876, "zoom_blur": 3.5831, "snow": 0.7026, "frost": 0.0786,
+    "fog": 0.1807, "brightness": 1.9576, "contrast": 0.1142, "elastic_transform": 1.5982, "pixelate": 0.0198,
+    "jpeg_compression": 0.0167, "speckle_noise": 0.2363, "gaussian_blur": 0.2399, "spatter": 0.5383,
+    "saturate": 2.4393,
 }
 
 
@@ -50,10 +58,13 @@ class CorruptionError(ValueError):
 
 
 def speed_table() -> str:
-    """The help's table: each corruption, whether `all` takes it, seconds per image."""
-    lines = [f"  {'corruption':<20}{'in all':>7}{'s/image':>9}"]
+    """The help's table: each corruption, whether `all` takes it, CPU seconds per image at 192x384 and 1024x2048."""
+    lines = [f"  {'corruption':<20}{'in all':>7}{'192x384':>10}{'1024x2048':>11}"]
     for name in (*STANDARD, *EXTRA):
-        lines.append(f"  {name:<20}{'yes' if name in STANDARD else '':>7}{SECONDS_PER_IMAGE[name]:>9.3f}")
+        lines.append(f"  {name:<20}{'yes' if name in STANDARD else '':>7}{SECONDS_PER_IMAGE[name]:>10.3f}"
+                     f"{SECONDS_PER_IMAGE_1024X2048[name]:>11.2f}")
+    total = [sum(d[n] for n in STANDARD) for d in (SECONDS_PER_IMAGE, SECONDS_PER_IMAGE_1024X2048)]
+    lines.append(f"  {'all (15)':<27}{total[0]:>10.3f}{total[1]:>11.2f}")
     return "\n".join(lines)
 
 
@@ -230,8 +241,7 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
         written = not _complete(folder, record)
         if written:
             if progress:
-                print(f"[corrupt] {n}/{len(todo)}: {c} severity {s} "
-                      f"(~{SECONDS_PER_IMAGE[c] * len(keys) / max(1, workers):.0f}s)", flush=True)
+                print(f"[corrupt] {n}/{len(todo)}: {c} severity {s}", flush=True)
             source = CorruptedSource(data, c, s, keys, info)
             manifest = write_shards(source, folder, samples_per_shard=spp, image_format="png", workers=workers,
                                     progress=progress, min_shards=1)

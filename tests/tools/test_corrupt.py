@@ -11,8 +11,8 @@ import pytest
 
 from blindseg_dist.cli import main
 from blindseg_dist.data.evalset import EvalDataset
-from blindseg_dist.tools.corrupt import (EXTRA, SECONDS_PER_IMAGE, STANDARD, parse_corruptions, parse_severities,
-                                         sample_seed)
+from blindseg_dist.tools.corrupt import (EXTRA, SECONDS_PER_IMAGE, SECONDS_PER_IMAGE_1024X2048, STANDARD,
+                                         parse_corruptions, parse_severities, sample_seed)
 from tests.engine._eval_fixtures import make_checkpoint, make_shards
 
 
@@ -102,8 +102,8 @@ def test_names_severities_and_help(tmp_path, capsys):
         main(["corrupt", "--help"])
     text = capsys.readouterr().out
     for name in STANDARD + EXTRA:
-        assert f"{SECONDS_PER_IMAGE[name]:.3f}" in next(line for line in text.splitlines()
-                                                       if line.strip().startswith(name + " "))
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        assert f"{SECONDS_PER_IMAGE[name]:.3f}" in line and f"{SECONDS_PER_IMAGE_1024X2048[name]:.2f}" in line
 
 
 def test_corruption_groups_means_and_relative_robustness():
@@ -176,14 +176,26 @@ def test_help_table_is_the_bench_result_and_the_bench_runs(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    recorded = json.loads((root / "bench" / "results" / "corruption_speed.json").read_text())
-    assert recorded["size"] == [192, 384] and recorded["severity"] == 3
-    assert {r["corruption"]: round(r["seconds_per_image"], 4) for r in recorded["rows"]} == SECONDS_PER_IMAGE
+    for name, size, table in (("corruption_speed.json", [192, 384], SECONDS_PER_IMAGE),
+                              ("corruption_speed_1024x2048.json", [1024, 2048], SECONDS_PER_IMAGE_1024X2048)):
+        recorded = json.loads((root / "bench" / "results" / name).read_text())
+        assert recorded["size"] == size and recorded["severity"] == 3
+        assert {r["corruption"]: round(r["seconds_per_image"], 4) for r in recorded["rows"]} == table
     spec = importlib.util.spec_from_file_location("corruption_speed", root / "bench" / "corruption_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "speed.json"
     assert bench.main(["--size", "40x64", "--images", "1", "--repeats", "1", "--corruptions", "contrast,pixelate",
                        "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["size"] == [40, 64]
     rows = json.loads(out.read_text())["rows"]
     assert [r["corruption"] for r in rows] == ["contrast", "pixelate"] and all(r["seconds_per_image"] > 0 for r in rows)
+
+
+def test_workers_write_the_same_bytes(corrupted, tmp_path):
+    root, shards, out = corrupted
+    assert main(["corrupt", str(shards["train"]), "--out", str(tmp_path / "w"), "--corruptions", "gaussian_noise",
+                 "--severities", "3", "--workers", "2"]) == 0
+    one = {p.name: p.read_bytes() for p in (out / "gaussian_noise-3").glob("*.tar")}
+    two = {p.name: p.read_bytes() for p in (tmp_path / "w" / "gaussian_noise-3").glob("*.tar")}
+    assert len(one) >= 2 and one == two

@@ -51,8 +51,6 @@ from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order,
 from blindseg_dist.data.views import TwoViewTransform
 
 
-
-
 class CorruptShardWarning(RuntimeWarning):
     """A shard could not be read completely; the rest of it was skipped."""
 

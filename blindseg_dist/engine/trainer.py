@@ -9,7 +9,7 @@ scheduler (engine/optim.py) is ours (not prepared by Accelerate), so it steps ex
 optimizer step. The streaming loader is not prepared either: each rank streams its own shards
 (Accelerate would dispatch from rank 0 or split the data twice).
 
-Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
+Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
 - DDP: micro-batches before the last run under ``no_sync``; Accelerate divides the loss by
   grad_accum; clipping by ``accelerator.clip_grad_norm_``; bf16 by Accelerate's autocast.
 - DeepSpeed (``accelerate launch --config_file launch/accelerate/deepspeed_zero*.yaml``):
@@ -19,10 +19,8 @@ Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
   and whose explicit values must agree with it (accelerator.configure_deepspeed). Never no_sync
   (ZeRO 2/3).
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 1 an error (on
-2+ processes the rank that had it prints it, the others name that rank and its error and exit with
-its code); 2 config error; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint
-written); 4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+Exit codes (errors.py): a rank that fails prints its error; on 2+ processes the others name that
+rank and its error and exit with its code.
 
 Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
@@ -51,9 +49,11 @@ from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import train_loader_from_config
 from ..data.workers import shutdown_workers
+from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
 from ..model import build_model
 from ..losses.plans import PLAN_KEY, STEP_KEY, LoaderPlanner
 from ..model.objective import BlindNetObjective, projection_sizes
+from ..model.backbones import check_backbone
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
@@ -65,10 +65,6 @@ from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_COLLECTIVE = 4
 
 
 class _StopFlag:
@@ -137,21 +133,6 @@ class _Faults:
 
     def loss(self, loss: torch.Tensor, attempt: int) -> torch.Tensor:
         return loss * float("nan") if attempt in self.nan else loss
-
-
-def _exit_code(err: BaseException, *, setup: bool) -> int:
-    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up 2 for
-    whatever `blindseg train` exits 2 with on one process (cli.exits_2)."""
-    from ..config import ConfigError
-
-    if isinstance(err, ConfigError):
-        return EXIT_CONFIG
-    if setup:
-        from ..cli import exits_2
-
-        if exits_2(err):
-            return EXIT_CONFIG
-    return EXIT_ERROR
 
 
 class TrainLoop(abc.ABC):
@@ -257,7 +238,7 @@ class TrainLoop(abc.ABC):
                       f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
                       f"with --resume.", file=sys.stderr, flush=True)
                 os._exit(EXIT_COLLECTIVE)
-            code = _exit_code(err, setup=during is not None)
+            code = exit_code(err, setup=during is not None)
             dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
                                   "exit": code, "where": where})
             traceback.print_exc()
@@ -288,6 +269,7 @@ class Trainer(TrainLoop):
 
     def _setup(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
                hooks: list[Hook] | None) -> None:
+        check_backbone(cfg.model.backbone)  # a name the model code does not know stops here, before any output
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -322,7 +304,6 @@ class Trainer(TrainLoop):
     def _check_data(self, cfg: Config) -> None:
         """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
         ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
-        from ..config import ConfigError
         from ..data.stream import smallest_frame
 
         if cfg.data.batch_size * self.world < 2:
@@ -351,7 +332,7 @@ class Trainer(TrainLoop):
         if resume_from is not None:
             ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
-            net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
+            net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         if cfg.run.compile:  # in place: parameters and state_dict keys unchanged (model/compiled.py)
             from ..model.compiled import compile_network
 
@@ -359,6 +340,7 @@ class Trainer(TrainLoop):
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
+        self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
@@ -400,7 +382,7 @@ class Trainer(TrainLoop):
         engine = f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else acc.distributed_type.value
         print(
             f"[train] world size {self.world} ({engine}, {acc.device}, precision {cfg.run.mixed_precision}), "
-            f"{self.n_params / 1e6:.2f}M parameters, global batch {cfg.data.batch_size * self.world * self.micro}, "
+            f"{self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trained), global batch {cfg.data.batch_size * self.world * self.micro}, "
             f"steps {self.step}->{self.max_steps}, output {self.out_dir}", flush=True
         )
 
@@ -564,7 +546,7 @@ class Trainer(TrainLoop):
         engine = f"deepspeed_zero{self.acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else "ddp"
         return {"world_size": self.world, "engine": engine, "steps": self.step, "stop_reason": self.stop_reason,
                 "seconds": seconds, "checkpoint": str(self.last_checkpoint), "counters": self.counters,
-                "lr": self.lr}
+                "lr": self.lr, "trainable_params": self.n_trainable, "total_params": self.n_params}
 
     def close(self) -> None:
         self.logger.close()

@@ -13,10 +13,14 @@ it runs in NumPy on the host (the per-image seeds, the global scopes' metadata).
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
-BACKENDS = ("inductor", "aot_eager", "eager")
+from ..config import CompileBackend
+
+BACKENDS: tuple[str, ...] = typing.get_args(CompileBackend)
 """torch.compile backends run.compile_backend may name: inductor (generated kernels: the one that
 speeds the step up), aot_eager (the same graph capture and autograd tracing, no code generation:
 compiles in seconds, for checks), eager (capture only)."""

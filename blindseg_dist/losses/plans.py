@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist.data.labels import IGNORE
-from blindseg_dist.losses.contrastive import sample_seeds
+from blindseg_dist.losses.cwcl import PSEUDO_BASE
+from blindseg_dist.losses.sampling import NUM_IDS, sample_seeds
 
-NUM_IDS = IGNORE + 1
-PSEUDO_BASE = 256
 PLAN_KEY = "cwcl_plans"  # the batch's list of per-level plans
 STEP_KEY = "plan_step"  # the micro-batch index the plans were made for
 

@@ -53,8 +53,10 @@ def find_run_config(checkpoint: str | Path) -> Path:
 def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None):
     """(config, network with the checkpoint's weights) of a checkpoint folder."""
     cfg = load_config(find_run_config(checkpoint), overrides)
-    net = build_model(**{**model_kwargs(cfg), "pretrained": None})  # every weight comes from the checkpoint
-    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint)
+    # every weight comes from the checkpoint, but for a frozen backbone's: from the weights file it names
+    source = ckpt.frozen_source(checkpoint)
+    net = build_model(**{**model_kwargs(cfg), "pretrained": source})
+    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint, partial=source is not None)
     return cfg, net
 
 

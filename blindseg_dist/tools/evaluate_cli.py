@@ -91,7 +91,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
         report["corruptions"] = groups
     if dist.rank() == 0:
         atomic.write_json(json_out, report, indent=1)
-        print(format_table(results))
+        # a corrupted family's sets are shown grouped (its own table), not as rows of the per-target one
+        plain = {k: v for k, v in results.items() if not any(k.startswith(f + "/") for f in groups)}
+        if plain:
+            print(format_table(plain))
         if groups:
             print()
             print(format_corruption_table(groups))

@@ -454,8 +454,28 @@ def _resolve_local(spec: str) -> ShardSet:
     return out
 
 
-def load_location_manifest(spec: str, **kw) -> dict | None:
-    """The manifest of a location, or None (e.g. a local tar list without one)."""
+def holds_shards(folder: str | os.PathLike) -> bool:
+    """True for a local folder with a manifest.json or *.tar files (a shard folder, not a raw dataset)."""
+    p = Path(folder)
+    return (p / "manifest.json").is_file() or any(p.glob("*.tar"))
+
+
+def local_manifest(folder: str | os.PathLike) -> dict | None:
+    """``<folder>/manifest.json`` of a local folder as written, without checking its shards; None when
+    absent or not a JSON object."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def load_location_manifest(spec: str | os.PathLike, **kw) -> dict | None:
+    """The manifest of a location, or None (e.g. a local tar list without one, or an unreadable
+    location). A local folder's manifest.json is read as it is (local_manifest)."""
+    s = str(spec)
+    if scheme(s) in ("", "file") and not has_braces(s) and Path(local_path(s)).is_dir():
+        return local_manifest(local_path(s))
     try:
         return resolve(spec, **kw).manifest
     except (OSError, ValueError):

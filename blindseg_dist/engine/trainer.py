@@ -325,8 +325,15 @@ class Trainer(TrainLoop):
         net = build_model(**model_kwargs(cfg))
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
+        self._frozen_checkpoints(net)
         if resume_from is not None:
-            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
+            partial = ckpt.frozen_source(resume_from, self.pretrained_file or "none") is not None
+            if partial and self.pretrained_file is None:
+                from ..config import ConfigError
+
+                raise ConfigError(f"config key 'model.pretrained': checkpoint {resume_from} holds the trained tensors "
+                                  "only and its frozen backbone comes from a weights file; set model.pretrained to it")
+            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from, partial=partial)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
@@ -341,6 +348,17 @@ class Trainer(TrainLoop):
         self.counters = {"nonfinite_skipped": 0, "corrupt_shards": 0}
         self.last_checkpoint = resume_from
         return self._restore(resume_from) if resume_from is not None else None
+
+    def _frozen_checkpoints(self, net: torch.nn.Module) -> None:
+        """With a frozen encoder (model.adapter, model.freeze_backbone) loaded from a weights file,
+        checkpoints hold the trained tensors only, plus that file's path and sha256
+        (engine/checkpoint.py, ``frozen_source``); without a file they hold every tensor."""
+        pretrained = model_kwargs(self.cfg)["pretrained"]
+        self.pretrained_file = str(pretrained) if pretrained is not None else None
+        self.frozen_keys: set[str] = ckpt.frozen_state_keys(net) if pretrained is not None else set()
+        self.frozen_meta = None
+        if self.frozen_keys:
+            self.frozen_meta = ckpt.frozen_metadata(pretrained, ckpt.file_sha256(pretrained), len(self.frozen_keys))
 
     def _build_stream(self, resume_from: Path | None, rng: dict | None) -> None:
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
@@ -495,6 +513,8 @@ class Trainer(TrainLoop):
         # get_state_dict gathers full parameters under ZeRO-3 (collective; stage3_gather_16bit_weights_on_model_save)
         full = self.acc.get_state_dict(self.objective) or {}  # None on ranks > 0 under ZeRO-3
         model_state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
+        if self.frozen_meta is not None:  # the frozen backbone is the weights file's: not copied
+            model_state = {k: v for k, v in model_state.items() if k not in self.frozen_keys}
 
         def engine_state(tmp: Path) -> None:  # every rank writes its optimizer partition
             self.objective.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
@@ -506,7 +526,13 @@ class Trainer(TrainLoop):
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
             meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
+            model_metadata=self.frozen_meta,
         )
+        if self.is_main:
+            size = ckpt.folder_bytes(self.last_checkpoint)
+            what = (f"trained tensors only; frozen backbone {self.pretrained_file} "
+                    f"(sha256 {self.frozen_meta[ckpt.FROZEN_SHA_KEY][:12]}...)" if self.frozen_meta else "every tensor")
+            print(f"[train] checkpoint {self.last_checkpoint}: {size / 2**20:.1f} MB ({what})", flush=True)
         return self.last_checkpoint
 
     def _restore(self, path: Path) -> dict | None:

@@ -46,7 +46,8 @@ from blindseg_dist.config import ON_CORRUPT  # what a corrupt shard does: skip t
 from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
 from blindseg_dist.data.location import index_shard, open_shard  # noqa: F401 - index_shard: importable here as before
-from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
+from blindseg_dist.data.labels import TILE
+from blindseg_dist.data.sampler import SampleTable, repeats, stream_order, stream_slice
 from blindseg_dist.data.views import TwoViewTransform
 
 

@@ -51,9 +51,9 @@ CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 COVARIANCE_SCOPES: tuple[str, ...] = typing.get_args(CovarianceScope)
 """loss.covariance_scope (losses/covariance.py)."""
 CONTRASTIVE_SCOPES: tuple[str, ...] = typing.get_args(ContrastiveScope)
-"""loss.contrastive_scope (losses/contrastive.py)."""
+"""loss.contrastive_scope (losses/cwcl.py, losses/sdcl.py)."""
 CWCL_NEGATIVES: tuple[str, ...] = typing.get_args(CwclNegatives)
-"""loss.cwcl_negatives (losses/contrastive.py)."""
+"""loss.cwcl_negatives (losses/cwcl.py)."""
 ON_CORRUPT: tuple[str, ...] = typing.get_args(OnCorrupt)
 """data.on_corrupt (data/stream.py): skip the rest of a corrupt shard (counted) | raise."""
 NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = typing.get_args(NoWeightDecayKind)

@@ -151,6 +151,7 @@ def test_eval_reads_and_groups_a_corrupted_family(corrupted, tmp_path, capsys):
     assert g["mpc"] == pytest.approx(want)
     assert g["clean"] == "src" and g["relative_robustness"] == pytest.approx(want / t["src"]["miou"])
     assert "src-c: mIoU (%) per corruption and severity" in printed and "relative robustness" in printed
+    assert "src-c/contrast-3" not in printed  # the sets appear grouped, not as rows of the per-target table
     assert (tmp_path / "eval-confusion-src-c_contrast-3.png").is_file()
     n_valid = sum(int((lab != 255).sum()) for _, lab in _frames(out / "contrast-3").values())
     assert t["src-c/contrast-3"]["num_pixels"] == n_valid > 3 * 48 * 96 // 2  # every frame read

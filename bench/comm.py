@@ -20,9 +20,8 @@
    machinery and the key budget's compute; the configurations alternate within each round so
    that machine noise hits all alike; per step the slowest rank counts.
 
-Goals (issue "Global scopes whose cost does not grow with the cluster"): loss collectives < 2% of
-the gradient all-reduce at every W; the W=8 share no more than 1.25x the W=2 share; global scopes
-cost < 5% step time against image scopes on 2 and 4 processes.
+Goals: loss collectives < 2% of the gradient all-reduce at every W; the W=8 share no more than
+1.25x the W=2 share; global scopes cost < 5% step time against image scopes on 2 and 4 processes.
 
     .venv/bin/python bench/comm.py [--worlds-bytes 2,4,8] [--bytes-crop 256]
         [--worlds-speed 2,4] [--backbone resnet18] [--crop 128] [--batch 2] [--steps 5]

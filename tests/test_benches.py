@@ -1,5 +1,5 @@
 """The step-cost and communication benches run end to end at tiny sizes (their figures come from
-full-size runs, README "What a BlindNet step costs"; here only that they work and record what they claim)."""
+full-size runs, docs/BENCHMARKS.md; here only that they work and record what they claim)."""
 from __future__ import annotations
 
 import json

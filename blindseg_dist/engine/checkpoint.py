@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import atomic, dist
+from ..errors import ConfigError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -205,8 +206,6 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(f))
     except Exception as e:  # noqa: BLE001 - truncated, or not a safetensors file
-        from ..config import ConfigError
-
         raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: {e}): truncated or "
                           f"not a {MODEL_FILE}; use another checkpoint (for --resume: remove this folder to "
                           f"continue from the one before)") from None
@@ -221,8 +220,6 @@ def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: 
     shapes = [f"{k}: file {tuple(weights[k].shape)} vs network {tuple(own[k].shape)}"
               for k in own if k in weights and weights[k].shape != own[k].shape]
     if missing or unexpected or shapes:
-        from ..config import ConfigError
-
         raise ConfigError(f"checkpoint {str(source)!r} does not fit this network (another model.backbone or "
                           f"model.num_classes?): {len(missing)} missing {missing[:3]}, {len(unexpected)} "
                           f"unexpected {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}")
@@ -237,8 +234,6 @@ def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]
         try:
             return torch.load(f, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001 - truncated or not a torch file
-            from ..config import ConfigError
-
             raise ConfigError(f"checkpoint file {str(f)!r} cannot be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}): truncated?; use another checkpoint "
                               f"(for --resume: remove {str(p)!r} to continue from the one before)") from None
@@ -262,8 +257,6 @@ def load_init_weights(net: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     from the file keep their initialization, head weights the network lacks are ignored; both are
     reported. Anything else raises a ConfigError naming ``model.init_from``. Returns a report."""
     import logging
-
-    from ..config import ConfigError
 
     p = Path(path)
     if p.suffix in (".pth", ".pt", ".tar"):

@@ -9,7 +9,7 @@ scheduler (engine/optim.py) is ours (not prepared by Accelerate), so it steps ex
 optimizer step. The streaming loader is not prepared either: each rank streams its own shards
 (Accelerate would dispatch from rank 0 or split the data twice).
 
-Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
+Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
 - DDP: micro-batches before the last run under ``no_sync``; Accelerate divides the loss by
   grad_accum; clipping by ``accelerator.clip_grad_norm_``; bf16 by Accelerate's autocast.
 - DeepSpeed (``accelerate launch --config_file launch/accelerate/deepspeed_zero*.yaml``):
@@ -19,10 +19,8 @@ Engines (docs/DISTRIBUTED.md, "Engines"), one training step for both:
   and whose explicit values must agree with it (accelerator.configure_deepspeed). Never no_sync
   (ZeRO 2/3).
 
-Exit codes: 0 finished, or stopped by SIGTERM/SIGINT after writing a checkpoint; 1 an error (on
-2+ processes the rank that had it prints it, the others name that rank and its error and exit with
-its code); 2 config error; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint
-written); 4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+Exit codes (errors.py): a rank that fails prints its error; on 2+ processes the others name that
+rank and its error and exit with its code.
 
 Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
 BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
@@ -51,8 +49,10 @@ from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import train_loader_from_config
 from ..data.workers import shutdown_workers
+from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
 from ..model import build_model
 from ..model.objective import BlindNetObjective
+from ..model.backbones import check_backbone
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
@@ -64,10 +64,6 @@ from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_COLLECTIVE = 4
 
 
 class _StopFlag:
@@ -138,21 +134,6 @@ class _Faults:
         return loss * float("nan") if attempt in self.nan else loss
 
 
-def _exit_code(err: BaseException, *, setup: bool) -> int:
-    """A rank's exit code for its own error: 2 for a config error, 1 otherwise; during set-up 2 for
-    whatever `blindseg train` exits 2 with on one process (cli.exits_2)."""
-    from ..config import ConfigError
-
-    if isinstance(err, ConfigError):
-        return EXIT_CONFIG
-    if setup:
-        from ..cli import exits_2
-
-        if exits_2(err):
-            return EXIT_CONFIG
-    return EXIT_ERROR
-
-
 class TrainLoop(abc.ABC):
     """Steps from ``step`` to ``max_steps`` and calls the hooks (engine/hooks.py) around them.
 
@@ -169,6 +150,9 @@ class TrainLoop(abc.ABC):
         self.protected: list[Path] = []  # checkpoints keep_last must not delete (the best one)
         self.signal = _StopFlag()
         self.hooks: list[Hook] = []
+        # seconds since the start of the loop: waiting for the loader (next_batch), and the rest of
+        # the steps (compute, including skipped steps); LogHook logs them per interval (time/data, time/step)
+        self.seconds = {"data": 0.0, "step": 0.0}
 
     @property
     def is_main(self) -> bool:
@@ -191,7 +175,10 @@ class TrainLoop(abc.ABC):
         with self.signal, self._exit_on_collective_failure():  # a signal until the very end only sets the flag
             self.call_hooks("before_train")
             while self.step < self.max_steps and self.stop_reason is None:
-                if self.train_step():
+                t, data = time.perf_counter(), self.seconds["data"]
+                taken = self.train_step()
+                self.seconds["step"] += time.perf_counter() - t - (self.seconds["data"] - data)
+                if taken:
                     self.call_hooks("after_step")
             self.stop_reason = self.stop_reason or "finished"
             self.call_hooks("after_train")
@@ -206,6 +193,14 @@ class TrainLoop(abc.ABC):
     @abc.abstractmethod
     def train_step(self) -> bool:
         """One optimizer step; True when it was taken (False: skipped, hooks not called)."""
+
+    def next_batch(self) -> Any:
+        """The next batch of ``self.data_iter``; the time spent waiting for it counts as data time."""
+        t = time.perf_counter()
+        try:
+            return next(self.data_iter)
+        finally:
+            self.seconds["data"] += time.perf_counter() - t
 
     def summary(self, seconds: float) -> dict[str, Any]:
         """The run summary handed to the hooks' ``summarize``."""
@@ -242,7 +237,7 @@ class TrainLoop(abc.ABC):
                       f"{self.dist_timeout_s}; see its log. Last checkpoint: {self.last_checkpoint}; continue "
                       f"with --resume.", file=sys.stderr, flush=True)
                 os._exit(EXIT_COLLECTIVE)
-            code = _exit_code(err, setup=during is not None)
+            code = exit_code(err, setup=during is not None)
             dist.publish_failure({"rank": self.rank, "step": self.step, "error": f"{type(err).__name__}: {first}",
                                   "exit": code, "where": where})
             traceback.print_exc()
@@ -273,6 +268,7 @@ class Trainer(TrainLoop):
 
     def _setup(self, cfg: Config, resume: bool | str, allow_changed: tuple[str, ...],
                hooks: list[Hook] | None) -> None:
+        check_backbone(cfg.model.backbone)  # a name the model code does not know stops here, before any output
         check_pretrained(cfg.model)  # a recipe that needs ImageNet weights stops here, before any output
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -307,7 +303,6 @@ class Trainer(TrainLoop):
     def _check_data(self, cfg: Config) -> None:
         """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
         ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
-        from ..config import ConfigError
         from ..data.stream import smallest_frame
 
         if cfg.data.batch_size * self.world < 2:
@@ -333,10 +328,11 @@ class Trainer(TrainLoop):
         if resume_from is not None:
             ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
         if self.world > 1:
-            net = convert_sync_batchnorm(net)  # before prepare() (docs/DISTRIBUTED.md, "Engines")
+            net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
+        self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
@@ -376,7 +372,7 @@ class Trainer(TrainLoop):
         engine = f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else acc.distributed_type.value
         print(
             f"[train] world size {self.world} ({engine}, {acc.device}, precision {cfg.run.mixed_precision}), "
-            f"{self.n_params / 1e6:.2f}M parameters, global batch {cfg.data.batch_size * self.world * self.micro}, "
+            f"{self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trained), global batch {cfg.data.batch_size * self.world * self.micro}, "
             f"steps {self.step}->{self.max_steps}, output {self.out_dir}", flush=True
         )
 
@@ -391,7 +387,7 @@ class Trainer(TrainLoop):
         sums: dict[str, float] = {}
         skip = stop = False
         for m in range(self.micro):
-            batch = next(self.data_iter)
+            batch = self.next_batch()
             last = m == self.micro - 1
             # The last micro-batch closes the accumulation: DDP all-reduces only there (no_sync
             # before it), DeepSpeed steps there; the prepared optimizer steps only when it is set.
@@ -533,7 +529,7 @@ class Trainer(TrainLoop):
         engine = f"deepspeed_zero{self.acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else "ddp"
         return {"world_size": self.world, "engine": engine, "steps": self.step, "stop_reason": self.stop_reason,
                 "seconds": seconds, "checkpoint": str(self.last_checkpoint), "counters": self.counters,
-                "lr": self.lr}
+                "lr": self.lr, "trainable_params": self.n_trainable, "total_params": self.n_params}
 
     def close(self) -> None:
         self.logger.close()

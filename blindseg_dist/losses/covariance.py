@@ -30,8 +30,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from blindseg_dist import dist
-
-SCOPES = ("image", "batch")
+from blindseg_dist.config import COVARIANCE_SCOPES as SCOPES
 
 
 def _check(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor], scope: str,

@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, build_backbone
+from ..config import PROJ_LEVELS
+from .backbones import Backbone, build_backbone, check_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
 
 __all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_PROJ_LEVELS"]
 
-PROJ_LEVELS: tuple[str, ...] = ("low", "mid", "aux", "high", "dec0", "dec1")
-"""Features a projection head can read: the four backbone outputs (low-level 1/4, mid, aux source,
-high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4)."""
+# PROJ_LEVELS (config.py): features a projection head can read: the four backbone outputs (low-level
+# 1/4, mid, aux source, high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4).
 DEFAULT_PROJ_LEVELS: tuple[str, str, str] = ("high", "dec0", "dec1")
 """The BlindNet levels (for a CNN and a ViT alike: the last backbone map, decoder input, decoder output)."""
 
@@ -130,12 +130,14 @@ def build_model(
     channels_last: keep weights and activations in NHWC memory format.
     grad_checkpointing: recompute backbone stages (ViT: every block) in backward to save memory.
     proj_levels: the three features the projection heads read (PROJ_LEVELS).
-    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path).
+    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path, patch_size;
+        adapter "none" | "rein" | "lora" with the options ``rein`` and ``lora`` of model/adapters.py).
     timm_kwargs: extra timm.create_model arguments (e.g. {"depth": 2}).
     in_losses: the IN outputs feed a loss (CML/CCL); a ViT builds no pyramid level nothing reads.
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
+    check_backbone(backbone)
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
                        grad_checkpointing=grad_checkpointing, timm_kwargs=timm_kwargs,
@@ -148,7 +150,11 @@ def build_model(
         channels_last=channels_last,
         proj_levels=proj_levels,
     )
-    if freeze_backbone or freeze_blocks:
+    adapter = (vit or {}).get("adapter", "none")
+    if adapter != "none" and freeze_blocks:
+        raise ValueError(f"model.freeze_blocks={freeze_blocks} with model.adapter={adapter}: an adapter freezes the "
+                         "whole encoder already; set model.freeze_blocks=0")
+    if adapter == "none" and (freeze_backbone or freeze_blocks):  # an adapter froze the encoder already
         from .freeze import freeze_encoder
 
         freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)

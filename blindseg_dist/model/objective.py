@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..config import LossConfig
-from ..losses.contrastive import rows_at
+from ..losses.pixels import rows_at
 from ..losses import (
     PixelRows,
     class_wise_contrastive_loss,

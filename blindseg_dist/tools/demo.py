@@ -12,6 +12,7 @@ import yaml
 
 from .. import atomic
 from ..config import find_config, load_config, load_yaml
+from ..errors import ConfigError
 from ..launcher import blindseg_command, launch_env
 from .evaluate_cli import confusion_png
 
@@ -91,7 +92,6 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
              images_per_domain: int | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
-    from ..config import ConfigError
     from ..engine.checkpoint import list_checkpoints
 
     if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)

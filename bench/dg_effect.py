@@ -60,7 +60,7 @@ SHARE_ARMS = (
     ("+CML+CCL", {"loss.two_view": True, **OFF, "loss.cml": 0.2, "loss.ccl": 0.2}),
     ("+CWCL+SDCL", {"loss.two_view": True, **OFF, "loss.cwcl": 0.3, "loss.sdcl": 0.3}),
 )
-LOSS_KEYS = ("loss/ce", "loss/aux", "loss/cml", "loss/ccl", "loss/cwcl", "loss/sdcl", "loss/total")
+LOSS_KEYS = ("loss/ce", "loss/ce_aug", "loss/aux", "loss/cml", "loss/ccl", "loss/cwcl", "loss/sdcl", "loss/total")
 
 
 def corruption_target(name: str) -> str:
@@ -73,26 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--results", default=str(ROOT / "bench/results/dg_effect.json"), help="JSON written here")
     ap.add_argument("--png", default=None, help="bar chart (default: next to --results, .png)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (run.seed = 304 + i, shared by all arms)")
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps of every run")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps of every run")
     ap.add_argument("--batch", type=int, default=4, help="images per step")
     ap.add_argument("--crop", type=int, default=64, help="square training crop")
     ap.add_argument("--size", default="96x192", help="HxW of the rendered frames")
     ap.add_argument("--images-per-domain", type=int, default=120, help="frames rendered per domain (source: "
                     "85%% train, 15%% held out)")
-    ap.add_argument("--eval-images", type=int, default=18, help="frames evaluated per unseen domain and of the "
+    ap.add_argument("--eval-images", type=int, default=12, help="frames evaluated per unseen domain and of the "
                     "held-out source (0: all; the source holds out 18 at the default size)")
-    ap.add_argument("--corrupt-images", type=int, default=6, help="held-out frames evaluated per corruption")
+    ap.add_argument("--corrupt-images", type=int, default=4, help="held-out frames evaluated per corruption")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--init", choices=("random", "source"), default="random",
                     help="random weights, or a backbone first trained on the source by `blindseg train` "
                          "(baseline objective, --pretrain-steps; stands in for ImageNet weights)")
     ap.add_argument("--pretrain-steps", type=int, default=1000)
     ap.add_argument("--shares", action="store_true", help="also the encoder-loss and decoder-loss arms")
-    ap.add_argument("--parallel", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--parallel", type=int, default=4, help="runs at once (one thread each)")
     ap.add_argument("--no-corruptions", action="store_true",
                     help="skip the corrupted held-out sets (unseen domains and clean source only)")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: evaluate and report the runs that finished (missing ones are listed)")
     ap.add_argument("--tiny", action="store_true", help="smoke setting: 4 frames of 32x64 per domain, crop 32, "
-                    "1 step, 2 seeds, 2 corruptions (only for checking the script)")
+                    "1 step, 2 seeds, 1 corruption (only for checking the script)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.images_per_domain, args.size, args.crop, args.steps, args.batch = 4, "32x64", 32, 1, 2
@@ -136,7 +138,7 @@ def prepare(args, out: Path) -> tuple[str, dict[str, str]]:
 
 def corrupted_sets(args, out: Path, source_val: str) -> dict[str, str]:
     """{<corruption>-s3: shard dir} of the held-out source frames, written once by `blindseg corrupt`."""
-    names = CORRUPTIONS[:2] if args.tiny else CORRUPTIONS
+    names = CORRUPTIONS[:1] if args.tiny else CORRUPTIONS
     dest = out / "data" / "corrupt"
     marker = dest / "sets.json"
     if not marker.is_file():
@@ -145,12 +147,10 @@ def corrupted_sets(args, out: Path, source_val: str) -> dict[str, str]:
                  "--severities", str(SEVERITY), "--workers", "1", log=out / "corrupt.log")
         sets = {}
         for name in names:
-            found = [p.parent for p in dest.rglob("manifest.json")
-                     if name in p.parent.name and f"{SEVERITY}" in p.parent.name.removeprefix(name)]
-            if len(found) != 1:
-                raise SystemExit(f"blindseg corrupt: expected one set for {name} at severity {SEVERITY} under {dest}, "
-                                 f"found {[str(p) for p in found]}")
-            sets[corruption_target(name)] = str(found[0])
+            d = dest / f"{name}-{SEVERITY}"
+            if not (d / "manifest.json").is_file():
+                raise SystemExit(f"blindseg corrupt: no set {d} (manifest.json); log {out / 'corrupt.log'}")
+            sets[corruption_target(name)] = str(d)
         marker.write_text(json.dumps(sets, indent=1))
     return json.loads(marker.read_text())
 
@@ -297,8 +297,9 @@ def main(argv=None) -> int:
     unseen = {k: targets[k] for k in UNSEEN}
     eval_targets = {SOURCE: targets[SOURCE], **unseen}
     base = [f"data.train={train}", f"data.crop_size={args.crop}", f"data.batch_size={args.batch}",
-            "data.num_workers=1", f"optim.max_steps={args.steps}", f"optim.lr={args.lr}", "run.threads=1",
-            "run.log_every=5" if args.steps >= 50 else "run.log_every=1", "run.checkpoint_every=100000000",
+            f"data.num_workers={0 if args.tiny else 1}", f"optim.max_steps={args.steps}", f"optim.lr={args.lr}", "run.threads=1",
+            "run.log_every=5" if args.steps >= 50 else "run.log_every=1",
+            f"run.checkpoint_every={max(1, args.steps // 4)}",  # a stopped run resumes from its last quarter
             "run.keep_last=1", "run.log_with=[]", f"eval.max_images={args.eval_images}"]
     corrupt = {} if args.no_corruptions else corrupted_sets(args, out, targets[SOURCE])
     init = "random"
@@ -312,6 +313,11 @@ def main(argv=None) -> int:
     plan = plan_runs("demo", entries, args.seeds, out, [*base, f"run.seed={BASE_SEED}"])
     # seed-major order: the arms of one seed finish together, so a stopped run leaves complete pairs
     plan = sorted(plan, key=lambda r: (r.seed_index, entries.index(r.entry)))
+    if args.collect:
+        missing = [str(r.run_dir) for r in plan if not (r.run_dir / "eval.json").is_file()]
+        plan = [r for r in plan if (r.run_dir / "eval.json").is_file()]
+        if missing:
+            print(f"[dg_effect] --collect: {len(missing)} run(s) not finished, left out: {missing}", flush=True)
     results, status = execute_plan(plan, "demo", parallel=args.parallel, desc="dg_effect")
     extra = (evaluate_extra(plan, "corrupt", corrupt, "demo", parallel=args.parallel,
                             max_images=args.corrupt_images) if corrupt else {})
@@ -339,7 +345,7 @@ def main(argv=None) -> int:
                "init": init, "lr": args.lr, "seeds": args.seeds,
                "seed_list": [BASE_SEED + i for i in range(args.seeds)], "arms": {a: v for a, v in arms},
                "unseen": list(UNSEEN), "corruptions": list(corrupt), "severity": SEVERITY,
-               "runs": len(plan), "parallel": args.parallel, "threads_per_run": 1, "cpus": os.cpu_count(),
+               "runs": len(plan), "collect_only": args.collect, "parallel": args.parallel, "threads_per_run": 1, "cpus": os.cpu_count(),
                "wall_s": time.perf_counter() - t0, "machine": platform.platform(), "tiny": args.tiny,
                "overrides": base, "command": "python bench/dg_effect.py " + " ".join(argv or sys.argv[1:])}
     record = {"setting": setting, "summary": summary, "rows": rows, "runs": runs, "status": status}

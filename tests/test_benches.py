@@ -57,15 +57,16 @@ def test_comm_profile_splits_the_global_scope_cost(tmp_path):
 
 def test_dg_effect_tiny_paired_rows_table_and_chart(tmp_path):
     res = tmp_path / "dg.json"
-    out = _run(["bench/dg_effect.py", "--tiny", "--no-corruptions", "--out", str(tmp_path / "w"),
-                "--results", str(res)])
+    out = _run(["bench/dg_effect.py", "--tiny", "--out", str(tmp_path / "w"), "--results", str(res)], timeout=1200)
     r = json.loads(res.read_text())
     s = r["setting"]
     assert s["tiny"] and s["seed_list"] == [304, 305] and s["unseen"] == ["synth_night", "synth_fog", "synth_rain",
                                                                          "synth_dusk", "synth_snow"]
     # one row per arm, seed and target; the arms share the seeds (paired)
     keys = {(row["arm"], row["seed"], row["target"]) for row in r["rows"]}
-    assert len(keys) == len(r["rows"]) == 3 * 2 * 6
+    assert len(keys) == len(r["rows"]) == 3 * 2 * 7  # source, 5 unseen domains, 1 corruption (tiny)
+    assert {row["target"] for row in r["rows"] if row["group"] == "corruption"} == {"gaussian_noise-s3"}
+    assert s["corruptions"] == ["gaussian_noise-s3"] and set(r["summary"]) == {"unseen", "corruption", "source"}
     assert {row["seed"] for row in r["rows"] if row["arm"] == "all four"} == {304, 305}
     u = r["summary"]["unseen"]
     for arm in ("two-view CE", "all four"):

@@ -35,7 +35,6 @@ import multiprocessing as mp
 import os
 import tarfile
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -47,7 +46,8 @@ from blindseg_dist.config import ON_CORRUPT  # what a corrupt shard does: skip t
 from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
 from blindseg_dist.data.location import index_shard, open_shard  # noqa: F401 - index_shard: importable here as before
-from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
+from blindseg_dist.data.labels import TILE
+from blindseg_dist.data.sampler import SampleTable, repeats, stream_order, stream_slice
 from blindseg_dist.data.views import TwoViewTransform
 
 
@@ -359,11 +359,11 @@ class ShardStream(IterableDataset):
 
 def smallest_frame(shards) -> tuple[int, int] | None:
     """(h, w) of the frame with the smallest side in a shard folder's manifest (None: unknown)."""
-    if not isinstance(shards, (str, os.PathLike)) or not (Path(shards) / "manifest.json").is_file():
+    if not isinstance(shards, (str, os.PathLike)) or _loc.is_remote(str(shards)):
         return None
     try:
-        sizes = [tuple(s["size"]) for s in json.loads((Path(shards) / "manifest.json").read_text())["samples"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        sizes = [tuple(s["size"]) for s in (_loc.local_manifest(shards) or {})["samples"]]
+    except (KeyError, TypeError, ValueError):
         return None
     return min(sizes, key=min) if sizes else None
 

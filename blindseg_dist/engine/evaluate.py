@@ -12,7 +12,6 @@ A target without an entry gets its protocol from its name or its shard manifest'
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -187,7 +186,7 @@ def raw_target(spec: str | Path) -> tuple[str, str] | None:
     """(dataset, root) when an evaluation target is a raw dataset folder: ``DATASET:PATH`` with a
     dataset of data.sources (e.g. ``cityscapes:/data/cityscapes``), or a local folder without shards
     whose layout is a dataset's (data.sources.detect_dataset); None for shards and remote locations."""
-    from ..data.location import has_braces, is_remote
+    from ..data.location import has_braces, holds_shards, is_remote
     from ..data.sources import OPENERS, detect_dataset
 
     s = str(spec)
@@ -197,7 +196,7 @@ def raw_target(spec: str | Path) -> tuple[str, str] | None:
     if is_remote(s) or has_braces(s):
         return None
     p = Path(s)
-    if p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
+    if p.is_dir() and not holds_shards(p):
         ds = detect_dataset(s)
         return (ds, s) if ds else None
     return None
@@ -226,20 +225,12 @@ class StrictSource:
 
 
 def _manifest_dataset(path: str | Path) -> str:
-    from ..data.location import has_braces, is_remote, load_location_manifest
+    from ..data.location import load_location_manifest
 
     raw = raw_target(path)
     if raw is not None:
         return raw[0]
-    if is_remote(str(path)) or has_braces(str(path)):
-        return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return ""
-    try:
-        return str(json.loads(manifest.read_text()).get("dataset", ""))
-    except (OSError, ValueError):
-        return ""
+    return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
 
 
 def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
@@ -303,21 +294,18 @@ def corruption_family(path: str | Path) -> list[dict] | None:
     """The sets of a `blindseg corrupt` output folder ([{corruption, severity, path, corrupted_from}], in the
     package's order of corruptions, then by severity), or None when ``path`` is not such a folder (a local
     folder without shards of its own whose sub-folders hold shard sets whose manifests name a corruption)."""
-    from ..data.location import has_braces, is_remote
+    from ..data.location import has_braces, holds_shards, is_remote, local_manifest
 
     s = str(path)
     if is_remote(s) or has_braces(s) or raw_target(s) is not None:
         return None
     p = Path(s)
-    if not p.is_dir() or (p / "manifest.json").is_file() or any(p.glob("*.tar")):
+    if not p.is_dir() or holds_shards(p):
         return None
     sets = []
     for sub in sorted(q for q in p.iterdir() if (q / "manifest.json").is_file()):
-        try:
-            m = json.loads((sub / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if "corruption" in m and "severity" in m:
+        m = local_manifest(sub)
+        if m is not None and "corruption" in m and "severity" in m:
             sets.append({"corruption": str(m["corruption"]), "severity": int(m["severity"]), "path": str(sub),
                          "corrupted_from": m.get("corrupted_from")})
     if not sets:

@@ -325,8 +325,15 @@ class Trainer(TrainLoop):
         net = build_model(**model_kwargs(cfg))
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
+        self._frozen_checkpoints(net)
         if resume_from is not None:
-            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
+            partial = ckpt.frozen_source(resume_from, self.pretrained_file or "none") is not None
+            if partial and self.pretrained_file is None:
+                from ..config import ConfigError
+
+                raise ConfigError(f"config key 'model.pretrained': checkpoint {resume_from} holds the trained tensors "
+                                  "only and its frozen backbone comes from a weights file; set model.pretrained to it")
+            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from, partial=partial)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
@@ -335,12 +342,33 @@ class Trainer(TrainLoop):
         self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
+        self.ema = None
+        if cfg.optim.ema_decay > 0:
+            if self.deepspeed:
+                from ..config import ConfigError
+
+                raise ConfigError("config key 'optim.ema_decay': the EMA of the weights runs under DDP only "
+                                  "(DeepSpeed partitions them); set optim.ema_decay=0")
+            from .ema import WeightEMA
+
+            self.ema = WeightEMA(net, cfg.optim.ema_decay, cfg.optim.ema_start)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
         self.in_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
                          if self.deepspeed else None)
         self.counters = {"nonfinite_skipped": 0, "corrupt_shards": 0}
         self.last_checkpoint = resume_from
         return self._restore(resume_from) if resume_from is not None else None
+
+    def _frozen_checkpoints(self, net: torch.nn.Module) -> None:
+        """With a frozen encoder (model.adapter, model.freeze_backbone) loaded from a weights file,
+        checkpoints hold the trained tensors only, plus that file's path and sha256
+        (engine/checkpoint.py, ``frozen_source``); without a file they hold every tensor."""
+        pretrained = model_kwargs(self.cfg)["pretrained"]
+        self.pretrained_file = str(pretrained) if pretrained is not None else None
+        self.frozen_keys: set[str] = ckpt.frozen_state_keys(net) if pretrained is not None else set()
+        self.frozen_meta = None
+        if self.frozen_keys:
+            self.frozen_meta = ckpt.frozen_metadata(pretrained, ckpt.file_sha256(pretrained), len(self.frozen_keys))
 
     def _build_stream(self, resume_from: Path | None, rng: dict | None) -> None:
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
@@ -463,6 +491,8 @@ class Trainer(TrainLoop):
         self.scheduler.step()  # ours: once per optimizer step, on every engine
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
 
     def _grad_norm(self) -> torch.Tensor | float | None:
         """The global gradient norm of this step (logged as grad_norm), clipping to optim.grad_clip
@@ -487,14 +517,20 @@ class Trainer(TrainLoop):
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
-                                data_cfg=self.cfg.data)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                    data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""
         # get_state_dict gathers full parameters under ZeRO-3 (collective; stage3_gather_16bit_weights_on_model_save)
         full = self.acc.get_state_dict(self.objective) or {}  # None on ranks > 0 under ZeRO-3
         model_state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
+        if self.frozen_meta is not None:  # the frozen backbone is the weights file's: not copied
+            model_state = {k: v for k, v in model_state.items() if k not in self.frozen_keys}
+        ema_live = None
+        if self.ema is not None:  # model.safetensors: the EMA weights; state.pt: the live ones
+            model_state, ema_live = self.ema.state_for_checkpoint(model_state)
 
         def engine_state(tmp: Path) -> None:  # every rank writes its optimizer partition
             self.objective.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
@@ -502,11 +538,18 @@ class Trainer(TrainLoop):
         self.last_checkpoint = ckpt.save_checkpoint(
             self.cfg.run.output_dir, self.step, model_state=model_state,
             state={"optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
+                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters),
+                   **({"ema_live": ema_live} if ema_live is not None else {})},
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
             meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
+            model_metadata=self.frozen_meta,
         )
+        if self.is_main:
+            size = ckpt.folder_bytes(self.last_checkpoint)
+            what = (f"trained tensors only; frozen backbone {self.pretrained_file} "
+                    f"(sha256 {self.frozen_meta[ckpt.FROZEN_SHA_KEY][:12]}...)" if self.frozen_meta else "every tensor")
+            print(f"[train] checkpoint {self.last_checkpoint}: {size / 2**20:.1f} MB ({what})", flush=True)
         return self.last_checkpoint
 
     def _restore(self, path: Path) -> dict | None:
@@ -520,6 +563,8 @@ class Trainer(TrainLoop):
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters.update(state.get("counters", {}))
+        if self.ema is not None:
+            self.ema.restore(state.get("ema_live"))
         if self.is_main:
             print(f"[train] resumed from {path} at step {state['step']}")
         self.step = int(state["step"])

@@ -11,8 +11,9 @@ whatever the order, the worker or the other sets of the run.
 
 Output: ``OUT/<corruption>-<severity>/`` per set, each with a manifest (the sharder's, data/shards.py)
 that also names ``corruption``, ``severity``, ``corruption_package`` and the ``corrupted_from`` set.
-A set whose manifest is complete is skipped on a rerun; a partial one is finished (its completed,
-verified shards are kept, the rest written again: the same bytes).
+A set whose manifest is complete (same corruption, severity, input, frames and package) is skipped on a
+rerun; a partial one is finished (its completed, verified shards are kept, the rest written again: the
+same bytes), unless it was started from another input, when it is written anew (``corruption.json``).
 """
 from __future__ import annotations
 
@@ -205,6 +206,24 @@ def _complete(folder: Path, record: dict) -> bool:
     return all(m.get(k) == v for k, v in record.items())
 
 
+MARKER = "corruption.json"  # what a set folder is being written from (so a rerun never finishes another request's set)
+
+
+def _start_set(folder: Path, record: dict) -> None:
+    """Before writing a set: when its folder was started for another request (another input, frames, package),
+    remove what that wrote (the sharder would keep shards whose keys match); then record this request."""
+    try:
+        same = json.loads((folder / MARKER).read_text()) == record
+    except (OSError, ValueError):
+        same = False
+    if not same and folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and (p.suffix in (".tar", ".json") or ".tmp-" in p.name):
+                p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(folder / MARKER, record, indent=1, sort_keys=True)
+
+
 def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severities, *, workers: int = 1,
                     samples_per_shard: int | None = None, progress: bool = True) -> dict:
     """Write ``data`` under every (corruption, severity) into ``out_dir/<corruption>-<severity>/``; returns
@@ -232,16 +251,18 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
 
     origin = origin_id(data)  # how `blindseg eval` finds the clean set of the family among its targets
     package = _package_version()
+    keys_digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
     sets = []
     todo = [(c, s) for c in names for s in levels]
     for n, (c, s) in enumerate(todo, 1):
         folder = out / set_name(c, s)
-        record = {"corruption": c, "severity": s, "corrupted_from": origin, "corruption_package": package,
-                  "corruption_seed": "sha256(key|corruption|severity)[:4] little-endian"}
+        record = {"corruption": c, "severity": s, "corrupted_from": origin, "corrupted_keys": keys_digest,
+                  "corruption_package": package, "corruption_seed": "sha256(key|corruption|severity)[:4] little-endian"}
         written = not _complete(folder, record)
         if written:
             if progress:
                 print(f"[corrupt] {n}/{len(todo)}: {c} severity {s}", flush=True)
+            _start_set(folder, record)
             source = CorruptedSource(data, c, s, keys, info)
             manifest = write_shards(source, folder, samples_per_shard=spp, image_format="png", workers=workers,
                                     progress=progress, min_shards=1)

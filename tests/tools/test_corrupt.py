@@ -151,6 +151,7 @@ def test_eval_reads_and_groups_a_corrupted_family(corrupted, tmp_path, capsys):
     assert g["mpc"] == pytest.approx(want)
     assert g["clean"] == "src" and g["relative_robustness"] == pytest.approx(want / t["src"]["miou"])
     assert "src-c: mIoU (%) per corruption and severity" in printed and "relative robustness" in printed
+    assert "src-c/contrast-3" not in printed  # the sets appear grouped, not as rows of the per-target table
     assert (tmp_path / "eval-confusion-src-c_contrast-3.png").is_file()
     n_valid = sum(int((lab != 255).sum()) for _, lab in _frames(out / "contrast-3").values())
     assert t["src-c/contrast-3"]["num_pixels"] == n_valid > 3 * 48 * 96 // 2  # every frame read
@@ -199,3 +200,26 @@ def test_workers_write_the_same_bytes(corrupted, tmp_path):
     one = {p.name: p.read_bytes() for p in (out / "gaussian_noise-3").glob("*.tar")}
     two = {p.name: p.read_bytes() for p in (tmp_path / "w" / "gaussian_noise-3").glob("*.tar")}
     assert len(one) >= 2 and one == two
+
+
+def test_a_set_started_from_another_input_is_written_anew(corrupted, tmp_path):
+    from blindseg_dist.data.shards import write_shards
+    from blindseg_dist.data.sources import get_source
+    from blindseg_dist.data.synth import generate
+
+    root, shards, out = corrupted
+    generate(tmp_path / "other", domains=1, images_per_domain=3, size=(48, 96), seed=7, progress=False)
+    other = tmp_path / "other-shards"  # the same keys as the fixture's set, other pixels
+    write_shards(get_source("gta5", tmp_path / "other" / "gta5", split="all"), other, samples_per_shard=2,
+                 progress=False)
+    assert sorted(_frames(other)) == sorted(_frames(shards["train"]))
+    dest = tmp_path / "c"
+    args = ["--out", str(dest), "--corruptions", "contrast", "--severities", "3"]
+    assert main(["corrupt", str(shards["train"]), *args]) == 0
+    (dest / "contrast-3" / "manifest.json").unlink()  # interrupted before its manifest...
+    assert main(["corrupt", str(other), *args]) == 0  # ...then asked for another input: no shard of the first kept
+    got, want = _frames(dest / "contrast-3"), _frames(other)
+    for key, (img, _) in got.items():
+        ref = imagecorruptions.corrupt(want[key][0], corruption_name="contrast", severity=3)
+        assert np.abs(img.astype(int) - ref.astype(int)).max() <= 1
+    assert json.loads((dest / "contrast-3" / "manifest.json").read_text())["corrupted_from"] == str(other.resolve())

@@ -259,6 +259,10 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0: off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (0: off); when on, evaluation and checkpoints hold the EMA weights (engine/ema.py)."""
+    ema_start: int = 0
+    """The EMA copies the weights up to this optimizer step and averages after it (SoMA: 12000)."""
 
 
 @dataclass
@@ -512,6 +516,9 @@ def _validate_recipe(cfg: Config) -> None:
                            ("model.lora_rank", m.lora_rank, 1), ("model.patch_size", m.patch_size, 0)):
         if value < lo:
             raise ConfigError(f"config key '{key}': value {value!r} must be >= {lo}")
+    if not 0.0 <= o.ema_decay < 1.0 or o.ema_start < 0:
+        raise ConfigError(f"config key 'optim.ema_decay': value {o.ema_decay!r} must be in [0, 1) (0: off), "
+                          f"optim.ema_start ({o.ema_start}) >= 0")
     if not 0.0 <= m.lora_dropout < 1.0:
         raise ConfigError(f"config key 'model.lora_dropout': value {m.lora_dropout!r} must be in [0, 1)")
     if m.lora_targets is not None:

@@ -342,6 +342,16 @@ class Trainer(TrainLoop):
         self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
+        self.ema = None
+        if cfg.optim.ema_decay > 0:
+            if self.deepspeed:
+                from ..config import ConfigError
+
+                raise ConfigError("config key 'optim.ema_decay': the EMA of the weights runs under DDP only "
+                                  "(DeepSpeed partitions them); set optim.ema_decay=0")
+            from .ema import WeightEMA
+
+            self.ema = WeightEMA(net, cfg.optim.ema_decay, cfg.optim.ema_start)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
         self.in_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
                          if self.deepspeed else None)
@@ -481,6 +491,8 @@ class Trainer(TrainLoop):
         self.scheduler.step()  # ours: once per optimizer step, on every engine
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
 
     def _grad_norm(self) -> torch.Tensor | float | None:
         """The global gradient norm of this step (logged as grad_norm), clipping to optim.grad_clip
@@ -505,8 +517,9 @@ class Trainer(TrainLoop):
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
-                                data_cfg=self.cfg.data)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                    data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""
@@ -515,6 +528,9 @@ class Trainer(TrainLoop):
         model_state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
         if self.frozen_meta is not None:  # the frozen backbone is the weights file's: not copied
             model_state = {k: v for k, v in model_state.items() if k not in self.frozen_keys}
+        ema_live = None
+        if self.ema is not None:  # model.safetensors: the EMA weights; state.pt: the live ones
+            model_state, ema_live = self.ema.state_for_checkpoint(model_state)
 
         def engine_state(tmp: Path) -> None:  # every rank writes its optimizer partition
             self.objective.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
@@ -522,7 +538,8 @@ class Trainer(TrainLoop):
         self.last_checkpoint = ckpt.save_checkpoint(
             self.cfg.run.output_dir, self.step, model_state=model_state,
             state={"optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
+                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters),
+                   **({"ema_live": ema_live} if ema_live is not None else {})},
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
             meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
@@ -546,6 +563,8 @@ class Trainer(TrainLoop):
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters.update(state.get("counters", {}))
+        if self.ema is not None:
+            self.ema.restore(state.get("ema_live"))
         if self.is_main:
             print(f"[train] resumed from {path} at step {state['step']}")
         self.step = int(state["step"])

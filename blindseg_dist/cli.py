@@ -181,7 +181,7 @@ def cmd_ablate(args) -> int:
     from .tools.ablate import run_ablation
 
     summary = run_ablation(args.config, args.seeds, grid=args.grid, output_dir=args.output_dir,
-                           overrides=args.overrides, processes=args.processes)
+                           overrides=args.overrides, processes=args.processes, parallel=args.parallel)
     return 1 if summary["failed"] else 0
 
 
@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", default="default", help="configs/ablation/<NAME>.yaml or a YAML path (default: default)")
     s.add_argument("--output-dir", default="ablation")
     s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("--parallel", type=int, default=1,
+                   help="runs trained at once (default 1; e.g. 2 one-thread runs on a 2-core CPU)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     s.set_defaults(func=cmd_ablate)
 

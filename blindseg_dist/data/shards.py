@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .. import __version__, atomic
-from .labels import NUM_CLASSES, TILE
+from .labels import TILE, class_stats
 from .location import index_shard
 from .sources.base import Item, SampleError, Source
 
@@ -41,33 +41,6 @@ def shard_prefix(source: Source) -> str:
         return re.sub(r"[^A-Za-z0-9_]+", "_", s)
 
     return f"{clean(source.name)}-{clean(source.split)}"
-
-
-def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
-    """(class_pixels, centroids) of a trainId label; centroids per whole ``tile`` x ``tile`` tile.
-
-    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer (floor) centroid of
-    class c in every whole tile that contains it, absolute image coordinates, tiles in row-major
-    order. As in the released code only whole tiles count: a 1914x1052 GTA5 frame has one tile (top
-    left), a frame smaller than a tile none (a class present only outside whole tiles gets []).
-    """
-    h, w = label.shape
-    counts = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
-    pixels = {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
-    cents: dict[str, list[list[int]]] = {k: [] for k in pixels}
-    for y0 in range(0, h - tile + 1, tile):
-        for x0 in range(0, w - tile + 1, tile):
-            t = label[y0:y0 + tile, x0:x0 + tile]
-            th, tw = t.shape
-            flat = t.ravel()
-            n = np.bincount(flat, minlength=256)[:NUM_CLASSES]
-            rows = np.repeat(np.arange(th, dtype=np.float64), tw)  # (th*tw,)
-            cols = np.tile(np.arange(tw, dtype=np.float64), th)
-            sy = np.bincount(flat, weights=rows, minlength=256)[:NUM_CLASSES].astype(np.int64)
-            sx = np.bincount(flat, weights=cols, minlength=256)[:NUM_CLASSES].astype(np.int64)
-            for c in np.flatnonzero(n):
-                cents[str(c)].append([int(y0 + sy[c] // n[c]), int(x0 + sx[c] // n[c])])
-    return pixels, cents
 
 
 def _encode(source: Source, item: Item, image_format: str, tile: int = TILE) -> tuple[dict[str, bytes], dict]:

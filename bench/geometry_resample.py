@@ -1,6 +1,6 @@
 """CPU ms per shrinking training crop (scale 0.5-1.0 of a 1914x1052 frame -> 768 crop, image and
 label): the antialiased path of data/views.py (PIL's bicubic of the whole frame, then the window)
-against the plain cubic window warp it replaced, side by side in one process, one thread.
+against a plain cubic window warp, side by side in one process, one thread.
 
     .venv/bin/python bench/geometry_resample.py
 """
@@ -21,7 +21,7 @@ from blindseg_dist.data.views import TwoViewTransform  # noqa: E402
 
 
 def warp_window(image, label, g):
-    """The previous geometry: cubic (a = -0.75, no antialiasing) on the crop window only."""
+    """The plain geometry: cubic (a = -0.75, no antialiasing) on the crop window only."""
     h, w = label.shape
     hs, ws = g["scaled_hw"]
     sx, sy = ws / w, hs / h

@@ -1,4 +1,4 @@
-"""GPU readiness check: one run on one CUDA GPU, one JSON, one table (README, "GPU readiness").
+"""GPU readiness check: one run on one CUDA GPU, one JSON, one table (docs/BENCHMARKS.md, "On a GPU").
 
     bench/gpu_check.sh [--out bench/results/gpu_check.json]      # one CUDA GPU, < 8 min
     bench/gpu_check.sh --cpu-smoke [--out PATH]                  # the same code on the CPU, tiny sizes, < 2 min

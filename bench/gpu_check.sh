@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check (README, "GPU readiness"): one CUDA GPU, < 8 min, one JSON + a table.
+# GPU readiness check (docs/BENCHMARKS.md, "On a GPU"): one CUDA GPU, < 8 min, one JSON + a table.
 #   bench/gpu_check.sh [--out bench/results/gpu_check.json]
 #   bench/gpu_check.sh --cpu-smoke [--out PATH]   # same code on the CPU, tiny sizes, < 2 min (CI)
 # PYTHON overrides the interpreter (default: the repository's .venv, else python3).

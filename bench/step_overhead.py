@@ -1,4 +1,4 @@
-"""Step overhead of the BlindNet losses, measured on what `blindseg train` runs (README, "What a
+"""Step overhead of the BlindNet losses, measured on what `blindseg train` runs (docs/BENCHMARKS.md, "What a
 BlindNet step costs").
 
 Three configurations of one shipped config (default blindnet_r50_gta5): BlindNet (all four losses,
@@ -11,11 +11,11 @@ floats as the trainer logs them), on REAL two-view batches from the training loa
 sequence for every configuration. The processes take turns step by step (the order alternates
 each round) so that machine noise hits all alike.
 
-Why the earlier bench disagreed with the trainer: it fed two INDEPENDENT noise images as the two
-views with random 32-px blocks of 19 classes as labels. The predictions of the two views then
-differ almost everywhere, so SDCL's correction map is huge (its anchor cap binds at 1000 per image)
-and every image holds all classes: far more loss work than on real augmented views. It also ran
-all three models in one process. This version removes both differences.
+Why real views, one process per configuration: two INDEPENDENT noise images as the two views, with
+random 32-px blocks of 19 classes as labels, make the two views' predictions differ almost
+everywhere, so SDCL's correction map is huge (its anchor cap binds at 1000 per image) and every
+image holds all classes: far more loss work than on real augmented views; and three models in one
+process disturb each other's allocator state.
 
     .venv/bin/python bench/step_overhead.py [--config blindnet_r50_gta5] [--crop 512] [--batch 2]
         [--rounds 5] [--warmup 1] [--threads 2] [--profile] [--flops] [--shards DIR]

@@ -1,5 +1,5 @@
 """BlindNet step / two-view CE step measured through `blindseg train` itself, the way a user meets it
-(README, "What a BlindNet step costs"); bench/step_overhead.py measures the same steps built from the
+(docs/BENCHMARKS.md, "What a BlindNet step costs"); bench/step_overhead.py measures the same steps built from the
 trainer's pieces, with a profile.
 
 Each round runs `blindseg train` once per configuration (BlindNet; the same two-view step with CE

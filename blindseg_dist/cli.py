@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from . import runtime_env
+from .errors import EXIT_CONFIG, ConfigError, UsageError, exit_code
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -29,10 +30,6 @@ def _ints(text: str) -> list[int]:
     if len(vals) not in (2, 4) or min(vals) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W (positive)")
     return vals
-
-
-class UsageError(Exception):
-    """A bad command-line value that argparse cannot check (exit 2, like a config error)."""
 
 
 def _named_paths(pairs: list[str]) -> dict[str, str]:
@@ -73,6 +70,10 @@ def cmd_shard(args) -> int:
         opts.update(image_column=args.image_column, label_column=args.label_column, key_column=args.key_column)
     elif args.image_column != "image" or args.label_column != "label" or args.key_column:
         raise SystemExit("error: --image-column / --label-column / --key-column are for `blindseg shard hf`")
+    if args.dataset == "acdc":
+        opts["condition"] = args.condition or "all"
+    elif args.condition:
+        raise UsageError("--condition is for `blindseg shard acdc`")
     upload = None
     if args.upload_to:
         from .data.location import upload_command
@@ -152,11 +153,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_corrupt(args) -> int:
+    from .tools.corrupt import CorruptionError, corrupt_dataset, parse_corruptions, parse_severities
+
+    try:
+        names, levels = parse_corruptions(args.corruptions), parse_severities(args.severities)
+    except CorruptionError as e:
+        raise UsageError(str(e)) from None
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    data = args.data
+    from .engine.evaluate import raw_target
+
+    raw = raw_target(data)
+    if raw is not None and not Path(raw[1]).is_dir():
+        raise FileNotFoundError(f"{raw[0]} folder {raw[1]!r} does not exist")
+    from .data.location import has_braces, is_remote
+
+    if raw is None and not is_remote(data) and not has_braces(data) and not Path(data).exists():
+        raise FileNotFoundError(f"evaluation set {data!r} does not exist")
+    summary = corrupt_dataset(data, args.out, names, levels, workers=args.workers,
+                              samples_per_shard=args.samples_per_shard)
+    return 1 if any(r["num_samples"] == 0 for r in summary["sets"]) else 0
+
+
 def cmd_ablate(args) -> int:
     from .tools.ablate import run_ablation
 
     summary = run_ablation(args.config, args.seeds, grid=args.grid, output_dir=args.output_dir,
-                           overrides=args.overrides, processes=args.processes)
+                           overrides=args.overrides, processes=args.processes, parallel=args.parallel)
     return 1 if summary["failed"] else 0
 
 
@@ -265,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="write a dataset as WebDataset shards with a manifest")
-    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia", "hf"],
+    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia", "acdc", "hf"],
                    help="hf: a local Hugging Face datasets folder (save_to_disk or parquet files)")
     s.add_argument("root")
     s.add_argument("--out", required=True)
     s.add_argument("--split", default=None, help="split name (train/val/test/all) or a file listing frames")
+    s.add_argument("--condition", default=None, choices=["fog", "night", "rain", "snow", "all"],
+                   help="acdc: the adverse condition (default all: the four in one set)")
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
@@ -313,11 +340,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")
     s.add_argument("--protocol", nargs="+", default=None, metavar="NAME=PROTOCOL",
-                   help="per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia "
+                   help="per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia | acdc "
                         "(default: from the run config, else inferred from the target's name / dataset)")
     s.add_argument("--sliding-window", type=_ints, default=None, metavar="CROP,STRIDE",
                    help="sliding-window inference: CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W px (default: whole image)")
     s.set_defaults(func=cmd_eval)
+
+    from .tools.corrupt import speed_table
+
+    s = sub.add_parser(
+        "corrupt", help="an evaluation set under the imagecorruptions corruptions: one shard set per corruption "
+                        "and severity", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Apply imagecorruptions.corrupt to every image of an evaluation set and write one shard set "
+                    "per (corruption, severity) into OUT/<corruption>-<severity>/ (labels and keys unchanged, "
+                    "PNG images, a seed per image: a rerun writes the same bytes; complete sets are skipped). "
+                    "Evaluate the family with `blindseg eval --data NAME=OUT`.",
+        epilog="corruptions (`all` = the 15 standard ones) and CPU seconds per image at severity 3, one thread\n"
+               "of a 2-core CPU, on a 192x384 and a 1024x2048 frame (python bench/corruption_speed.py):\n"
+               + speed_table())
+    s.add_argument("data", help="the evaluation set: shards (folder, pattern, URL) or a raw dataset folder "
+                                "(DATASET:PATH or a detected layout), as `blindseg eval --data` takes it")
+    s.add_argument("--out", required=True, help="output folder: one <corruption>-<severity>/ shard set each")
+    s.add_argument("--corruptions", required=True, metavar="NAMES",
+                   help="`all` (the 15 standard ones) or comma-separated names (table below)")
+    s.add_argument("--severities", required=True, metavar="LIST", help="comma-separated severities 1..5, or all")
+    s.add_argument("--workers", type=int, default=1, help="processes per set (default 1)")
+    s.add_argument("--samples-per-shard", type=int, default=None,
+                   help="default: the input's (from its manifest), else 64")
+    s.set_defaults(func=cmd_corrupt)
 
     s = sub.add_parser("ablate", help="loss ablation: train + evaluate a grid of configs over seeds, mean ± std table")
     s.add_argument("--config", required=True, help="base training config (with eval.targets)")
@@ -325,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", default="default", help="configs/ablation/<NAME>.yaml or a YAML path (default: default)")
     s.add_argument("--output-dir", default="ablation")
     s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("--parallel", type=int, default=1,
+                   help="runs trained at once (default 1; e.g. 2 one-thread runs on a 2-core CPU)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     s.set_defaults(func=cmd_ablate)
 
@@ -442,25 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     args = _parse(build_parser(), argv)
     _library_logging()
-    from .config import ConfigError
-
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of the exit-2 errors
-        if not exits_2(e):
+        code = exit_code(e)
+        if code != EXIT_CONFIG:
             raise
         what = "config error: " if isinstance(e, ConfigError) else ""
         print(f"blindseg {args.command}: {what}{e}", file=sys.stderr)
-        return 2
+        return code
 
-
-def exits_2(err: BaseException) -> bool:
-    """The errors `blindseg` exits 2 for (a config or usage error, a missing file, a shard location
-    that cannot be read or whose backend is missing); also the trainer's set-up rule on 2+ ranks."""
-    from .config import ConfigError
-    from .data.location import MissingBackendError, ShardReadError
-
-    return isinstance(err, (ConfigError, FileNotFoundError, UsageError, MissingBackendError, ShardReadError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,12 @@
 Every field carries a one-line description (the comment under it). Loading validates keys and
 values and names the bad key, its value and what is allowed. The resolved config is written next
 to every run (``DIR/config.yaml``) and can be passed back with ``--config``.
+
+A leaf module: it imports the standard library, yaml and blindseg_dist.errors only (no torch), so
+tools and tests read a config cheaply. The allowed values of the choice keys are ``Literal`` field
+types owned here; the modules that implement them (losses, data.stream, engine.evaluate,
+engine.logging, model.blindnet) read them from here. What only the model code knows (backbone
+names, timm's model list) is checked where the model is built (model/backbones.py, check_backbone).
 """
 from __future__ import annotations
 
@@ -14,17 +20,52 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from . import atomic
-from .data.stream import ON_CORRUPT
-from .losses import contrastive, covariance, segmentation
+from .errors import ConfigError
 
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "model_kwargs", "to_dict", "CHOICES"]
 
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the key, the value and what is allowed."""
+# ---- the allowed values of the choice keys (field types below; CHOICES is built from them) -------
+CeScope = Literal["reference", "exact"]
+CovarianceScope = Literal["image", "batch"]
+ContrastiveScope = Literal["image", "global"]
+CwclNegatives = Literal["reference", "paper"]
+OnCorrupt = Literal["warn", "fail"]
+Precision = Literal["no", "bf16", "fp16"]
+OutputStride = Literal[8, 16, 32]
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["poly", "cosine"]
+NoWeightDecayKind = Literal["norm", "bias", "pos_embed"]
+ProjLevel = Literal["low", "mid", "aux", "high", "dec0", "dec1", "pd32", "pd16", "pd8", "mask"]
+DecodeHead = Literal["deeplabv3plus", "mask2former"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
+Adapter = Literal["none", "rein", "lora"]
+LoraInit = Literal["default", "svd_minor", "pissa", "gaussian"]
+EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
+
+CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
+"""loss.ce_scope (losses/segmentation.py)."""
+COVARIANCE_SCOPES: tuple[str, ...] = typing.get_args(CovarianceScope)
+"""loss.covariance_scope (losses/covariance.py)."""
+CONTRASTIVE_SCOPES: tuple[str, ...] = typing.get_args(ContrastiveScope)
+"""loss.contrastive_scope (losses/cwcl.py, losses/sdcl.py)."""
+CWCL_NEGATIVES: tuple[str, ...] = typing.get_args(CwclNegatives)
+"""loss.cwcl_negatives (losses/cwcl.py)."""
+ON_CORRUPT: tuple[str, ...] = typing.get_args(OnCorrupt)
+"""data.on_corrupt (data/stream.py): skip the rest of a corrupt shard (counted) | raise."""
+NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = typing.get_args(NoWeightDecayKind)
+"""Allowed entries of optim.no_weight_decay (engine/optim.py)."""
+PROJ_LEVELS: tuple[str, ...] = typing.get_args(ProjLevel)
+"""Features a projection head may read (model/blindnet.py)."""
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
+"""What ``run.log_with`` may name: accelerate's trackers (engine/logging.py), used as they are."""
+EVAL_PROTOCOLS: tuple[str, ...] = typing.get_args(EvalProtocol)
+"""Evaluation protocols of eval.protocols (engine/evaluate.py)."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -50,7 +91,7 @@ def load_yaml(text: str) -> Any:
 class ModelConfig:
     backbone: str = "resnet50"
     """torchvision resnet18|resnet34|resnet50|resnet101, or timm:<name> (features_only)."""
-    output_stride: int = 16
+    output_stride: OutputStride = 16
     """8 or 16 (torchvision ResNets, ConvNeXt); 32 for backbones that cannot dilate (Swin)."""
     num_classes: int = 19
     """Number of classes (19 Cityscapes trainIds)."""
@@ -74,14 +115,36 @@ class ModelConfig:
     """ViT: the 3 affine-free IN points: embed (after the patch embedding) | block<i> | p4 | p8 | p16 | p32 (pyramid outputs)."""
     vit_pyramid_channels: int = 256
     """ViT: channels of every pyramid level."""
-    proj_levels: list[str] = field(default_factory=list)
+    proj_levels: list[ProjLevel] = field(default_factory=list)
     """Features read by the 3 projection heads: low | mid | aux | high (backbone outputs) | dec0 | dec1 (DeepLabV3+ in/out) |
     pd32 | pd16 | pd8 | mask (Mask2Former pixel decoder); [] = the head's: [high, dec0, dec1] | [pd16, pd8, mask]."""
     freeze_backbone: bool = False
     """requires_grad=False on the whole encoder (ViT: its pyramid stays trainable); no optimizer state, no all-reduce."""
     freeze_blocks: int = 0
     """Freeze the stem / patch embedding and the first k blocks of the encoder (0: none)."""
-    decode_head: str = "deeplabv3plus"
+    adapter: Adapter = "none"
+    """ViT adapter on a frozen encoder: none | rein (Rein layers after every block) | lora (peft LoRA layers)."""
+    rein_tokens: int = 100
+    """Rein: learnable tokens per layer (token 0 is the null slot)."""
+    rein_rank: int = 16
+    """Rein: rank of the low-rank token factors A [L, T, r] @ B [L, r, C]; 0 = full-rank tokens."""
+    lora_rank: int = 16
+    """LoRA: adapter rank r."""
+    lora_alpha: float = 16.0
+    """LoRA: scaling numerator (the update is alpha / r * B A)."""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input."""
+    lora_blocks: list[int] = field(default_factory=list)
+    """LoRA: [first, last] blocks (0-based, inclusive) that get adapters; [] = every block."""
+    lora_targets: str | None = None
+    """LoRA: regex over a block's timm layer names (after blocks.<i>.); null = attn qkv/q,k,v_proj/proj + mlp fc1/fc2 (EVA-02: fc1_g/fc1_x)."""
+    lora_init: LoraInit = "default"
+    """LoRA: default (peft, B = 0) | svd_minor (SoMA: the r smallest singular components; the frozen weight keeps the rest) | pissa | gaussian."""
+    lora_train_bias: bool = False
+    """LoRA: the adapted layers' biases train too (SoMA)."""
+    patch_size: int = 0
+    """ViT patch size; 0 = the model's own. Pretrained kernels of another size are resized bicubically, position embeddings resampled (DINOv2 at 16)."""
+    decode_head: DecodeHead = "deeplabv3plus"
     """deeplabv3plus | mask2former (transformers' pixel decoder + masked-attention decoder, set loss; output_stride 32 advised)."""
     m2f_hidden_dim: int = 256
     """Mask2Former: width of the pixel decoder, mask features and queries (a multiple of 32)."""
@@ -109,18 +172,18 @@ class LossConfig:
     """Weight of the class-wise contrastive loss (CWCL)."""
     sdcl: float = 0.3
     """Weight of the semantic disentanglement contrastive loss (SDCL)."""
-    ce_scope: str = "reference"
+    ce_scope: CeScope = "reference"
     """CE normalization: reference (per-rank mean) | exact (sum / global valid-pixel count)."""
-    covariance_scope: str = "image"
+    covariance_scope: CovarianceScope = "image"
     """CML/CCL statistics: image (per image, reference) | batch (pooled over the global batch)."""
-    contrastive_scope: str = "image"
+    contrastive_scope: ContrastiveScope = "image"
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
-    cwcl_negatives: str = "reference"
+    cwcl_negatives: CwclNegatives = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
-    cwcl_global_keys: int = 6000
+    cwcl_global_keys: int = 750
     """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
-    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
-    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
+    (750 = as many as the image scope's 15 x 50: the global scope changes where the negatives come from, not
+    how many); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -141,7 +204,7 @@ class DataConfig:
     """Images per process (the global batch is batch_size x processes)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
-    on_corrupt: str = "warn"
+    on_corrupt: OnCorrupt = "warn"
     """A corrupt or truncated shard: warn (skip it, count it) | fail (stop the run)."""
     remote_retries: int = 3
     """Remote shards (URL, pipe:): extra attempts after a failed read, resuming after the last sample."""
@@ -165,9 +228,10 @@ class EvalConfig:
     """Evaluate all targets when training ends."""
     max_images: int = 0
     """Evaluate at most N images per target (0: all); for quick checks only."""
-    protocols: dict[str, str] = field(default_factory=dict)
-    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
-    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    protocols: dict[str, EvalProtocol] = field(default_factory=dict)
+    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia | acdc; a target without one is
+    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, acdc -> acdc,
+    else full)."""
     selection: str | None = None
     """Target whose mIoU picks the best checkpoint (DIR/best.json; never deleted by keep_last). null = the
     held-out source split (the target named 'source', or whose shards come from data.train's dataset);
@@ -178,7 +242,7 @@ class EvalConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     """sgd (momentum, the BlindNet recipe) | adamw."""
     lr: float = 0.01
     """Base learning rate (of the decoder and heads times optim.head_lr_mult; the encoder's scaled by layer_decay)."""
@@ -188,9 +252,9 @@ class OptimConfig:
     """AdamW betas."""
     weight_decay: float = 5e-4
     """Weight decay (SGD: L2 in the gradient; AdamW: decoupled)."""
-    no_weight_decay: list[str] = field(default_factory=list)
+    no_weight_decay: list[NoWeightDecayKind] = field(default_factory=list)
     """Parameter kinds without weight decay: norm (1-D weights: norm scales, layer scales) | bias | pos_embed (position embeddings, class / register tokens, relative position tables)."""
-    schedule: str = "poly"
+    schedule: Schedule = "poly"
     """poly | cosine decay over optim.max_steps, stepped once per optimizer step."""
     poly_power: float = 0.9
     """Poly decay power."""
@@ -210,6 +274,10 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0: off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (0: off); when on, evaluation and checkpoints hold the EMA weights (engine/ema.py)."""
+    ema_start: int = 0
+    """The EMA copies the weights up to this optimizer step and averages after it (SoMA: 12000)."""
 
 
 @dataclass
@@ -221,7 +289,7 @@ class RunConfig:
     runs/<run.name>/<UTC timestamp>/ (a new folder per run)."""
     name: str | None = None
     """Run name for the default run directory runs/<name>/<timestamp>/; null = the config file's name."""
-    mixed_precision: str | None = None
+    mixed_precision: Precision | None = None
     """no | bf16 | fp16 (covariance and contrastive math stay float32); null = the launcher's
     (accelerate config / --mixed_precision), else no. A value set here wins over the launcher's, with a warning."""
     log_every: int = 10
@@ -238,12 +306,17 @@ class RunConfig:
     """Non-finite losses in a row that stop the run (each one skips its step)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    log_with: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     """Trackers of the logged scalars, images and figures, through accelerate's tracker support:
     tensorboard (DIR/tb) | wandb | mlflow | aim | comet_ml | clearml | dvclive | swanlab | trackio
     (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
+    compile: bool = False
+    """torch.compile the network (forward and the projection heads' row path; docs/GPU_STEP.md)."""
+    compile_backend: CompileBackend = "inductor"
+    """run.compile's backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing
+    without code generation: compiles in seconds, for checks) | eager (capture only)."""
 
 
 @dataclass
@@ -280,26 +353,25 @@ class Config:
     """Data generation of `blindseg demo` (ignored by training)."""
 
 
-# Allowed values of the string-valued keys. The loss scopes and the corrupt-shard policy are owned by
-# the modules that implement them (their SCOPES / NEGATIVES / ON_CORRUPT), so the two cannot drift.
-CHOICES: dict[str, tuple] = {
-    "loss.ce_scope": segmentation.SCOPES,
-    "loss.covariance_scope": covariance.SCOPES,
-    "loss.contrastive_scope": contrastive.SCOPES,
-    "loss.cwcl_negatives": contrastive.NEGATIVES,
-    "data.on_corrupt": ON_CORRUPT,
-    "run.mixed_precision": ("no", "bf16", "fp16"),
-    "model.output_stride": (8, 16, 32),
-    "model.decode_head": ("deeplabv3plus", "mask2former"),
-    "optim.optimizer": ("sgd", "adamw"),
-    "optim.schedule": ("poly", "cosine"),
-}
-
-NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = ("norm", "bias", "pos_embed")
-"""Allowed entries of optim.no_weight_decay (engine/optim.py)."""
+def _choice_keys(cls: type, prefix: str = "") -> dict[str, tuple[tuple, bool]]:
+    """path -> (allowed values, may be null) of every scalar Literal field under ``cls``."""
+    out: dict[str, tuple[tuple, bool]] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_choice_keys(tp, f"{prefix}{name}."))
+            continue
+        args = typing.get_args(tp)
+        nullable = type(None) in args and typing.get_origin(tp) in (typing.Union, types.UnionType)
+        lit = next((a for a in args if typing.get_origin(a) is Literal), None) if nullable else tp
+        if typing.get_origin(lit) is Literal:
+            out[f"{prefix}{name}"] = (typing.get_args(lit), nullable)
+    return out
 
 
-NULL_CHOICES: tuple[str, ...] = ("run.mixed_precision",)
+CHOICES: dict[str, tuple] = {path: allowed for path, (allowed, _) in _choice_keys(Config).items()}
+"""Allowed values of the choice keys (their Literal field types): loss scopes, data.on_corrupt, ...."""
+
+NULL_CHOICES: tuple[str, ...] = tuple(path for path, (_, nullable) in _choice_keys(Config).items() if nullable)
 """CHOICES keys that may also be null (run.mixed_precision: null follows the launcher)."""
 
 
@@ -315,6 +387,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
+    if origin is Literal:  # converted to the choices' type here; the choice itself is checked by validate
+        tp = type(typing.get_args(tp)[0])
+        origin = None
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if path in KEEPS_NONE and isinstance(value, str) and value.strip().lower() == "none":
@@ -414,7 +489,6 @@ def validate(cfg: Config) -> Config:
         positive(p, strict=False)
     if not 0.0 <= cfg.optim.momentum < 1.0:
         raise ConfigError(f"config key 'optim.momentum': value {cfg.optim.momentum!r} must be in [0, 1) (SGD momentum)")
-    _validate_backbone(cfg.model.backbone)
     for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay",
               "model.m2f_hidden_dim", "model.m2f_queries", "model.m2f_encoder_layers", "model.m2f_decoder_layers",
               "model.m2f_points"):
@@ -425,8 +499,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.scale_range': value {cfg.data.scale_range!r} must be [low, high] with 0 < low <= high")
     if not 0.0 <= cfg.data.class_uniform <= 1.0:
         raise ConfigError(f"config key 'data.class_uniform': value {cfg.data.class_uniform!r} must be in [0, 1]")
-    from .engine.logging import TRACKERS
-
     bad = [t for t in cfg.run.log_with if t not in TRACKERS]
     if bad:
         raise ConfigError(f"config key 'run.log_with': {bad} not a tracker; choose from {list(TRACKERS)}")
@@ -439,21 +511,6 @@ def validate(cfg: Config) -> Config:
                 "set loss.two_view=true or their weights to 0 (baseline)"
             )
     return cfg
-
-
-def _validate_backbone(name: str) -> None:
-    from .model.backbones import BACKBONES
-
-    if name.startswith("timm:"):
-        import timm
-
-        if not timm.is_model(name[len("timm:"):]):
-            close = timm.list_models(f"*{name[len('timm:'):][:8]}*")[:5]
-            raise ConfigError(f"config key 'model.backbone': value {name!r}: timm has no model "
-                              f"{name[len('timm:'):]!r}" + (f" (similar: {', '.join(close)})" if close else ""))
-    elif name not in BACKBONES:
-        raise ConfigError(f"config key 'model.backbone': value {name!r} is not allowed; choose one of "
-                          f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
 def _validate_recipe(cfg: Config) -> None:
@@ -471,6 +528,26 @@ def _validate_recipe(cfg: Config) -> None:
     if m.freeze_backbone and m.freeze_blocks:
         raise ConfigError("config key 'model.freeze_blocks': set either model.freeze_backbone=true (the whole "
                           f"encoder) or model.freeze_blocks={m.freeze_blocks}, not both")
+    if m.adapter != "none" and m.freeze_blocks:
+        raise ConfigError(f"config key 'model.freeze_blocks': value {m.freeze_blocks} with model.adapter={m.adapter}: "
+                          "an adapter freezes the whole encoder already; set model.freeze_blocks=0")
+    if m.lora_blocks and (len(m.lora_blocks) != 2 or not 0 <= m.lora_blocks[0] <= m.lora_blocks[1]):
+        raise ConfigError(f"config key 'model.lora_blocks': value {m.lora_blocks!r} must be [] (every block) or "
+                          "[first, last] with 0 <= first <= last")
+    for key, value, lo in (("model.rein_tokens", m.rein_tokens, 2), ("model.rein_rank", m.rein_rank, 0),
+                           ("model.lora_rank", m.lora_rank, 1), ("model.patch_size", m.patch_size, 0)):
+        if value < lo:
+            raise ConfigError(f"config key '{key}': value {value!r} must be >= {lo}")
+    if not 0.0 <= o.ema_decay < 1.0 or o.ema_start < 0:
+        raise ConfigError(f"config key 'optim.ema_decay': value {o.ema_decay!r} must be in [0, 1) (0: off), "
+                          f"optim.ema_start ({o.ema_start}) >= 0")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"config key 'model.lora_dropout': value {m.lora_dropout!r} must be in [0, 1)")
+    if m.lora_targets is not None:
+        try:
+            re.compile(m.lora_targets)
+        except re.error as e:
+            raise ConfigError(f"config key 'model.lora_targets': value {m.lora_targets!r} is not a regex ({e})") from None
     if m.vit_blocks and len(m.vit_blocks) != 4:
         raise ConfigError(f"config key 'model.vit_blocks': value {m.vit_blocks!r} must be [] or 4 block indices")
     levels = ("low", "mid", "aux", "high") + (("pd32", "pd16", "pd8", "mask") if m.decode_head == "mask2former"
@@ -481,13 +558,13 @@ def _validate_recipe(cfg: Config) -> None:
     if m.decode_head == "mask2former" and m.m2f_hidden_dim % 32:
         raise ConfigError(f"config key 'model.m2f_hidden_dim': value {m.m2f_hidden_dim!r} must be a multiple of 32 "
                           "(the pixel decoder's GroupNorm(32))")
+    if m.decode_head == "mask2former" and m.adapter == "rein" and m.m2f_queries != m.rein_tokens:
+        raise ConfigError(f"config key 'model.m2f_queries': value {m.m2f_queries} with model.adapter=rein: Rein's "
+                          f"tokens are the queries, so it must equal model.rein_tokens ({m.rein_tokens})")
     if len(m.vit_in_points) != 3 or len(set(m.vit_in_points)) != 3 or not all(
             re.fullmatch(r"embed|block\d+|p(4|8|16|32)", p) for p in m.vit_in_points):
         raise ConfigError(f"config key 'model.vit_in_points': value {m.vit_in_points!r} must be 3 distinct of "
                           "embed, block<i>, p4, p8, p16, p32")
-
-
-EVAL_PROTOCOLS = ("full", "mapillary_1536", "mapillary_1024", "synthia")
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -625,6 +702,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _adapter_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """The ViT adapter / patch-size options of build_model's ``vit`` (only those that are set, so
+    backbones without them see nothing new)."""
+    out: dict[str, Any] = {}
+    if m.patch_size:
+        out["patch_size"] = m.patch_size
+    if m.adapter == "rein":
+        out.update(adapter="rein", rein=dict(num_tokens=m.rein_tokens, rank=m.rein_rank))
+    elif m.adapter == "lora":
+        out.update(adapter="lora", lora=dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                                             blocks=list(m.lora_blocks) or None, targets=m.lora_targets,
+                                             init=m.lora_init, train_bias=m.lora_train_bias))
+    return out
+
+
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     """Arguments of model.build_model for this config (heads only where a loss uses them)."""
     return dict(
@@ -638,7 +730,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         grad_checkpointing=cfg.model.grad_checkpointing,
         proj_levels=tuple(cfg.model.proj_levels),
         vit=dict(blocks=list(cfg.model.vit_blocks) or None, in_points=tuple(cfg.model.vit_in_points),
-                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path),
+                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path,
+                 **_adapter_kwargs(cfg.model)),
         timm_kwargs=dict(cfg.model.timm_kwargs),
         freeze_backbone=cfg.model.freeze_backbone,
         freeze_blocks=cfg.model.freeze_blocks,

@@ -327,7 +327,7 @@ def global_mean(local_sum: torch.Tensor, global_count: int | torch.Tensor) -> to
     return local_sum * (world_size() / count)
 
 
-# ---- failures: which rank failed first, and why (docs/DISTRIBUTED.md, "Engines") ---------------------
+# ---- failures: which rank failed first, and why (docs/OPERATIONS.md, "Faults") --------------------------
 _COLLECTIVE_MARKERS = ("gloo/", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
                        "NCCL", "ProcessGroup", "c10d", "Broken pipe")
 _FAILURE_KEY = "blindseg/first_failure"

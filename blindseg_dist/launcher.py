@@ -6,7 +6,7 @@
 - :func:`run_gloo`: a Python function on N local processes joined in one gloo group (the CPU
   multi-process tests and benchmarks), each rank's return value collected, failures raised.
 - :func:`main` (``python -m blindseg_dist.launcher ARGS``): ``accelerate launch ARGS`` whose exit
-  code is the run's (docs/DISTRIBUTED.md, "Engines"): 0 after a signal when every rank wrote its
+  code is the run's (docs/OPERATIONS.md, "Exit codes"): 0 after a signal when every rank wrote its
   checkpoint and exited 0, else the ranks' blindseg exit code (:func:`run_exit_code`).
 
 The launcher trap this module exists for (docs/DISTRIBUTED.md, "Pitfalls"): on a machine without
@@ -33,6 +33,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from . import dist, runtime_env
+from .errors import EXIT_PRIORITY
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -159,7 +160,6 @@ def run_gloo(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 15
 
 
 # ---- `python -m blindseg_dist.launcher`: accelerate launch with the run's exit code -----------------
-EXIT_PRIORITY = (2, 3, 1, 4)  # config error, non-finite losses, an error, a dead or hung rank
 
 
 def run_exit_code(codes: Sequence[int]) -> int:

@@ -5,7 +5,7 @@ transparent huge pages (it aligns the buffer to 2 MB and asks the kernel for hug
 madvise). Without it, glibc hands each large freed buffer back to the kernel and the next
 allocation faults it in again 4 KB at a time: 4-5 million page faults per R50 training step at
 crop 768 on the CPU, and about a million more for the BlindNet step than for two-view CE, whose
-losses allocate fewer large temporaries (README, "What a BlindNet step costs"). torch reads the
+losses allocate fewer large temporaries (docs/BENCHMARKS.md, "What a BlindNet step costs"). torch reads the
 variable once, at its first CPU allocation, so it has to be in the environment before
 ``import torch``: ``blindseg`` sets it first thing, and :func:`blindseg_dist.launcher.launch_env`
 passes it to every process it starts. A value the user set is kept (``THP_MEM_ALLOC_ENABLE=0``

@@ -65,3 +65,17 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert "--steps" in help_text and "--processes" in help_text
     script = _run([str(site / "bin" / "blindseg"), "demo", "--help"], elsewhere, site)
     assert script == help_text
+
+
+def test_one_distribution_provides_cv2():
+    """imagecorruptions-imaug declares opencv-python; installed without its dependencies (launch/setup.sh,
+    requirements/nodeps.txt) cv2 stays opencv-python-headless's alone: two packages writing one cv2
+    leave whichever was installed last."""
+    import importlib.metadata as md
+
+    owners = sorted(set(md.packages_distributions().get("cv2", [])))
+    assert owners == ["opencv-python-headless"], owners
+    assert md.version("imagecorruptions-imaug")  # the corruption package is installed
+    nodeps = (ROOT / "requirements" / "nodeps.txt").read_text()
+    assert "imagecorruptions-imaug==" in nodeps and "--no-deps -r requirements/nodeps.txt" in \
+        (ROOT / "launch" / "setup.sh").read_text()

@@ -1,4 +1,4 @@
-"""Signals and lifetime of the DataLoader's helper processes (docs/DISTRIBUTED.md, "Engines").
+"""Signals and lifetime of the DataLoader's helper processes (docs/OPERATIONS.md, "Signals and preemption").
 
 The training process owns SIGINT/SIGTERM: Ctrl-C and a scheduler's SIGTERM reach the whole
 process group, and a DataLoader worker that died of them would end the run without a checkpoint

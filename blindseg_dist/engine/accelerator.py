@@ -3,7 +3,7 @@
 `make_accelerator` is the one place that builds an `accelerate.Accelerator` (training and
 `blindseg eval`). On a machine without GPUs it puts Accelerate in CPU mode, so that
 `accelerate launch --multi_gpu --num_processes N` forms one gloo group; under a DeepSpeed
-launch config it fills and checks the DeepSpeed JSON against our config (docs/DISTRIBUTED.md,
+launch config it fills and checks the DeepSpeed JSON against our config (docs/OPERATIONS.md,
 "Engines").
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ rank enters the same collectives in the same order (docs/DISTRIBUTED.md, "Pitfal
 
 What a hook may read or call on its trainer: ``step``, ``max_steps``, ``stop_reason``, ``rank``,
 ``world``, ``is_main``, ``out_dir``, ``last`` (a :class:`StepOutput`), ``images_seen``,
-``counters``, ``lr``, ``grad_norm``, ``grad_bytes``, ``net``, ``logger``, ``data_iter``, ``last_checkpoint``,
+``counters``, ``lr``, ``grad_norm``, ``grad_bytes``, ``net``, ``logger``, ``data_iter``, ``seconds``, ``last_checkpoint``,
 ``save_checkpoint()`` and ``evaluate()``.
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ class Hook:
 
 
 class ProgressBar(Hook):
-    """A tqdm bar on rank 0 (steps, loss, images/s); it also serves as a ScalarWriter of LogHook."""
+    """A tqdm bar on rank 0 (steps, loss, images/s, the share of time spent waiting for data); it
+    also serves as a ScalarWriter of LogHook."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -97,7 +98,9 @@ class ProgressBar(Hook):
         self.bar.update(1)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        self.bar.set_postfix(loss=f"{values['loss/total']:.3f}", ips=f"{values['images_per_s']:.1f}")
+        busy = values["time/data"] + values["time/step"]
+        self.bar.set_postfix(loss=f"{values['loss/total']:.3f}", ips=f"{values['images_per_s']:.1f}",
+                             data=f"{100 * values['time/data'] / busy if busy > 0 else 0.0:.0f}%")
 
     def after_train(self) -> None:
         self.bar.close()
@@ -107,7 +110,9 @@ class LogHook(Hook):
     """Every ``every`` steps and at the last step: the step's scalars to every writer.
 
     Scalars: ``loss/<term>`` (this step's terms averaged over ranks: one all-reduce), ``lr``,
-    ``images_per_s`` (all ranks, since the previous log), ``faults/nonfinite_skipped``,
+    ``images_per_s`` (all ranks, since the previous log), ``time/data`` and ``time/step`` (this rank's
+    seconds per optimizer step since the previous log: waiting for the loader, and the rest of the
+    step; mmsegmentation's data_time and time minus data_time), ``faults/nonfinite_skipped``,
     ``faults/corrupt_shards``, ``comm_bytes/<tag>`` (bytes per optimizer step this rank received
     for each collective tag since the previous log; ``comm_bytes_sent/<tag>`` the bytes sent) and ``comm_bytes/gradient_allreduce`` (the gradient
     payload, 0 on one process). Writers are called on every rank; RunLogger writes on rank 0 only.
@@ -117,14 +122,17 @@ class LogHook(Hook):
         self.every = every
         self.writers = list(writers)
         self.last: dict[str, float] = {}
-        # since the previous log: its time, the trainer's images_seen then, optimizer steps taken
+        # since the previous log: its time, the trainer's images_seen then, optimizer steps taken,
+        # the trainer's data and step seconds then
         self._t, self._images, self._steps = 0.0, 0, 0
+        self._seconds = {"data": 0.0, "step": 0.0}
 
     def add_writer(self, writer: ScalarWriter) -> None:
         self.writers.append(writer)
 
     def before_train(self) -> None:
         self._t, self._images, self._steps = time.perf_counter(), self.trainer.images_seen, 0
+        self._seconds = dict(self.trainer.seconds)
         dist.reset_comm_stats()
 
     def after_step(self) -> None:
@@ -147,6 +155,8 @@ class LogHook(Hook):
             scalars["grad_norm"] = float(t.grad_norm)  # of the last step, before clipping
         scalars.update(memory_scalars())
         scalars["images_per_s"] = (t.images_seen - self._images) / max(now - self._t, 1e-9)
+        for k in ("data", "step"):
+            scalars[f"time/{k}"] = (t.seconds[k] - self._seconds[k]) / max(self._steps, 1)
         scalars["faults/nonfinite_skipped"] = t.counters["nonfinite_skipped"]
         scalars["faults/corrupt_shards"] = t.counters["corrupt_shards"]
         # bytes per optimizer step, averaged since the last log, beside the gradient all-reduce payload
@@ -160,6 +170,7 @@ class LogHook(Hook):
             2 * (t.world - 1) / t.world * t.grad_bytes if t.world > 1 else 0)
         dist.reset_comm_stats()
         self._t, self._images, self._steps = now, t.images_seen, 0
+        self._seconds = dict(t.seconds)
         return scalars
 
     def summarize(self, summary: dict[str, Any]) -> None:

@@ -248,8 +248,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
     the released valid.py / train.py ``--snapshot`` load (no optimizer: restore it fresh)."""
     from .checkpoint import load_model_weights
 
+    from .checkpoint import frozen_source
+
     out = Path(out)
-    weights = load_model_weights(checkpoint)
+    if frozen_source(checkpoint) is not None:  # trained tensors only: rebuild the whole network
+        from ..tools.evaluate_cli import load_checkpoint_model
+
+        weights = load_checkpoint_model(checkpoint)[1].state_dict()
+    else:
+        weights = load_model_weights(checkpoint)
     state = released_state_dict(weights, module_prefix=module_prefix)
     name = Path(checkpoint).name
     payload = {

@@ -7,10 +7,7 @@ import numpy as np
 import torch
 
 from .. import dist
-
-
-TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
-"""What ``run.log_with`` may name: accelerate's trackers (accelerate.tracking), used as they are."""
+from ..errors import ConfigError
 
 
 def make_trackers(log_with, log_dir: Path, purge_step: int | None = None) -> list:
@@ -19,8 +16,6 @@ def make_trackers(log_with, log_dir: Path, purge_step: int | None = None) -> lis
     folder's name as run/experiment name and, where they keep local files, the run folder (e.g.
     wandb with WANDB_MODE=offline). A tracker whose package is missing is a ConfigError."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    from ..config import ConfigError
 
     available = {str(t) for t in get_available_trackers()}
     trackers = []

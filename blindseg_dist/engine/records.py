@@ -2,7 +2,8 @@
 and `blindseg ablate` (no event-file parsing):
 
 - ``DIR/metrics.jsonl``: one JSON object per logged step: ``step``, ``time`` (Unix seconds) and every
-  scalar of the log hook (``loss/<term>``, ``lr``, ``grad_norm``, ``images_per_s``,
+  scalar of the log hook (``loss/<term>``, ``lr``, ``grad_norm``, ``images_per_s``, ``time/data`` and
+  ``time/step`` (seconds per step waiting for the loader, and computing),
   ``memory/max_rss_mb``, ``memory/cuda_max_allocated_mb`` on a GPU, ``faults/*``, ``comm_bytes/*``).
 - ``DIR/eval.jsonl``: one object per evaluation during or at the end of training: ``step``,
   ``targets`` (name -> ``miou``, ``miou16`` for SYNTHIA, ``per_class_iou``), the ``selection``

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from blindseg_dist import dist
+from blindseg_dist.config import CE_SCOPES as SCOPES
 from blindseg_dist.data.labels import IGNORE
 
-SCOPES = ("reference", "exact")
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, scope: str = "reference",

@@ -30,11 +30,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import resnet as tv_resnet
 
+from ..errors import ConfigError
+
 __all__ = [
     "Backbone",
     "ResNetBackbone",
     "TimmBackbone",
     "build_backbone",
+    "check_backbone",
     "instance_norm",
     "load_state_dict_file",
     "BACKBONES",
@@ -50,6 +53,22 @@ _TORCHVISION_RESNETS: dict[str, Callable[..., tv_resnet.ResNet]] = {
 }
 BACKBONES: tuple[str, ...] = (*_TORCHVISION_RESNETS, "timm:<name>")
 """Names accepted by ``build_backbone``."""
+
+
+def check_backbone(name: str) -> None:
+    """Raise ConfigError naming model.backbone when ``name`` is neither a torchvision ResNet of
+    BACKBONES nor ``timm:<a model timm has>`` (build_model and the trainer's set-up call it)."""
+    if name.startswith("timm:"):
+        import timm
+
+        arch = name[len("timm:"):]
+        if not timm.is_model(arch):
+            close = timm.list_models(f"*{arch[:8]}*")[:5]
+            raise ConfigError(f"config key 'model.backbone': value {name!r}: timm has no model "
+                              f"{arch!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    elif name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': value {name!r} is not allowed; choose one of "
+                          f"{list(BACKBONES)} (timm:<name> for any timm model, e.g. timm:convnext_tiny)")
 
 
 def instance_norm(channels: int) -> nn.InstanceNorm2d:
@@ -113,6 +132,28 @@ class Backbone(nn.Module):
             return checkpoint(fn, x, use_reentrant=False,
                               context_fn=lambda: (nullcontext(), _frozen_bn_statistics(module)))
         return fn(x)
+
+    frozen_modules: list[str] = []
+    """Names of the modules of a frozen encoder (model/freeze.py): kept in eval mode by ``train``."""
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """``nn.Module.train``, except that a frozen encoder stays in eval mode (no dropout or
+        drop-path, BN running statistics unchanged); adapters inside it (LoRA) follow ``mode``."""
+        super().train(mode)
+        for name in self.frozen_modules:
+            self.get_submodule(name).eval()
+        if mode and self.frozen_modules:
+            for m in self.adapter_modules():
+                m.train(True)
+        return self
+
+    def adapter_modules(self) -> list[nn.Module]:
+        """Trainable modules inside the frozen encoder (LoRA layers' adapters and dropout)."""
+        return []
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules of the encoder (what ``model.freeze_backbone`` freezes): those of ``layer_groups``."""
+        return [item for group in self.layer_groups() for item in group if isinstance(item, nn.Module)]
 
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         """The encoder's parameters in depth order, one group per layer id: [stem / patch embedding],
@@ -347,10 +388,14 @@ def build_backbone(
     plain ViT (ViT, DeiT, CLIP, DINOv2, EVA-02) gets model/vit.py's ViTBackbone with the options
     ``vit`` (blocks, in_points, pyramid_channels, drop_path). ``timm_kwargs`` go to timm.create_model
     (e.g. {"depth": 2} for a small test model)."""
+    adapter = (vit or {}).get("adapter", "none")
     if name.startswith("timm:"):
         from .vit import ViTBackbone, is_vit
 
         arch = name[len("timm:"):]
+        if not is_vit(arch) and (adapter != "none" or (vit or {}).get("patch_size")):
+            raise ValueError(f"model.adapter={adapter} / model.patch_size need a plain ViT (ViT, DINOv2, DINOv3, "
+                             f"EVA-02); {arch!r} is not one")
         if is_vit(arch):
             return ViTBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
                                **(vit or {}))
@@ -358,6 +403,9 @@ def build_backbone(
                             drop_path=(vit or {}).get("drop_path", 0.0))  # (the other ViT options: plain ViTs only)
     if name not in _TORCHVISION_RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if adapter != "none":
+        raise ValueError(f"model.adapter={adapter} needs a plain ViT backbone (timm:vit_*, DINOv2, DINOv3, EVA-02), "
+                         f"not {name}")
     backbone = ResNetBackbone(name, output_stride, grad_checkpointing)
     if pretrained is not None:
         backbone.load_pretrained(pretrained)

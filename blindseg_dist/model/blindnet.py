@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import Backbone, build_backbone
+from ..config import PROJ_LEVELS
+from .backbones import Backbone, build_backbone, check_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
 from .mask2former import M2F_DEFAULT_PROJ_LEVELS, M2F_LEVELS
 
@@ -23,9 +24,8 @@ __all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_
 DECODE_HEADS: tuple[str, ...] = ("deeplabv3plus", "mask2former")
 """model.decode_head: DeepLabV3+ (model/deeplab.py) | Mask2Former (model/mask2former.py)."""
 
-PROJ_LEVELS: tuple[str, ...] = ("low", "mid", "aux", "high", "dec0", "dec1")
-"""Features a projection head can read: the four backbone outputs (low-level 1/4, mid, aux source,
-high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4)."""
+# PROJ_LEVELS (config.py): features a projection head can read: the four backbone outputs (low-level
+# 1/4, mid, aux source, high = last), the decoder input dec0 (256 + 48 ch, 1/4) and output dec1 (256 ch, 1/4).
 DEFAULT_PROJ_LEVELS: tuple[str, str, str] = ("high", "dec0", "dec1")
 """The BlindNet levels (for a CNN and a ViT alike: the last backbone map, decoder input, decoder output)."""
 _BACKBONE_LEVELS = ("low", "mid", "aux", "high")
@@ -59,7 +59,7 @@ class SegNet(nn.Module):
         self.decode_head = decode_head
         m2f = decode_head == "mask2former"
         proj_levels = tuple(proj_levels) or default_proj_levels(decode_head)
-        allowed = _BACKBONE_LEVELS + (M2F_LEVELS if m2f else PROJ_LEVELS[4:])
+        allowed = _BACKBONE_LEVELS + (M2F_LEVELS if m2f else ("dec0", "dec1"))
         if len(proj_levels) != 3 or any(p not in allowed for p in proj_levels):
             raise ValueError(f"model.proj_levels: {list(proj_levels)!r} must be 3 of {list(allowed)} "
                              f"with model.decode_head={decode_head} ([] = {list(default_proj_levels(decode_head))})")
@@ -188,13 +188,16 @@ def build_model(
     proj_levels: the three features the projection heads read (PROJ_LEVELS; Mask2Former: the backbone
         levels and M2F_LEVELS); () = the head's default (``default_proj_levels``).
     decode_head: "deeplabv3plus" | "mask2former" (model/mask2former.py; ``mask2former``: its options
-        hidden_dim, queries, encoder_layers, decoder_layers, heads, points, token_dim).
-    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path).
+        hidden_dim, queries, encoder_layers, decoder_layers, heads, points; with Rein the backbone's
+        tokens are the queries).
+    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path, patch_size;
+        adapter "none" | "rein" | "lora" with the options ``rein`` and ``lora`` of model/adapters.py).
     timm_kwargs: extra timm.create_model arguments (e.g. {"depth": 2}).
     in_losses: the IN outputs feed a loss (CML/CCL); a ViT builds no pyramid level nothing reads.
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
+    check_backbone(backbone)
     proj_levels = tuple(proj_levels) or default_proj_levels(decode_head)
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
@@ -212,7 +215,11 @@ def build_model(
         decode_head=decode_head,
         mask2former=mask2former,
     )
-    if freeze_backbone or freeze_blocks:
+    adapter = (vit or {}).get("adapter", "none")
+    if adapter != "none" and freeze_blocks:
+        raise ValueError(f"model.freeze_blocks={freeze_blocks} with model.adapter={adapter}: an adapter freezes the "
+                         "whole encoder already; set model.freeze_blocks=0")
+    if adapter == "none" and (freeze_backbone or freeze_blocks):  # an adapter froze the encoder already
         from .freeze import freeze_encoder
 
         freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)

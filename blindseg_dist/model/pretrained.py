@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 __all__ = ["KNOWN_WEIGHTS", "RECOMMENDED", "KnownWeights", "identify_weights", "check_pretrained",
            "weights_url"]
 
@@ -116,8 +118,6 @@ def check_pretrained(model_cfg: Any) -> None:
     ``model_cfg``: the config's ``model`` section. Passes when ``require_pretrained`` is off,
     when ``pretrained`` is a path or the explicit word "none" (random init on purpose), or when
     ``init_from`` provides every weight."""
-    from ..config import ConfigError
-
     if not model_cfg.require_pretrained or model_cfg.pretrained is not None or model_cfg.init_from:
         return
     file = RECOMMENDED.get(model_cfg.backbone)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import ADAPTERS, Rein, apply_lora
 from .backbones import Backbone, _ChannelsLastIN, _preview, instance_norm, load_state_dict_file
 
 __all__ = ["ViTBackbone", "is_vit", "VIT_FAMILIES", "DEFAULT_IN_POINTS"]
@@ -111,6 +112,10 @@ class ViTBackbone(Backbone):
         drop_path: float = 0.0,
         timm_kwargs: dict[str, Any] | None = None,
         consumers: dict[str, Any] | None = None,
+        adapter: str = "none",
+        rein: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
+        patch_size: int = 0,
     ) -> None:
         super().__init__()
         import timm
@@ -121,6 +126,10 @@ class ViTBackbone(Backbone):
         self.family = VIT_FAMILIES[timm.models.model_entrypoint(name).__module__]
         kwargs = dict(timm_kwargs or {})
         kwargs.update(num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, drop_path_rate=drop_path)
+        if patch_size:
+            kwargs["patch_size"] = patch_size  # pretrained kernels are resized to it (load_pretrained)
+        self.patch_resized = bool(patch_size)
+        self.lora_targets: list[str] = []
         vit = timm.create_model(name, pretrained=False, **kwargs)  # weights: load_pretrained, local files only
         self.arch = name
         depth = len(vit.blocks)
@@ -168,6 +177,32 @@ class ViTBackbone(Backbone):
         self.pretrained_report: dict[str, Any] | None = None
         if pretrained is not None:
             self.load_pretrained(pretrained)
+        self.adapter = adapter
+        self.rein: Rein | None = None
+        if adapter != "none":
+            self._attach_adapter(adapter, rein or {}, lora or {})
+
+    def _attach_adapter(self, adapter: str, rein: dict[str, Any], lora: dict[str, Any]) -> None:
+        """Freeze the encoder for real (model/freeze.py: no gradient, eval mode) and add the adapter
+        (model/adapters.py), after the pretrained weights are in (LoRA's SVD init reads them)."""
+        from .freeze import freeze_encoder
+
+        if adapter not in ADAPTERS:
+            raise ValueError(f"model.adapter: {adapter!r} is not one of {list(ADAPTERS)}")
+        freeze_encoder(self, None)
+        if adapter == "rein":
+            self.rein = Rein(self.depth, self.embed_dim, self.patch, **rein)
+        else:
+            opts = dict(lora)
+            span = opts.pop("blocks", None)
+            if span:
+                if len(span) != 2 or not 0 <= span[0] <= span[1] < self.depth:
+                    raise ValueError(f"model.lora_blocks: {list(span)} must be [first, last] with 0 <= first <= last "
+                                     f"< {self.depth} ({self.arch} runs {self.depth} blocks)")
+                span = range(span[0], span[1] + 1)
+            if opts.get("targets") is None:
+                opts.pop("targets", None)
+            self.lora_targets = apply_lora(self.vit, blocks=span, **opts)
 
     def used_levels(self, aux: bool = True, proj_levels: Sequence[str] = ("low", "mid", "aux", "high"),
                     in_losses: bool = True, decoder_levels: Sequence[int] = (0, 3)) -> set[int]:
@@ -220,6 +255,8 @@ class ViTBackbone(Backbone):
         maps: list[Tensor] = []
         for i in range(self.depth):
             t = self._block(i, t, rope)
+            if self.rein is not None:
+                t = self.rein(t, i, self.num_prefix)  # refines the patch tokens; prefix tokens pass through
             name = f"block{i}"
             if name in self.in_points:
                 g = self.in_norms[self.in_points.index(name)](self._grid(t, hw))
@@ -246,6 +283,20 @@ class ViTBackbone(Backbone):
         return feats, [recorded.get(p) for p in self.in_points]
 
     # ---- layer ids (layer-wise lr decay, freezing) --------------------------------------------
+    def encoder_modules(self) -> list[nn.Module]:
+        """The whole timm ViT (patch embedding, tokens, blocks, pre-norm); the tap norm and the
+        pyramid are the neck and Rein is outside it."""
+        return [self.vit]
+
+    def adapter_modules(self) -> list[nn.Module]:
+        from .adapters import lora_adapter_modules
+
+        return lora_adapter_modules(self.vit) if self.lora_targets else []
+
+    def tokens(self) -> Tensor | None:
+        """Rein's learnable tokens [L, T, C] (``model.adapter: rein``), else None."""
+        return self.rein.tokens() if self.rein is not None else None
+
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         """Encoder parameters in depth order: [patch embedding + tokens + position embedding], block 0,
         ...; the pyramid and the tap norm come after (the neck, see engine/optim.py)."""
@@ -267,8 +318,13 @@ class ViTBackbone(Backbone):
         import timm.models.eva as eva
         import timm.models.vision_transformer as vt
 
+        if self.lora_targets:
+            raise RuntimeError("load_pretrained after the LoRA layers were injected: build the backbone with "
+                               "pretrained=... (the weights load first)")
         state = load_state_dict_file(path)
         state = _unwrap(state)
+        if self.patch_resized:
+            state = resize_patch_embedding(state, self.vit)
         filt = vt.checkpoint_filter_fn if self.family == "vit" else eva.checkpoint_filter_fn
         state = filt(state, self.vit)
         own = self.vit.state_dict()
@@ -302,6 +358,31 @@ class ViTBackbone(Backbone):
                          path, len(missing), _preview(missing), len(unexpected), _preview(unexpected))
         self.pretrained_report = report
         return report
+
+
+def resize_patch_embedding(state: dict[str, Tensor], vit: nn.Module) -> dict[str, Tensor]:
+    """A ViT state dict at another patch size for ``vit`` (``model.patch_size``, as Rein converts
+    DINOv2 from 14 to 16): the patch-embedding kernel resized bicubically (F.interpolate,
+    align_corners=False) to vit's patch size, and the position embeddings of the patch grid resampled
+    bicubically to vit's grid (the prefix tokens' kept as they are). Other keys are untouched."""
+    state = dict(state)
+    w = state.get("patch_embed.proj.weight")
+    size = tuple(vit.patch_embed.proj.weight.shape[-2:])
+    if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) != size:
+        state["patch_embed.proj.weight"] = F.interpolate(w.float(), size=size, mode="bicubic",
+                                                         align_corners=False).to(w.dtype)
+    pe, own = state.get("pos_embed"), getattr(vit, "pos_embed", None)
+    if pe is not None and isinstance(own, Tensor) and pe.shape[1] != own.shape[1]:
+        gh, gw = vit.patch_embed.grid_size
+        prefix = own.shape[1] - gh * gw
+        old = math.isqrt(pe.shape[1] - prefix)
+        if old * old != pe.shape[1] - prefix:
+            raise ValueError(f"pos_embed of {pe.shape[1]} tokens is not {prefix} prefix tokens + a square grid")
+        grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        state["pos_embed"] = torch.cat([pe[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pe.dtype)],
+                                       dim=1)
+    return state
 
 
 def _call_inside(fn, *args):

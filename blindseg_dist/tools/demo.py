@@ -12,6 +12,7 @@ import yaml
 
 from .. import atomic
 from ..config import find_config, load_config, load_yaml
+from ..errors import ConfigError
 from ..launcher import blindseg_command, launch_env
 from .evaluate_cli import confusion_png
 
@@ -47,33 +48,19 @@ def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], pn
     return png
 
 
-def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
-             images_per_domain: int | None = None) -> dict:
+def prepare_data(out: Path, *, domains: int, images_per_domain: int, size: tuple[int, int], seed: int,
+                 val_fraction: float, samples_per_shard: int) -> tuple[str, dict[str, str], dict[str, float]]:
+    """The demo's data under ``out``: synthetic domains (synth/), the source frames split into
+    training / held-out (splits/), shards (shards/source-train, shards/source-val, shards/<domain>).
+    Returns (training shards, {target name: shard dir} with 'source' first, timings)."""
     from ..data.shards import write_shards
     from ..data.sources import get_source
     from ..data.synth import generate
 
-    t0 = time.perf_counter()
-    out = Path(output_dir).resolve()
-    from ..config import ConfigError
-    from ..engine.checkpoint import list_checkpoints
-
-    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
-        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
-                          "or remove that folder")
-    out.mkdir(parents=True, exist_ok=True)
-    demo_yaml = load_yaml(demo_config_path().read_text())
-    demo = load_config(demo_config_path()).demo
-    n_img = images_per_domain or demo.images_per_domain
-    size = tuple(demo.size)
-    domains = demo.domains
-    val_fraction = demo.source_val_fraction
     timings: dict[str, float] = {}
-
-    # 1. data
     t = time.perf_counter()
     synth_dir = out / "synth"
-    summary = generate(synth_dir, domains=domains, images_per_domain=n_img, size=size, seed=demo.seed)
+    summary = generate(synth_dir, domains=domains, images_per_domain=images_per_domain, size=size, seed=seed)
     timings["synth_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -84,11 +71,11 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     (split_dir / "source_train.txt").write_text("\n".join(frames[:-n_val]) + "\n")
     (split_dir / "source_val.txt").write_text("\n".join(frames[-n_val:]) + "\n")
     shards = out / "shards"
-    spp = demo.samples_per_shard
+    spp = samples_per_shard
     # class-uniform centroids per whole tile: the released 1024 tile on a ~1050-px-high GTA5 frame is one
     # tile of the frame's height; the small demo frames get the same proportion (tile = frame height)
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_train.txt")),
-                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(demo.size))
+                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(size))
     eval_data = {"source": str(shards / "source-val")}
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
                  shards / "source-val", samples_per_shard=spp)
@@ -98,11 +85,32 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
                      samples_per_shard=spp)
         eval_data[name] = str(shards / name)
     timings["shard_s"] = time.perf_counter() - t
+    return str(shards / "source-train"), eval_data, timings
+
+
+def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
+             images_per_domain: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    out = Path(output_dir).resolve()
+    from ..engine.checkpoint import list_checkpoints
+
+    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
+        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
+                          "or remove that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    demo_yaml = load_yaml(demo_config_path().read_text())
+    demo = load_config(demo_config_path()).demo
+
+    # 1. data
+    train_shards, eval_data, timings = prepare_data(
+        out, domains=demo.domains, images_per_domain=images_per_domain or demo.images_per_domain,
+        size=tuple(demo.size), seed=demo.seed, val_fraction=demo.source_val_fraction,
+        samples_per_shard=demo.samples_per_shard)
 
     # 2. training (N processes), the resolved config is saved next to the run
     run_dir = out / "run"
     cfg_file = out / "demo_train.yaml"
-    demo_yaml.setdefault("data", {})["train"] = str(shards / "source-train")
+    demo_yaml.setdefault("data", {})["train"] = train_shards
     demo_yaml.setdefault("run", {})["output_dir"] = str(run_dir)
     if steps is not None:
         demo_yaml.setdefault("optim", {})["max_steps"] = int(steps)
@@ -125,7 +133,7 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
     timings["eval_s"] = time.perf_counter() - t
 
     # 4. what a person looks at: prediction panels (DIR/panels.png and TensorBoard)
-    panels_png = write_demo_panels(ckpt, str(shards / "source-train"), eval_data, out / "panels.png",
+    panels_png = write_demo_panels(ckpt, train_shards, eval_data, out / "panels.png",
                                    run_dir / "tb", cfg)
 
     from .report import print_report

@@ -6,7 +6,7 @@ from pathlib import Path
 from .. import atomic, dist
 from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
-from ..engine.evaluate import evaluate_targets, format_table
+from ..engine.evaluate import corruption_report, evaluate_targets, format_corruption_table, format_table
 from ..engine.figures import save_confusion_png
 from ..engine.logging import RunLogger
 from ..engine.accelerator import make_accelerator
@@ -53,8 +53,10 @@ def find_run_config(checkpoint: str | Path) -> Path:
 def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None):
     """(config, network with the checkpoint's weights) of a checkpoint folder."""
     cfg = load_config(find_run_config(checkpoint), overrides)
-    net = build_model(**{**model_kwargs(cfg), "pretrained": None})  # every weight comes from the checkpoint
-    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint)
+    # every weight comes from the checkpoint, but for a frozen backbone's: from the weights file it names
+    source = ckpt.frozen_source(checkpoint)
+    net = build_model(**{**model_kwargs(cfg), "pretrained": source})
+    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint, partial=source is not None)
     return cfg, net
 
 
@@ -84,9 +86,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
     results = evaluate_targets(net, cfg.eval, acc.device, logger, step, data_cfg=cfg.data)
     report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
               "sliding_window": cfg.eval.sliding_window}
+    groups = corruption_report(data, results)
+    if groups:
+        report["corruptions"] = groups
     if dist.rank() == 0:
         atomic.write_json(json_out, report, indent=1)
-        print(format_table(results))
+        # a corrupted family's sets are shown grouped (its own table), not as rows of the per-target one
+        plain = {k: v for k, v in results.items() if not any(k.startswith(f + "/") for f in groups)}
+        if plain:
+            print(format_table(plain))
+        if groups:
+            print()
+            print(format_corruption_table(groups))
         for name, res in results.items():  # beside the JSON: OUT-confusion-<target>.png
             save_confusion_png(res["confusion_matrix"], confusion_png(json_out, name),
                                f"{name}: confusion matrix (row-normalized)")
@@ -100,4 +111,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
 def confusion_png(json_out: str | Path, target: str) -> Path:
     """Where `blindseg eval --json OUT.json` writes a target's confusion figure: OUT-confusion-<target>.png."""
     j = Path(json_out)
-    return j.with_name(f"{j.stem}-confusion-{target}.png")
+    return j.with_name(f"{j.stem}-confusion-{target.replace('/', '_')}.png")  # a corrupted family's set: FAMILY/SET

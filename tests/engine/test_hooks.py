@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,46 @@ def test_real_trainer_calls_a_registered_hook(train_shards, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "3"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert "step 1: non-finite loss, step skipped (1 in a row)" in res.stdout
+
+
+class SlowDataLoop(FakeLoop):
+    """FakeLoop whose batches take ``data_s`` to arrive and whose steps compute for ``step_s``."""
+
+    def __init__(self, *a, data_s: float, step_s: float, **k):
+        super().__init__(*a, **k)
+        self.data_s, self.step_s = data_s, step_s
+
+        def slow_batches():
+            while True:
+                time.sleep(self.data_s)
+                yield {}
+
+        self.data_iter = slow_batches()
+
+    def train_step(self) -> bool:
+        self.next_batch()
+        time.sleep(self.step_s)
+        return super().train_step()
+
+
+def test_log_records_data_and_step_time_to_files_bar_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from blindseg_dist.engine.logging import RunLogger
+
+    events: list = []
+    loop = SlowDataLoop(tmp_path, 4, events, data_s=0.06, step_s=0.02)
+    writer, bar, tb = Writer(events), ProgressBar(), RunLogger(tmp_path / "tb", enabled=True)
+    loop.register_hooks([bar, LogHook(2, writers=[writer, bar, tb])])
+    loop.train()
+    tb.close()
+    for step in (2, 4):
+        v = writer.values[step]
+        assert 0.06 <= v["time/data"] < 0.06 + 0.05, v  # seconds per step waiting for the loader
+        assert 0.02 <= v["time/step"] < 0.02 + 0.05, v  # the rest of the step
+    share = float(bar.bar.postfix.split("data=")[1].split("%")[0])  # 0.06 / 0.08: 75% waiting for data
+    assert 55 <= share <= 80, bar.bar.postfix
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {"time/data", "time/step"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("time/data")] == [2, 4]

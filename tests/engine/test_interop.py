@@ -1,4 +1,4 @@
-"""Checkpoint interop with the released BlindNet / RobustNet code (issue 12, item 8).
+"""Checkpoint interop with the released BlindNet / RobustNet code.
 
 The released code cannot run here (CUDA-only, its own repository), so the claim "with converted
 weights our eval logits equal the released DeepV3Plus's" is tested against ``ReleasedDeepV3Plus``
@@ -144,7 +144,7 @@ def test_key_map_matches_the_released_key_list_and_shapes():
     for r, o in mapped.items():
         assert released[r].shape == ours[o].shape, r
         assert from_released(r) == o
-    # names the issue lists, spot-checked with their released shapes
+    # released names, spot-checked with their released shapes
     assert released["layer0.0.weight"].shape == ours["backbone.conv1.weight"].shape == (64, 3, 7, 7)
     assert released["bot_aspp.0.weight"].shape == (256, 1280, 1, 1)
     assert released["dsn.0.bias"].shape == ours["aux_head.body.0.bias"].shape == (512,)

@@ -106,6 +106,7 @@ def test_training_writes_metrics_eval_records_and_keeps_the_best(train_shards, t
         for key in ("loss/total", "loss/ce", "loss/cwcl", "lr", "grad_norm", "images_per_s", "memory/max_rss_mb",
                     "time"):
             assert isinstance(m[key], float) and m[key] >= 0, (key, m)
+        assert m["time/data"] >= 0 and m["time/step"] > 0, m  # seconds per step: loader wait, compute
     assert metrics[0]["lr"] > metrics[1]["lr"] > metrics[2]["lr"] == 0  # the poly schedule, 0 at the end
     evals = records.read_jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [1, 2, 3] and all(e["selection"] == "source" for e in evals)

@@ -1,4 +1,4 @@
-"""Signals and process lifetime, in real launches (docs/DISTRIBUTED.md, "Engines").
+"""Signals and process lifetime, in real launches (docs/OPERATIONS.md, "Signals and preemption").
 
 SIGINT/SIGTERM to the whole process group (a terminal's Ctrl-C, SLURM), to the launcher only or
 to the rank processes only: training checkpoints and exits 0, DataLoader workers survive the

@@ -1,4 +1,4 @@
-"""CWCL "reference" at a level where no image of the batch has an eligible class (issue 12, item 5).
+"""CWCL "reference" at a level where no image of the batch has an eligible class.
 
 Released rule: a batch whose images have no class with more than pixels_per_class pixels returns 0
 for that level (and the level still counts in the mean over the three levels); a batch where

@@ -1,4 +1,4 @@
-"""ImageNet weights (issue 12, item 6): the guard of the reference recipes, the explicit "none",
+"""ImageNet weights: the guard of the reference recipes, the explicit "none",
 recognition of torchvision's V1 / V2 files by the sha256 of their bytes, and the load report."""
 from __future__ import annotations
 

@@ -41,6 +41,13 @@ def projection_sizes(net: nn.Module, crop: int) -> tuple[tuple[int, int], ...]:
     of a copy of ``net`` on the meta device (shapes only, no compute, ``net`` untouched)."""
     meta = copy.deepcopy(net).to("meta").train()
     dtype = next(meta.parameters()).dtype
+    if getattr(meta, "decode_head", None) == "mask2former":
+        # transformers' pixel decoder checks its values in training (not on meta); its levels have the
+        # sizes of the backbone outputs it reads (pd32 the last, ..., mask the stride-4 one)
+        with torch.no_grad():
+            feats, _ = meta.backbone(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype))
+        src = dict(low=0, mid=1, aux=2, high=3, pd32=3, pd16=2, pd8=1, mask=0)
+        return tuple(tuple(int(v) for v in feats[src[p]].shape[-2:]) for p in meta.proj_levels)
     with torch.no_grad():
         out = meta(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype), dense_embeds=False)
     return tuple(tuple(int(v) for v in f.shape[-2:]) for f in out["proj_inputs"])

@@ -131,3 +131,32 @@ def test_flops_reports_the_head():
     assert m["backbone"]["gflops"] + m["decode_head"]["gflops"] <= m["inference"]["gflops"] + 1e-9
     assert res["baseline"]["inference"]["params"] == m["inference"]["params"]
     assert "decode head (mask2former)" in format_flops_table(res)
+
+
+def test_rein_tokens_are_the_queries():
+    """model.adapter=rein with this head: the head drops its own queries, reads the backbone's tokens,
+    and the set loss trains Rein's token factors through them."""
+    from blindseg_dist.model.objective import BlindNetObjective, LossWeights
+
+    cfg = load_config(None, ["model.backbone=timm:vit_small_patch14_dinov2", "model.adapter=rein",
+                             "model.decode_head=mask2former", "model.output_stride=32", "model.rein_tokens=6",
+                             "model.m2f_queries=6", "model.m2f_hidden_dim=32", "model.m2f_encoder_layers=1",
+                             "model.m2f_decoder_layers=1", "model.m2f_points=32", "model.vit_pyramid_channels=32",
+                             "model.num_classes=5", "model.timm_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
+                             "loss.two_view=false", "loss.aux=0", "loss.cml=0", "loss.ccl=0", "loss.cwcl=0",
+                             "loss.sdcl=0"])
+    torch.manual_seed(0)
+    net = build_model(**model_kwargs(cfg)).train()
+    head = net.decoder
+    assert head.token_queries is not None and head.transformer.queries_embedder is None
+    tokens = net.backbone.tokens()
+    assert tokens.shape == (2, 6, 32)
+    obj = BlindNetObjective(net, cfg.loss)
+    label = torch.randint(0, 5, (2, 64, 64))
+    obj(torch.randn(2, 3, 64, 64), label)["total"].backward()
+    rein = [(n, p) for n, p in net.named_parameters() if p.requires_grad and "rein" in n]
+    assert rein and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in rein), \
+        [n for n, p in rein if p.grad is None]
+    assert all(p.grad is not None for p in head.token_queries.parameters())
+    with pytest.raises(ConfigError, match="model.m2f_queries"):
+        load_config(None, ["model.adapter=rein", "model.decode_head=mask2former", "model.rein_tokens=50"])

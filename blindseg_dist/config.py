@@ -45,6 +45,7 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml"
 Adapter = Literal["none", "rein", "lora"]
 LoraInit = Literal["default", "svd_minor", "pissa", "gaussian"]
 EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
 
 CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 """loss.ce_scope (losses/segmentation.py)."""
@@ -165,10 +166,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: CwclNegatives = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
-    cwcl_global_keys: int = 6000
+    cwcl_global_keys: int = 750
     """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
-    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
-    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
+    (750 = as many as the image scope's 15 x 50: the global scope changes where the negatives come from, not
+    how many); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -297,6 +298,11 @@ class RunConfig:
     (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
+    compile: bool = False
+    """torch.compile the network (forward and the projection heads' row path; docs/GPU_STEP.md)."""
+    compile_backend: CompileBackend = "inductor"
+    """run.compile's backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing
+    without code generation: compiles in seconds, for checks) | eager (capture only)."""
 
 
 @dataclass

@@ -51,7 +51,8 @@ from ..data.stream import train_loader_from_config
 from ..data.workers import shutdown_workers
 from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
 from ..model import build_model
-from ..model.objective import BlindNetObjective
+from ..losses.plans import PLAN_KEY, STEP_KEY, LoaderPlanner
+from ..model.objective import BlindNetObjective, projection_sizes
 from ..model.backbones import check_backbone
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
@@ -323,6 +324,9 @@ class Trainer(TrainLoop):
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         net = build_model(**model_kwargs(cfg))
+        # CWCL's label-only sampling is planned in the loader workers at these sizes (losses/plans.py)
+        self.plan_sizes = (projection_sizes(net, cfg.data.crop_size)
+                           if cfg.loss.two_view and cfg.loss.cwcl > 0 else None)
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
         self._frozen_checkpoints(net)
@@ -336,6 +340,10 @@ class Trainer(TrainLoop):
             ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from, partial=partial)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
+        if cfg.run.compile:  # in place: parameters and state_dict keys unchanged (model/compiled.py)
+            from ..model.compiled import compile_network
+
+            compile_network(net, cfg.run.compile_backend)
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
@@ -376,9 +384,11 @@ class Trainer(TrainLoop):
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
         # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
         # page-locked batches on CUDA: the copies in _forward are non_blocking
+        planner = (LoaderPlanner(cfg.run.seed, self.plan_sizes, cfg.data.batch_size, self.rank, self.world)
+                   if self.plan_sizes else None)
         loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
                                           start_step=self.step * self.micro,
-                                          pin_memory=self.acc.device.type == "cuda")
+                                          pin_memory=self.acc.device.type == "cuda", planner=planner)
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
@@ -455,8 +465,15 @@ class Trainer(TrainLoop):
         b = image.shape[0]
         k = self.step * self.micro + m  # the micro-batch index: loss sampling seeds, global image indices
         gidx = k * self.cfg.data.batch_size * self.world + self.rank * b + torch.arange(b)
+        # the loader's sampling plans, when made for this micro-batch index (after a skipped step the
+        # stream is one batch ahead of k: the objective then samples itself, as without plans)
+        plans = batch.get(PLAN_KEY)
+        if plans is not None and int(batch[STEP_KEY]) == k:
+            plans = [{n: t.to(dev, non_blocking=True) for n, t in lvl.items()} for lvl in plans]
+        else:
+            plans = None
         with self.acc.autocast():
-            return self.objective(image, label, image_aug, step=k, global_index=gidx)
+            return self.objective(image, label, image_aug, step=k, global_index=gidx, plans=plans)
 
     def _accumulate(self, sums: dict[str, float], out: dict, batch: dict) -> None:
         """Add a micro-batch's loss terms (/ grad_accum) to ``sums``; count its images and corrupt shards."""

@@ -130,7 +130,7 @@ def _draw_global_keys(ids: torch.Tensor, sizes: list[int], offset: int, global_k
 def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
                                 pred: torch.Tensor, *, negatives: str = "reference",
                                 scope: str = "image", tau: float = 0.07, max_classes: int = 15,
-                                pixels_per_class: int = 50, global_keys: int = 6000,
+                                pixels_per_class: int = 50, global_keys: int = 750,
                                 generator: torch.Generator | None = None,
                                 seeds=None, plan=None) -> torch.Tensor:
     """CWCL for one level. Anchors z_a(p) (augmented view, with grad), positive z(p) and keys
@@ -148,8 +148,8 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     keys move (detached, one all-to-all), anchors stay local. The draw: per-image quotas from
     a multivariate hypergeometric draw, then per image a seeded choice of its slots, both from
     the batch seed of global_meta, so it is split-independent (loss.cwcl_global_keys; the
-    default 6000 = the 2 x 4 x 750 keys a 2-GPU run of the reference recipe scored against
-    before the budget, docs/DISTRIBUTED.md "Budgeted global scopes").
+    default 750 = as many keys as the image scope scores every anchor against, docs/DISTRIBUTED.md
+    "Budgeted global scopes").
     plan: the result of cwcl_plan for these inputs (then no sampling happens here).
     """
     _check_arguments(emb_aug, emb, negatives, scope, global_keys)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ __all__ = [
     "world_size",
     "is_distributed",
     "barrier",
+    "broadcast_object",
     "all_reduce_sum",
     "all_reduce_count",
     "gather_sizes",
@@ -85,6 +87,15 @@ def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def comm_stats() -> dict[str, dict[str, int]]:

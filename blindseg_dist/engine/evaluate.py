@@ -22,7 +22,11 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import EVAL_PROTOCOLS as PROTOCOLS
+from ..data.evalset import EvalDataset, shard_indices
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
+from ..data.location import RemoteOptions, has_braces, is_remote, load_location_manifest
+from ..data.sources import OPENERS, SampleError, detect_dataset, get_source
+from .figures import confusion_figure
 
 SYNTHIA_MISSING = (9, 14, 16)  # terrain, truck, train: absent from SYNTHIA, excluded from mIoU16
 SYNTHIA16 = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_MISSING)
@@ -145,8 +149,6 @@ def evaluate_dataset(
     The split (``shard_indices``) neither pads nor drops, so the W-rank matrix equals the 1-rank one
     (tests/engine/test_eval_multiprocess.py).
     """
-    from ..data.evalset import shard_indices
-
     n = len(dataset) if not max_images else min(len(dataset), max_images)
     indices = shard_indices(n, dist.rank(), dist.world_size())
     was_training = net.training
@@ -184,9 +186,6 @@ def raw_target(spec: str | Path) -> tuple[str, str] | None:
     """(dataset, root) when an evaluation target is a raw dataset folder: ``DATASET:PATH`` with a
     dataset of data.sources (e.g. ``cityscapes:/data/cityscapes``), or a local folder without shards
     whose layout is a dataset's (data.sources.detect_dataset); None for shards and remote locations."""
-    from ..data.location import has_braces, is_remote
-    from ..data.sources import OPENERS, detect_dataset
-
     s = str(spec)
     head, sep, rest = s.partition(":")
     if sep and head in OPENERS:  # dataset names are no URL schemes
@@ -209,8 +208,6 @@ class StrictSource:
         self.source, self.items = source, source.items
 
     def load_pair(self, item):
-        from ..data.sources import SampleError
-
         try:
             image, label, unknown = self.source.decode(item)
         except SampleError as e:
@@ -223,8 +220,6 @@ class StrictSource:
 
 
 def _manifest_dataset(path: str | Path) -> str:
-    from ..data.location import has_braces, is_remote, load_location_manifest
-
     raw = raw_target(path)
     if raw is not None:
         return raw[0]
@@ -258,9 +253,6 @@ def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | No
 def build_eval_dataset(path: str | Path, protocol: str, remote=None):
     """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset.
     ``remote``: data.location.RemoteOptions for URL targets (retries, timeout, cache)."""
-    from ..data.evalset import EvalDataset
-    from ..data.sources import get_source
-
     proto = protocol if protocol.startswith("mapillary") else None
     raw = raw_target(path)
     if raw is not None:  # the readers of `blindseg shard`, with its default split
@@ -273,8 +265,6 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
     {name: target_result}. Logs miou/<t>, miou16/<t> and iou/<t>/<class> scalars and a per-class
     text table to ``logger`` (a RunLogger) when given. ``data_cfg`` (a DataConfig): how URL targets
     are read (data.remote_retries, remote_timeout, cache_dir, cache_gb)."""
-    from ..data.location import RemoteOptions
-
     remote = RemoteOptions.from_config(data_cfg)
     predict = make_predictor(eval_cfg.sliding_window)
     results = {}
@@ -291,8 +281,6 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
 
 def log_results(logger, results: dict[str, dict], step: int) -> None:
     """mIoU (and mIoU16) per target, IoU per class, and a per-class markdown table to TensorBoard."""
-    from .figures import confusion_figure
-
     for name, res in results.items():
         scalars = {f"miou/{name}": res["miou"]}
         scalars.update({f"{k}/{name}": res[k] for k in ("aacc", "macc", "fwiou") if k in res and res[k] == res[k]})

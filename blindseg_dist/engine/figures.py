@@ -1,4 +1,5 @@
-"""Figures a person looks at: the confusion matrix of a target (PNG and TensorBoard) and image panels."""
+"""Figures a person looks at, rendering only: the confusion matrix of a target (PNG and TensorBoard)
+and panels stacked into one image (the demo's prediction panels are built in tools/demo.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..data.labels import CLASS_NAMES
 
 
@@ -45,8 +47,6 @@ def save_confusion_png(cm, path: str | Path, title: str = "") -> Path:
     """The confusion-matrix figure as a PNG (written atomically)."""
     import matplotlib.pyplot as plt
 
-    from .. import atomic
-
     fig = confusion_figure(cm, title)
     with atomic.replacing(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -64,29 +64,3 @@ def stack_panels(panels: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
         if i < len(panels) - 1:
             rows.append(np.full((gap, width, 3), 255, np.uint8))
     return np.concatenate(rows, axis=0)
-
-
-def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_size: int, seed: int = 0,
-                      n_train: int = 2) -> np.ndarray:
-    """The panel a person looks at after a run: ``n_train`` training crops as the trainer sees them
-    (input | augmented view | ground truth | prediction), then the first frame of each target
-    (input | ground truth | prediction, full resolution), predicted by ``net`` in eval mode."""
-    import torch
-
-    from ..data.stream import make_train_loader
-    from .evaluate import build_eval_dataset, predict_logits, resolve_protocol
-    from .logging import image_panel
-
-    was_training = net.training
-    net.eval()
-    loader = make_train_loader(train_shards, batch_size=n_train, crop_size=crop_size, num_workers=0, seed=seed)
-    batch = next(iter(loader))
-    panels = []
-    with torch.no_grad():
-        panels.append(image_panel(batch, net(batch["image"]), max_images=n_train))
-        for name, path in targets.items():
-            item = build_eval_dataset(path, resolve_protocol(name, path))[0]
-            one = {"image": item["image"][None], "label": item["label"][None]}
-            panels.append(image_panel(one, predict_logits(net, one["image"], item["label"].shape), max_images=1))
-    net.train(was_training)
-    return stack_panels(panels)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..config import PROJ_LEVELS
 from .backbones import Backbone, build_backbone, check_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
+from .freeze import freeze_encoder
 
 __all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_PROJ_LEVELS"]
 
@@ -150,8 +151,6 @@ def build_model(
         proj_levels=proj_levels,
     )
     if freeze_backbone or freeze_blocks:
-        from .freeze import freeze_encoder
-
         freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -194,6 +194,21 @@ def _complete(folder: Path, record: dict) -> bool:
     return all(m.get(k) == v for k, v in record.items())
 
 
+def _update_index(index_path: Path, origin: str, package: str, sets: list[dict]) -> None:
+    """``out_dir/corruptions.json``: the sets of ``origin`` listed before, with ``sets`` added or replaced."""
+    try:
+        old = json.loads(index_path.read_text()).get("sets", [])
+    except (OSError, ValueError):
+        old = []
+    merged = {(r["corruption"], r["severity"]): r for r in old if r.get("corrupted_from") == origin}
+    for r in sets:
+        merged[(r["corruption"], r["severity"])] = {k: v for k, v in r.items() if k != "written"} | \
+            {"corrupted_from": origin, "path": set_name(r["corruption"], r["severity"])}
+    atomic.write_json(index_path, {"corrupted_from": origin, "corruption_package": package,
+                                   "sets": sorted(merged.values(), key=lambda r: (r["corruption"], r["severity"]))},
+                      indent=1)
+
+
 def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severities, *, workers: int = 1,
                     samples_per_shard: int | None = None, progress: bool = True) -> dict:
     """Write ``data`` under every (corruption, severity) into ``out_dir/<corruption>-<severity>/``; returns
@@ -241,18 +256,7 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
                 print(f"[corrupt] {n}/{len(todo)}: {c} severity {s} already complete in {folder}", flush=True)
         sets.append({"corruption": c, "severity": s, "path": str(folder), "num_samples": manifest["num_samples"],
                      "skipped": len(manifest.get("skipped", [])), "written": written})
-    index_path = out / "corruptions.json"
-    try:
-        old = json.loads(index_path.read_text()).get("sets", [])
-    except (OSError, ValueError):
-        old = []
-    merged = {(r["corruption"], r["severity"]): r for r in old if r.get("corrupted_from") == origin}
-    for r in sets:
-        merged[(r["corruption"], r["severity"])] = {k: v for k, v in r.items() if k != "written"} | \
-            {"corrupted_from": origin, "path": set_name(r["corruption"], r["severity"])}
-    atomic.write_json(index_path, {"corrupted_from": origin, "corruption_package": package,
-                                   "sets": sorted(merged.values(), key=lambda r: (r["corruption"], r["severity"]))},
-                      indent=1)
+    _update_index(out / "corruptions.json", origin, package, sets)
     summary = {"sets": sets, "seconds": time.time() - start, "num_frames": len(keys)}
     if progress:
         print(f"[corrupt] {len(sets)} sets of {len(keys)} frames ({sum(r['written'] for r in sets)} written, "

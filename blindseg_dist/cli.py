@@ -70,6 +70,10 @@ def cmd_shard(args) -> int:
         opts.update(image_column=args.image_column, label_column=args.label_column, key_column=args.key_column)
     elif args.image_column != "image" or args.label_column != "label" or args.key_column:
         raise SystemExit("error: --image-column / --label-column / --key-column are for `blindseg shard hf`")
+    if args.dataset == "acdc":
+        opts["condition"] = args.condition or "all"
+    elif args.condition:
+        raise UsageError("--condition is for `blindseg shard acdc`")
     upload = None
     if args.upload_to:
         from .data.location import upload_command
@@ -286,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="write a dataset as WebDataset shards with a manifest")
-    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia", "hf"],
+    s.add_argument("dataset", choices=["gta5", "cityscapes", "bdd100k", "mapillary", "synthia", "acdc", "hf"],
                    help="hf: a local Hugging Face datasets folder (save_to_disk or parquet files)")
     s.add_argument("root")
     s.add_argument("--out", required=True)
     s.add_argument("--split", default=None, help="split name (train/val/test/all) or a file listing frames")
+    s.add_argument("--condition", default=None, choices=["fog", "night", "rain", "snow", "all"],
+                   help="acdc: the adverse condition (default all: the four in one set)")
     s.add_argument("--samples-per-shard", type=int, default=64)
     s.add_argument("--image-format", choices=["png", "jpg"], default="png")
     s.add_argument("--workers", type=int, default=1)
@@ -334,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=0, help="at most N images per target (0: all)")
     s.add_argument("--tb-dir", default=None, help="also log mIoU and per-class IoU to this TensorBoard folder")
     s.add_argument("--protocol", nargs="+", default=None, metavar="NAME=PROTOCOL",
-                   help="per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia "
+                   help="per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia | acdc "
                         "(default: from the run config, else inferred from the target's name / dataset)")
     s.add_argument("--sliding-window", type=_ints, default=None, metavar="CROP,STRIDE",
                    help="sliding-window inference: CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W px (default: whole image)")

@@ -42,7 +42,9 @@ Schedule = Literal["poly", "cosine"]
 NoWeightDecayKind = Literal["norm", "bias", "pos_embed"]
 ProjLevel = Literal["low", "mid", "aux", "high", "dec0", "dec1"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
-EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia"]
+Adapter = Literal["none", "rein", "lora"]
+LoraInit = Literal["default", "svd_minor", "pissa", "gaussian"]
+EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
 
 CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 """loss.ce_scope (losses/segmentation.py)."""
@@ -117,6 +119,28 @@ class ModelConfig:
     """requires_grad=False on the whole encoder (ViT: its pyramid stays trainable); no optimizer state, no all-reduce."""
     freeze_blocks: int = 0
     """Freeze the stem / patch embedding and the first k blocks of the encoder (0: none)."""
+    adapter: Adapter = "none"
+    """ViT adapter on a frozen encoder: none | rein (Rein layers after every block) | lora (peft LoRA layers)."""
+    rein_tokens: int = 100
+    """Rein: learnable tokens per layer (token 0 is the null slot)."""
+    rein_rank: int = 16
+    """Rein: rank of the low-rank token factors A [L, T, r] @ B [L, r, C]; 0 = full-rank tokens."""
+    lora_rank: int = 16
+    """LoRA: adapter rank r."""
+    lora_alpha: float = 16.0
+    """LoRA: scaling numerator (the update is alpha / r * B A)."""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input."""
+    lora_blocks: list[int] = field(default_factory=list)
+    """LoRA: [first, last] blocks (0-based, inclusive) that get adapters; [] = every block."""
+    lora_targets: str | None = None
+    """LoRA: regex over a block's timm layer names (after blocks.<i>.); null = attn qkv/q,k,v_proj/proj + mlp fc1/fc2 (EVA-02: fc1_g/fc1_x)."""
+    lora_init: LoraInit = "default"
+    """LoRA: default (peft, B = 0) | svd_minor (SoMA: the r smallest singular components; the frozen weight keeps the rest) | pissa | gaussian."""
+    lora_train_bias: bool = False
+    """LoRA: the adapted layers' biases train too (SoMA)."""
+    patch_size: int = 0
+    """ViT patch size; 0 = the model's own. Pretrained kernels of another size are resized bicubically, position embeddings resampled (DINOv2 at 16)."""
 
 
 @dataclass
@@ -190,8 +214,9 @@ class EvalConfig:
     max_images: int = 0
     """Evaluate at most N images per target (0: all); for quick checks only."""
     protocols: dict[str, EvalProtocol] = field(default_factory=dict)
-    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia; a target without one is
-    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, else full)."""
+    """Per-target protocol: full | mapillary_1536 | mapillary_1024 | synthia | acdc; a target without one is
+    inferred from its name / manifest dataset (mapillary -> mapillary_1536, synthia -> synthia, acdc -> acdc,
+    else full)."""
     selection: str | None = None
     """Target whose mIoU picks the best checkpoint (DIR/best.json; never deleted by keep_last). null = the
     held-out source split (the target named 'source', or whose shards come from data.train's dataset);
@@ -477,6 +502,23 @@ def _validate_recipe(cfg: Config) -> None:
     if m.freeze_backbone and m.freeze_blocks:
         raise ConfigError("config key 'model.freeze_blocks': set either model.freeze_backbone=true (the whole "
                           f"encoder) or model.freeze_blocks={m.freeze_blocks}, not both")
+    if m.adapter != "none" and m.freeze_blocks:
+        raise ConfigError(f"config key 'model.freeze_blocks': value {m.freeze_blocks} with model.adapter={m.adapter}: "
+                          "an adapter freezes the whole encoder already; set model.freeze_blocks=0")
+    if m.lora_blocks and (len(m.lora_blocks) != 2 or not 0 <= m.lora_blocks[0] <= m.lora_blocks[1]):
+        raise ConfigError(f"config key 'model.lora_blocks': value {m.lora_blocks!r} must be [] (every block) or "
+                          "[first, last] with 0 <= first <= last")
+    for key, value, lo in (("model.rein_tokens", m.rein_tokens, 2), ("model.rein_rank", m.rein_rank, 0),
+                           ("model.lora_rank", m.lora_rank, 1), ("model.patch_size", m.patch_size, 0)):
+        if value < lo:
+            raise ConfigError(f"config key '{key}': value {value!r} must be >= {lo}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"config key 'model.lora_dropout': value {m.lora_dropout!r} must be in [0, 1)")
+    if m.lora_targets is not None:
+        try:
+            re.compile(m.lora_targets)
+        except re.error as e:
+            raise ConfigError(f"config key 'model.lora_targets': value {m.lora_targets!r} is not a regex ({e})") from None
     if m.vit_blocks and len(m.vit_blocks) != 4:
         raise ConfigError(f"config key 'model.vit_blocks': value {m.vit_blocks!r} must be [] or 4 block indices")
     if len(m.proj_levels) != 3 or any(p not in PROJ_LEVELS for p in m.proj_levels):
@@ -622,6 +664,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _adapter_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """The ViT adapter / patch-size options of build_model's ``vit`` (only those that are set, so
+    backbones without them see nothing new)."""
+    out: dict[str, Any] = {}
+    if m.patch_size:
+        out["patch_size"] = m.patch_size
+    if m.adapter == "rein":
+        out.update(adapter="rein", rein=dict(num_tokens=m.rein_tokens, rank=m.rein_rank))
+    elif m.adapter == "lora":
+        out.update(adapter="lora", lora=dict(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                                             blocks=list(m.lora_blocks) or None, targets=m.lora_targets,
+                                             init=m.lora_init, train_bias=m.lora_train_bias))
+    return out
+
+
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     """Arguments of model.build_model for this config (heads only where a loss uses them)."""
     return dict(
@@ -635,7 +692,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         grad_checkpointing=cfg.model.grad_checkpointing,
         proj_levels=tuple(cfg.model.proj_levels),
         vit=dict(blocks=list(cfg.model.vit_blocks) or None, in_points=tuple(cfg.model.vit_in_points),
-                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path),
+                 pyramid_channels=cfg.model.vit_pyramid_channels, drop_path=cfg.model.drop_path,
+                 **_adapter_kwargs(cfg.model)),
         timm_kwargs=dict(cfg.model.timm_kwargs),
         freeze_backbone=cfg.model.freeze_backbone,
         freeze_blocks=cfg.model.freeze_blocks,

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from blindseg_dist.data.location import RemoteOptions, ShardReadError, has_braces, is_remote, shard_name, resolve as resolve_location
-from blindseg_dist.data.stream import _IMAGE_EXTS, _Files, decode_image, decode_label, index_shard, resolve_shards
+from blindseg_dist.data.location import (RemoteOptions, ShardFiles, ShardReadError, has_braces, image_ext, index_shard,
+                                         is_remote, resolve, shard_name)
+from blindseg_dist.data.stream import decode_image, decode_label
 from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.data.views import normalize, resize_bicubic, to_unit_float
 
@@ -61,11 +62,11 @@ def mapillary_protocol(height: int = 1536, crop: bool = True) -> Protocol:
 
 def resolve_protocol(protocol: str | Protocol | None) -> Protocol | None:
     """A protocol callable, or a name: "mapillary_<height>" (e.g. mapillary_1536, mapillary_1024)
-    -> mapillary_protocol(height); "full", "synthia" and None -> no transform (full resolution)."""
+    -> mapillary_protocol(height); "full", "synthia", "acdc" and None -> no transform (full resolution)."""
     if protocol is None or callable(protocol):
         return protocol
     name = str(protocol)
-    if name in ("full", "synthia"):
+    if name in ("full", "synthia", "acdc"):
         return None
     if name.startswith("mapillary_") and name[len("mapillary_"):].isdigit():
         return mapillary_protocol(int(name[len("mapillary_"):]))
@@ -91,7 +92,7 @@ class EvalDataset(Dataset):
                  remote: RemoteOptions | None = None):
         self.protocol = resolve_protocol(protocol)
         self.source = source
-        self._files = _Files()
+        self._files = ShardFiles()
         self._remote = None
         if source is not None:
             if not hasattr(source, "items") or not hasattr(source, "load_pair"):
@@ -107,10 +108,10 @@ class EvalDataset(Dataset):
         if p is not None and p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
             raise FileNotFoundError(f"{p} holds no shards (manifest.json or *.tar); for a raw dataset folder pass "
                                     f"source=blindseg_dist.data.sources.get_source(name, root, split)")
-        paths, counts = resolve_shards(path)
+        found = resolve(path)
         self._items = []  # (shard path, key, members), indexed once from the tar headers
-        for sp in paths:
-            samples, error = index_shard(sp, counts.get(sp))
+        for sp in found.urls:
+            samples, error = index_shard(sp, found.counts.get(sp))
             if error is not None:
                 raise RuntimeError(f"corrupt evaluation shard {sp}: {error}; rewrite it with the sharder "
                                    f"(evaluation never skips samples)")
@@ -120,7 +121,7 @@ class EvalDataset(Dataset):
             raise ValueError(f"duplicate sample keys in {path}; each shard set must hold every frame once")
 
     def _init_location(self, path, remote: RemoteOptions) -> None:
-        ss = resolve_location(path, retries=remote.retries, timeout=remote.timeout)
+        ss = resolve(path, retries=remote.retries, timeout=remote.timeout)
         self._remote = {"options": remote, "cache": remote.cache(), "set": ss, "index": {}}
         name_of = {shard_name(u): u for u in ss.urls}
         if ss.manifest is not None and ss.manifest.get("samples") and \
@@ -172,8 +173,7 @@ class EvalDataset(Dataset):
                 raise RuntimeError(f"evaluation shard {sp} holds no sample {key!r} although its manifest lists it; "
                                    f"rewrite the shards")
             sp = self._remote["index"][sp][0]
-        ext = next(e for e in _IMAGE_EXTS if e in members)
-        image = decode_image(self._files.read(sp, *members[ext]))
+        image = decode_image(self._files.read(sp, *members[image_ext(members)]))
         label = decode_label(self._files.read(sp, *members["label.png"]))
         if label.shape != image.shape[:2]:
             raise ValueError(f"{sp}: sample {key!r} has label {label.shape} and image {image.shape[:2]}")

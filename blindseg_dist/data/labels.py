@@ -14,6 +14,7 @@ import numpy as np
 
 NUM_CLASSES = 19
 IGNORE = 255
+TILE = 1024  # the released class-uniform tile: class centroids are taken per whole TILE x TILE tile
 
 # (trainId, name, Cityscapes labelId, colour): docs/DATA.md, "Label space".
 CLASSES: tuple[tuple[int, str, int, tuple[int, int, int]], ...] = (
@@ -100,8 +101,11 @@ MAPILLARY_MAPS: dict[str, LabelMap] = {"robustnet": MAPILLARY_ROBUSTNET,
 BDD100K = _table("bdd100k_trainids", 256, {i: i for i in range(NUM_CLASSES)},
                  [*range(NUM_CLASSES), IGNORE])
 
+# ACDC's *_gt_labelTrainIds.png: trainIds as well (0..18, 255 ignore).
+ACDC = _table("acdc_trainids", 256, {i: i for i in range(NUM_CLASSES)}, [*range(NUM_CLASSES), IGNORE])
+
 LABEL_MAPS: dict[str, LabelMap] = {m.name: m for m in (CITYSCAPES, SYNTHIA, MAPILLARY_ROBUSTNET,
-                                                       MAPILLARY_OPENSEG, BDD100K)}
+                                                       MAPILLARY_OPENSEG, BDD100K, ACDC)}
 
 
 def map_labels(raw: np.ndarray, lut: LabelMap | np.ndarray) -> tuple[np.ndarray, list[int]]:

@@ -1,12 +1,16 @@
 """Where shards live: local folders, brace patterns, http(s)://, pipe:CMD, and fsspec stores such as
 s3:// and gs:// (docs/DATA.md, "Shard locations").
 
-The I/O is webdataset's: local files and ``pipe:`` go through ``webdataset.gopen``, http(s) through
+This module is the one door to shards: ``resolve`` turns any location into its shard list (training,
+evaluation and every tool), ``open_shard`` is the one tar reader (sequential, never a seek, so a pipe
+or an HTTP body reads like a file), ``iter_shard`` groups its members into complete samples with the
+retries and deadline of remote shards, and ``index_shard`` / ``ShardFiles`` give indexed access to a
+local (or cached) tar for evaluation.
+
+Opening: local files with ``open``, ``pipe:`` through ``webdataset.gopen``, http(s) through
 webdataset's curl pipe (``gopen.Pipe``, one attempt and a connect timeout instead of its long
 built-in retries), other schemes through ``fsspec`` when installed (s3:// needs s3fs, gs:// gcsfs; the
-error names the missing package). Brace patterns are expanded by ``webdataset.shardlists.expand_urls``
-and tar streams are read by ``webdataset.tariterators`` (sequentially: no seeking on a remote
-stream).
+error names the missing package). Brace patterns are expanded by ``webdataset.shardlists.expand_urls``.
 
 A location's ``manifest.json`` is read from the same place: ``<base>/manifest.json`` for a folder
 (local or URL), the folder of a brace pattern or tar URL, and for ``pipe:`` the command with the
@@ -26,11 +30,13 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
 from .. import atomic
@@ -41,8 +47,9 @@ TIMEOUT = 600.0  # seconds per shard, whole transfer (data.remote_timeout)
 BACKOFF = 0.5  # seconds before the first retry, doubled each time, at most 8
 _FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                     "hf": "huggingface_hub"}
-_SAMPLE = ("label.png", "meta.json")
-_IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")
+IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")  # a sample's image member, by preference
+_SAMPLE = ("label.png", "meta.json")  # the other members every sample has
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext may hold dots
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -220,12 +227,12 @@ def open_stream(url: str, timeout: float = TIMEOUT):
     s = scheme(url)
     if s in ("http", "https"):
         return _curl(url, timeout)
-    if s in ("", "file", "pipe"):
+    if s in ("", "file"):
+        return open(local_path(url), "rb")
+    if s == "pipe":
         from webdataset.gopen import gopen
 
-        if s == "pipe":
-            return gopen(url, "rb", bufsize=1 << 16)
-        return gopen(url, "rb")
+        return gopen(url, "rb", bufsize=1 << 16)
     return _fsspec_open(url)
 
 
@@ -337,7 +344,7 @@ def _parse_manifest(data: bytes, where: str) -> dict:
         m["shards"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: not a valid shard manifest ({e}); rewrite the shards with `blindseg shard` "
-                         f"or pass the tar URLs explicitly") from None
+                         f"or pass the tar paths or URLs explicitly") from None
     return m
 
 
@@ -428,6 +435,11 @@ def _resolve_local(spec: str) -> ShardSet:
             except ValueError:
                 pass
         return ShardSet(spec, [str(root)])
+    if root.is_file():
+        hint = f" (its folder {root.parent} holds the shards)" if root.name == "manifest.json" else ""
+        raise FileNotFoundError(f"shard path {root} is a file, not a .tar shard or a shard folder{hint}; "
+                                f"point data paths at a folder written by the sharder (with manifest.json) "
+                                f"or at .tar files")
     if not root.is_dir():
         raise FileNotFoundError(f"shard path {root} does not exist; point data paths at a folder written by "
                                 f"the sharder (with manifest.json), a brace pattern, or a URL")
@@ -450,9 +462,71 @@ def load_location_manifest(spec: str, **kw) -> dict | None:
         return None
 
 
-# -- sequential shard reading -------------------------------------------------------------------
-def _complete(sample: dict) -> bool:
-    return all(k in sample for k in _SAMPLE) and any(e in sample for e in _IMAGE_EXTS)
+# -- reading shards ------------------------------------------------------------------------------
+def _complete(members: dict) -> bool:
+    """A sample has an image, a label and meta (the sharder's members; others are ignored)."""
+    return all(k in members for k in _SAMPLE) and any(e in members for e in IMAGE_EXTS)
+
+
+def image_ext(members: dict) -> str:
+    """The image member of a complete sample ("image.png", "image.jpg" or "image.jpeg")."""
+    return next(e for e in IMAGE_EXTS if e in members)
+
+
+def open_shard(url: str, timeout: float = TIMEOUT) -> Iterator[tuple[str, bytes]]:
+    """The one tar reader: the file members ``(name, bytes)`` of the shard at ``url``, in tar order.
+
+    Reads front to back (a tar stream, never a seek), so any location that can be read once
+    sequentially works: a local file, a pipe: command, an http(s) body, an fsspec stream. A remote
+    stream may wait ``timeout`` seconds in total for its bytes (the per-shard deadline). A cut-off
+    member raises tarfile.ReadError / EOFError; a tar cut at a member boundary just ends early (the
+    caller then misses samples the manifest lists). An error carries the stream and whether the
+    deadline fired, for iter_shard's message."""
+    stream = None
+    try:
+        stream = open_stream(url, timeout)
+        if is_remote(url):
+            stream = _Guarded(stream, timeout)
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                data = tf.extractfile(ti).read()
+                if len(data) != ti.size:
+                    raise EOFError(f"member {ti.name} is cut off ({len(data)} of {ti.size} bytes)")
+                yield ti.name, data
+        while stream.read(1 << 16):  # the tar's end padding: let a pipe's command finish writing
+            pass
+        stream.close()  # a pipe (curl, pipe:) raises here when its command failed
+    except GeneratorExit:
+        raise
+    except Exception as err:
+        err.__dict__["_stream"] = getattr(stream, "stream", stream)
+        err.__dict__["_timed_out"] = bool(getattr(stream, "fired", False))
+        raise
+    finally:
+        if stream is not None:
+            _close(stream)
+
+
+def group_samples(members: Iterable[tuple[str, bytes]], skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Tar members in order -> the complete samples ``(key, {ext: bytes})``, ext e.g. "image.png",
+    "label.png", "meta.json"; the first ``skip`` complete samples are passed over."""
+    key, cur, seen = None, {}, 0
+    for name, data in members:
+        mm = _MEMBER.match(name)
+        if mm is None:
+            continue
+        k, ext = mm.group(1), mm.group(2).lower()
+        if k != key:
+            if key is not None and _complete(cur):
+                if seen >= skip:
+                    yield key, cur
+                seen += 1
+            key, cur = k, {}
+        cur[ext] = data
+    if key is not None and _complete(cur) and seen >= skip:
+        yield key, cur
 
 
 def iter_shard(url: str, *, expected: int | None = None, retries: int = RETRIES,
@@ -466,7 +540,7 @@ def iter_shard(url: str, *, expected: int | None = None, retries: int = RETRIES,
     last = ""
     for attempt in _attempts(url, retries if is_remote(url) else 0):
         try:
-            for key, files in _stream_pass(url, timeout, yielded):
+            for key, files in group_samples(open_shard(url, timeout), skip=yielded):
                 yielded += 1
                 yield key, files
             if expected is not None and yielded < expected:
@@ -490,35 +564,81 @@ def iter_shard(url: str, *, expected: int | None = None, retries: int = RETRIES,
                          samples=yielded)
 
 
-def _stream_pass(url: str, timeout: float, skip: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """One sequential pass over the tar stream, skipping the first ``skip`` complete samples; errors carry the stream and whether the deadline fired."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def index_shard(path: str, expected: int | None = None):
+    """Scan a local tar's headers (no member data is read) -> (samples, error), for indexed reads
+    through ShardFiles.
 
-    stream = None
-    seen = 0
+    samples: [(key, {ext: (offset, size)})] for complete samples (an image, a label and meta).
+    error: None, or a message when the tar is truncated/corrupt (samples then hold its good prefix).
+    """
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    error = None
     try:
-        stream = open_stream(url, timeout)
-        if is_remote(url):
-            stream = _Guarded(stream, timeout)
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
-            if not _complete(sample):
-                continue
-            if seen >= skip:
-                yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
-            seen += 1
-        while stream.read(1 << 16):  # the tar's end padding: let a pipe's command finish writing
-            pass
-        stream.close()  # a pipe (curl, pipe:) raises here when its command failed
-    except GeneratorExit:
-        raise
-    except Exception as err:
-        err.__dict__["_stream"] = getattr(stream, "stream", stream)
-        err.__dict__["_timed_out"] = bool(getattr(stream, "fired", False))
-        raise
-    finally:
-        if stream is not None:
-            _close(stream)
+        fsize = os.path.getsize(path)
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            cur_key, cur = None, {}
+            while True:
+                ti = tf.next()
+                if ti is None:
+                    # a clean end is a zero block; anything else is garbage or a cut-off file
+                    f.seek(tf.offset)
+                    block = f.read(512)
+                    if len(block) < 512 or block.count(0) != 512:
+                        error = f"truncated or corrupt after byte {tf.offset}"
+                    break
+                if not ti.isfile():
+                    continue
+                if ti.offset_data + ti.size > fsize:
+                    error = f"member {ti.name} extends past the end of the file (truncated)"
+                    break
+                mm = _MEMBER.match(ti.name)
+                if mm is None:
+                    continue
+                key, ext = mm.group(1), mm.group(2).lower()
+                if key != cur_key:
+                    if cur_key is not None and _complete(cur):
+                        samples.append((cur_key, cur))
+                    cur_key, cur = key, {}
+                cur[ext] = (ti.offset_data, ti.size)
+            if cur_key is not None and _complete(cur):  # its members all lie inside the file
+                samples.append((cur_key, cur))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{type(e).__name__}: {e}"
+    if error is None and expected is not None and len(samples) < expected:
+        error = f"holds {len(samples)} complete samples, the manifest says {expected} (truncated)"
+    return samples, error
+
+
+class ShardFiles:
+    """Indexed reads of members located by index_shard: a small LRU of open local tars (per
+    process; a forked or unpickled copy opens its own)."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.files, self.pid = size, OrderedDict(), os.getpid()
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        if self.pid != os.getpid():  # forked: never share file offsets with the parent
+            self.files, self.pid = OrderedDict(), os.getpid()
+        f = self.files.pop(path, None) or open(path, "rb")
+        self.files[path] = f
+        while len(self.files) > self.size:
+            self.files.popitem(last=False)[1].close()
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"short read in {path} at byte {offset}")
+        return data
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+    def __getstate__(self):
+        return {"size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"])
 
 
 # -- upload ------------------------------------------------------------------------------------

@@ -15,9 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .labels import NUM_CLASSES
-
-TILE = 1024  # the released class-uniform tile
+from .labels import NUM_CLASSES, TILE
 
 # one epoch item: sample index, class (-1: uniform draw), centroid (-1, -1 for none), per-item seed
 ITEM = np.dtype([("sample", np.int64), ("cls", np.int16), ("cy", np.int32), ("cx", np.int32),

@@ -24,11 +24,11 @@ import cv2
 import numpy as np
 
 from .. import __version__, atomic
-from .labels import NUM_CLASSES
+from .labels import NUM_CLASSES, TILE
+from .location import index_shard
 from .sources.base import Item, SampleError, Source
 
 FORMAT = "blindseg-shards/2"  # /2: whole-tile centroids, centroid_tile, shuffled sample order
-TILE = 1024  # the released class-uniform tile size
 SHUFFLE_SEED = 0  # default seed of the sample order written into the shards
 DEFAULT_MIN_SHARDS = 16  # ranks x workers of a typical launch (8 GPUs x 2 workers)
 JPEG_QUALITY = 95
@@ -297,8 +297,9 @@ def verify_shards(shard_dir: str | os.PathLike) -> dict:
         elif _sha256(path) != s["sha256"]:
             bad.append({"name": s["name"], "reason": "sha256 mismatch"})
         else:
-            with tarfile.open(path) as tar:
-                keys = {m.name.split(".", 1)[0] for m in tar.getmembers()}
-            if len(keys) != s["count"]:
-                bad.append({"name": s["name"], "reason": f"{len(keys)} samples != {s['count']}"})
+            samples, error = index_shard(str(path))
+            if error is not None:
+                bad.append({"name": s["name"], "reason": error})
+            elif len(samples) != s["count"]:
+                bad.append({"name": s["name"], "reason": f"{len(samples)} samples != {s['count']}"})
     return {"ok": not bad, "checked": len(manifest["shards"]), "bad": bad}

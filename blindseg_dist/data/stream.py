@@ -12,8 +12,9 @@ Design (no webdataset shuffle buffers, so every batch is a pure function of its 
   DataLoader runs with batch_size=None). Every rank therefore yields batches forever.
 - Inside a stream, `open_shards` shards are open at a time and mixed through a shuffle buffer; the
   order is computed before reading, so each shard is read sequentially (no random access): all
-  tar reading goes through `open_shard(location)`, which yields a shard's members in order (a
-  remote location, through data.location.iter_shard: retries, deadline; docs/DATA.md, "Shard locations").
+  tar reading goes through data.location's one reader, `open_shard(location)`, which yields a
+  shard's members in order (a remote location through data.location.iter_shard: retries, deadline;
+  docs/DATA.md, "Shard locations").
 - Global batch j of a rank comes from virtual stream v = j % workers (DataLoader consumes workers
   round-robin), as local batch j // workers of that stream. A worker that resumes at start_step=k
   plays stream (w + k) % workers, skips whole epochs without touching them and, inside the current
@@ -32,12 +33,10 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import re
 import tarfile
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -47,11 +46,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from blindseg_dist.config import ON_CORRUPT  # what a corrupt shard does: skip the rest of it (counted) | raise
 from blindseg_dist.data import workers
 from blindseg_dist.data import location as _loc
+from blindseg_dist.data.location import index_shard, open_shard  # noqa: F401 - index_shard: importable here as before
 from blindseg_dist.data.sampler import TILE, SampleTable, repeats, stream_order, stream_slice
 from blindseg_dist.data.views import TwoViewTransform
-
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "<dir/><key>.<ext>", ext may hold dots
-_IMAGE_EXTS = ("image.png", "image.jpg", "image.jpeg")
 
 
 
@@ -62,97 +59,6 @@ class CorruptShardWarning(RuntimeWarning):
 
 class CorruptShardError(RuntimeError):
     """A shard could not be read (on_corrupt="fail"), or no shard yields any sample."""
-
-
-# -- shard discovery and indexing ---------------------------------------------------------------
-def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], dict[str, int]]:
-    """A shard directory (manifest.json, or *.tar) or a list of tar paths -> (paths, expected counts).
-
-    Expected counts come from the directory's manifest.json when present (used to detect tars
-    truncated exactly at a member boundary)."""
-    counts: dict[str, int] = {}
-    if isinstance(shards, (str, os.PathLike)):
-        root = Path(shards)
-        if root.is_file() and root.suffix == ".tar":
-            paths = [str(root)]
-        elif root.is_dir():
-            manifest = root / "manifest.json"
-            if manifest.is_file():
-                try:
-                    m = json.loads(manifest.read_text())
-                    entries = m["shards"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{manifest}: not a valid shard manifest ({e}); rewrite the shards "
-                                     f"with `blindseg shard` or pass the tar paths explicitly") from None
-                paths = [str(root / s["name"]) for s in entries]
-                counts = {str(root / s["name"]): int(s["count"]) for s in entries if "count" in s}
-            else:
-                paths = sorted(str(p) for p in root.glob("*.tar"))
-        elif root.is_file():
-            hint = f" (its folder {root.parent} holds the shards)" if root.name == "manifest.json" else ""
-            raise FileNotFoundError(f"shard path {root} is a file, not a .tar shard or a shard folder{hint}; "
-                                    f"point data paths at a folder written by the sharder (with manifest.json) "
-                                    f"or at .tar files")
-        else:
-            raise FileNotFoundError(f"shard path {root} does not exist; point data paths at a folder "
-                                    f"written by the sharder (with manifest.json) or at .tar files")
-    else:
-        paths = [str(p) for p in shards]
-    if not paths:
-        raise FileNotFoundError(f"no .tar shards found in {shards!r}; run the sharder first")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) listed but missing, e.g. {missing[0]}; "
-                                f"copy the complete shard folder or rewrite the shards")
-    return paths, counts
-
-
-def index_shard(path: str, expected: int | None = None):
-    """Scan a tar's headers (no member data is read) -> (samples, error).
-
-    samples: [(key, {ext: (offset, size)})] for complete samples (an image, a label and meta).
-    error: None, or a message when the tar is truncated/corrupt (samples then hold its good prefix).
-    """
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    error = None
-    try:
-        fsize = os.path.getsize(path)
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            cur_key, cur = None, {}
-            while True:
-                ti = tf.next()
-                if ti is None:
-                    # a clean end is a zero block; anything else is garbage or a cut-off file
-                    f.seek(tf.offset)
-                    block = f.read(512)
-                    if len(block) < 512 or block.count(0) != 512:
-                        error = f"truncated or corrupt after byte {tf.offset}"
-                    break
-                if not ti.isfile():
-                    continue
-                if ti.offset_data + ti.size > fsize:
-                    error = f"member {ti.name} extends past the end of the file (truncated)"
-                    break
-                mm = _MEMBER.match(ti.name)
-                if mm is None:
-                    continue
-                key, ext = mm.group(1), mm.group(2).lower()
-                if key != cur_key:
-                    if cur_key is not None and _complete(cur):
-                        samples.append((cur_key, cur))
-                    cur_key, cur = key, {}
-                cur[ext] = (ti.offset_data, ti.size)
-            if cur_key is not None and _complete(cur):  # its members all lie inside the file
-                samples.append((cur_key, cur))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"{type(e).__name__}: {e}"
-    if error is None and expected is not None and len(samples) < expected:
-        error = f"holds {len(samples)} complete samples, the manifest says {expected} (truncated)"
-    return samples, error
-
-
-def _complete(members: dict) -> bool:
-    return "label.png" in members and "meta.json" in members and any(e in members for e in _IMAGE_EXTS)
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -174,78 +80,20 @@ def decode_label(data: bytes) -> np.ndarray:
     return lab
 
 
-class _Files:
-    """A small LRU of open shard files (per worker process)."""
-
-    def __init__(self, size: int = 8):
-        self.size, self.files, self.pid = size, OrderedDict(), os.getpid()
-
-    def read(self, path: str, offset: int, size: int) -> bytes:
-        if self.pid != os.getpid():  # forked: never share file offsets with the parent
-            self.files, self.pid = OrderedDict(), os.getpid()
-        f = self.files.pop(path, None) or open(path, "rb")
-        self.files[path] = f
-        while len(self.files) > self.size:
-            self.files.popitem(last=False)[1].close()
-        f.seek(offset)
-        data = f.read(size)
-        if len(data) != size:
-            raise OSError(f"short read in {path} at byte {offset}")
-        return data
-
-    def close(self):
-        for f in self.files.values():
-            f.close()
-        self.files.clear()
-
-    def __getstate__(self):
-        return {"size": self.size}
-
-    def __setstate__(self, state):
-        self.__init__(state["size"])
-
-
-# -- the one place shards are opened -------------------------------------------------------------
-def open_shard(location: str) -> Iterator[tuple[str, bytes]]:
-    """Open the shard at ``location`` and yield its file members ``(name, bytes)`` in tar order.
-
-    The only function of the training stream that opens a tar: it reads sequentially (a tar stream,
-    never a seek), so any location that can be read front to back works. A cut-off member raises
-    tarfile.ReadError / EOFError; a tar cut at a member boundary just ends early (the caller then
-    misses samples the manifest lists)."""
-    with open(location, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for ti in tf:
-            if not ti.isfile():
-                continue
-            data = tf.extractfile(ti).read()
-            if len(data) != ti.size:
-                raise EOFError(f"member {ti.name} is cut off ({len(data)} of {ti.size} bytes)")
-            yield ti.name, data
-
-
+# -- reading ---------------------------------------------------------------------------------
 def iter_samples(location: str, remote: "_loc.RemoteOptions | None" = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Complete samples (an image, a label and meta) of a shard, ``(key, {ext: bytes})``, in order.
 
-    A remote location (http(s)://, pipe:CMD, s3://, ...) is streamed by data.location.iter_shard
-    with ``remote``'s retries and deadline (docs/DATA.md, "Shard locations"); after its retries it
-    raises ShardReadError, an OSError, which the stream treats as a corrupt shard."""
+    A local shard is one pass of data.location's tar reader, ``open_shard`` (its errors as they
+    are: tarfile.ReadError, EOFError, OSError); a remote location (http(s)://, pipe:CMD, s3://, ...)
+    is streamed by data.location.iter_shard with ``remote``'s retries and deadline (docs/DATA.md,
+    "Shard locations"); after its retries it raises ShardReadError, an OSError. The stream treats
+    all of these as a corrupt shard."""
     if _loc.is_remote(location):
         r = remote or _loc.RemoteOptions()
         yield from _loc.iter_shard(location, retries=r.retries, timeout=r.timeout)
         return
-    key, cur = None, {}
-    for name, data in open_shard(location):
-        mm = _MEMBER.match(name)
-        if mm is None:
-            continue
-        k, ext = mm.group(1), mm.group(2).lower()
-        if k != key:
-            if key is not None and _complete(cur):
-                yield key, cur
-            key, cur = k, {}
-        cur[ext] = data
-    if key is not None and _complete(cur):
-        yield key, cur
+    yield from _loc.group_samples(open_shard(location))
 
 
 def load_sample_table(shards, remote: "_loc.RemoteOptions | None" = None) -> SampleTable:
@@ -407,8 +255,7 @@ class ShardStream(IterableDataset):
                           stacklevel=3)
 
     def _load(self, members: dict[str, bytes], item, key: str):
-        ext = next(e for e in _IMAGE_EXTS if e in members)
-        image = decode_image(members[ext])
+        image = decode_image(members[_loc.image_ext(members)])
         label = decode_label(members["label.png"])
         if label.shape != image.shape[:2]:
             raise ValueError(f"label size {label.shape} differs from image size {image.shape[:2]}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .labels import IGNORE
+from .labels import IGNORE, TILE
 
 JITTER_ORIG = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the original view
 JITTER_ORIG_P = 0.5  # RandomApply probability of the original view's jitter
@@ -33,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = np.array([0.2989, 0.587, 0.114], dtype=np.float32)  # torchvision rgb_to_grayscale weights
 
 
-def class_centroids(label: np.ndarray, tile: int = 1024) -> dict[str, list[list[int]]]:
+def class_centroids(label: np.ndarray, tile: int = TILE) -> dict[str, list[list[int]]]:
     """Class-uniform centroids (the released convention), as the sharder stores them in meta.json:
     {"<c>": [[y, x], ...]}, the integer centroid of class c in every whole tile x tile tile holding
     it (a frame smaller than a tile in either direction has none)."""

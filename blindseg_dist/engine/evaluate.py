@@ -4,7 +4,9 @@ ranks with each image counted exactly once, IoU = TP / (TP + FP + FN), mIoU = na
 
 Protocols (``eval.protocols``, per target): ``full`` (the image as stored), ``mapillary_1536`` /
 ``mapillary_1024`` (resize to that height, centre crop, pad with ignore; applied by the dataset),
-``synthia`` (mIoU over 19 classes, and over 16 without terrain, truck, train as ``miou16``).
+``synthia`` (mIoU over 19 classes, and over 16 without terrain, truck, train as ``miou16``), ``acdc``
+(the 1920x1080 frame as stored, sliding windows of ACDC_WINDOW as Rein evaluates ACDC, unless
+eval.sliding_window sets one for every target).
 A target without an entry gets its protocol from its name or its shard manifest's dataset.
 """
 from __future__ import annotations
@@ -22,12 +24,14 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import EVAL_PROTOCOLS as PROTOCOLS
+from ..data.corruptions import EXTRA, STANDARD
 from ..data.evalset import EvalDataset, shard_indices
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from ..data.location import RemoteOptions, has_braces, is_remote, load_location_manifest
 from ..data.sources import OPENERS, SampleError, detect_dataset, get_source
 from .figures import confusion_figure
 
+ACDC_WINDOW = (1024, 683)  # crop, stride (px) of the acdc protocol's sliding window (Rein's ACDC test_cfg)
 SYNTHIA_MISSING = (9, 14, 16)  # terrain, truck, train: absent from SYNTHIA, excluded from mIoU16
 SYNTHIA16 = tuple(c for c in range(NUM_CLASSES) if c not in SYNTHIA_MISSING)
 
@@ -234,9 +238,10 @@ def _manifest_dataset(path: str | Path) -> str:
         return ""
 
 
-def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
-    """The protocol of target ``name``: eval.protocols[name], else from the target's name or its
-    shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536), else full."""
+def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
+    """The protocol name of target ``name``: eval.protocols[name], else from the target's name or
+    its shard manifest's dataset (synthia -> synthia, mapillary -> mapillary_1536, acdc -> acdc), else full.
+    (data.evalset.resolve_protocol then turns such a name into the frame transform.)"""
     if protocols and name in protocols:
         proto = protocols[name]
         if proto not in PROTOCOLS:
@@ -247,7 +252,20 @@ def resolve_protocol(name: str, path: str | Path, protocols: dict[str, str] | No
         return "synthia"
     if "mapillary" in hint:
         return "mapillary_1536"
+    if "acdc" in hint:
+        return "acdc"
     return "full"
+
+
+def target_window(protocol: str, sliding_window: Sequence[int] | None) -> list[int]:
+    """The sliding window of a target: eval.sliding_window when set (every target), else the protocol's
+    own (acdc: ACDC_WINDOW), else [] (the whole image)."""
+    if sliding_window:
+        return list(sliding_window)
+    return list(ACDC_WINDOW) if protocol == "acdc" else []
+
+
+resolve_protocol = target_protocol  # the former name of target_protocol, kept for importers
 
 
 def build_eval_dataset(path: str | Path, protocol: str, remote=None):
@@ -260,22 +278,176 @@ def build_eval_dataset(path: str | Path, protocol: str, remote=None):
     return EvalDataset(path, protocol=proto, remote=remote)
 
 
+def origin_id(spec: str | Path) -> str:
+    """One spelling of an evaluation set's location, to tell whether a target is the clean set a corrupted
+    family was made from: ``DATASET:/abs/root`` for a raw folder, the absolute path of a local shard
+    folder, the location itself for a URL or pattern."""
+    raw = raw_target(spec)
+    if raw is not None:
+        return f"{raw[0]}:{Path(raw[1]).resolve()}"
+    if is_remote(str(spec)) or has_braces(str(spec)):
+        return str(spec)
+    return str(Path(spec).resolve())
+
+
+def corruption_family(path: str | Path) -> list[dict] | None:
+    """The sets of a `blindseg corrupt` output folder ([{corruption, severity, path, corrupted_from}], in the
+    package's order of corruptions, then by severity), or None when ``path`` is not such a folder (a local
+    folder without shards of its own whose sub-folders hold shard sets whose manifests name a corruption)."""
+    s = str(path)
+    if is_remote(s) or has_braces(s) or raw_target(s) is not None:
+        return None
+    p = Path(s)
+    if not p.is_dir() or (p / "manifest.json").is_file() or any(p.glob("*.tar")):
+        return None
+    sets = []
+    for sub in sorted(q for q in p.iterdir() if (q / "manifest.json").is_file()):
+        try:
+            m = json.loads((sub / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if "corruption" in m and "severity" in m:
+            sets.append({"corruption": str(m["corruption"]), "severity": int(m["severity"]), "path": str(sub),
+                         "corrupted_from": m.get("corrupted_from")})
+    if not sets:
+        return None
+    order = {n: i for i, n in enumerate(STANDARD + EXTRA)}
+    return sorted(sets, key=lambda r: (order.get(r["corruption"], len(order)), r["corruption"], r["severity"]))
+
+
+def member_name(family: str, corruption: str, severity: int) -> str:
+    """The target name of one set of a corrupted family: ``<family>/<corruption>-<severity>``."""
+    return f"{family}/{corruption}-{severity}"
+
+
+def expand_targets(targets: dict[str, str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """(targets with every corrupted family replaced by its sets, {family: {path, corrupted_from, clean,
+    members: {target name: {corruption, severity}}}}). ``clean``: the other target that is the set the
+    family was made from (same location), else None."""
+    flat: dict[str, str] = {}
+    families: dict[str, dict] = {}
+    for name, path in targets.items():
+        sets = corruption_family(path)
+        if sets is None:
+            flat[name] = path
+            continue
+        members = {}
+        for r in sets:
+            flat[member_name(name, r["corruption"], r["severity"])] = r["path"]
+            members[member_name(name, r["corruption"], r["severity"])] = {"corruption": r["corruption"],
+                                                                           "severity": r["severity"]}
+        origins = sorted({str(r["corrupted_from"]) for r in sets if r["corrupted_from"]})
+        families[name] = {"path": str(path), "corrupted_from": origins[0] if len(origins) == 1 else origins,
+                          "clean": None, "members": members}
+    for fam in families.values():
+        for name, path in targets.items():
+            if name not in families and isinstance(fam["corrupted_from"], str) and \
+                    origin_id(path) == fam["corrupted_from"]:
+                fam["clean"] = name
+                break
+    return flat, families
+
+
+def corruption_groups(results: dict[str, dict], families: dict[str, dict]) -> dict[str, dict]:
+    """Per corrupted family: mIoU per corruption and severity, the mean per corruption, mPC (the mean
+    over corruptions of those means: the mean over all sets when every corruption has the same
+    severities) and, when the clean set was evaluated too, its mIoU and the relative robustness
+    mPC / clean mIoU."""
+    out = {}
+    for fam, info in families.items():
+        per: dict[str, dict[str, float]] = {}
+        for tname, m in info["members"].items():
+            if tname in results:
+                per.setdefault(m["corruption"], {})[str(m["severity"])] = results[tname]["miou"]
+        corr = {c: {"miou": v, "mean": _nanmean(np.array(list(v.values()), dtype=np.float64))} for c, v in per.items()}
+        mpc = _nanmean(np.array([r["mean"] for r in corr.values()], dtype=np.float64)) if corr else float("nan")
+        clean = info.get("clean")
+        clean_miou = results[clean]["miou"] if clean in results else None
+        out[fam] = {"path": info["path"], "corrupted_from": info["corrupted_from"], "clean": clean,
+                    "clean_miou": clean_miou, "severities": sorted({int(s) for v in per.values() for s in v}),
+                    "corruptions": corr, "mpc": mpc,
+                    "relative_robustness": (mpc / clean_miou) if clean_miou else None}
+    return out
+
+
+def format_corruption_table(groups: dict[str, dict], fmt: str = "text") -> str:
+    """mIoU (%) per corruption (rows) and severity (columns) with the mean per corruption, then mPC, the
+    clean mIoU and the relative robustness; one table per family (fmt: text or markdown)."""
+    blocks = []
+    for fam, g in groups.items():
+        sev = g["severities"]
+        head = ["corruption", *[f"s{s}" for s in sev], "mean"]
+        rows = [[c, *[r["miou"].get(str(s)) for s in sev], r["mean"]] for c, r in g["corruptions"].items()]
+        rows.append(["mPC", *[None] * len(sev), g["mpc"]])
+        pct = lambda v: "-" if v is None or v != v else f"{100 * v:.2f}"
+        tail = (f"clean ({g['clean']}): {pct(g['clean_miou'])}, relative robustness mPC / clean: "
+                f"{pct(g['relative_robustness'])} %" if g["clean"] else
+                "clean set not evaluated (add it as a target to get the relative robustness)")
+        if fmt == "markdown":
+            lines = [f"**{fam}** (corrupted from {g['corrupted_from']}): mIoU (%)", "",
+                     "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+            lines += ["| " + " | ".join([r[0], *map(pct, r[1:])]) + " |" for r in rows]
+            blocks.append("\n".join(lines + ["", tail]))
+            continue
+        width = max(12, *(len(r[0]) + 2 for r in rows))
+        lines = [f"{fam}: mIoU (%) per corruption and severity",
+                 f"{'corruption':<{width}}" + "".join(f"{h:>8}" for h in head[1:]), "-" * (width + 8 * (len(head) - 1))]
+        for r in rows:
+            if r[0] == "mPC":
+                lines.append("-" * (width + 8 * (len(head) - 1)))
+            lines.append(f"{r[0]:<{width}}" + "".join(f"{pct(v) if v is not None else '':>8}" for v in r[1:]))
+        blocks.append("\n".join(lines + [tail]))
+    return "\n\n".join(blocks)
+
+
+def corruption_report(targets: dict[str, str], results: dict[str, dict]) -> dict[str, dict]:
+    """corruption_groups of the corrupted families among ``targets`` ({} when there is none)."""
+    return corruption_groups(results, expand_targets(targets)[1])
+
+
+def log_corruption_groups(logger, groups: dict[str, dict], step: int) -> None:
+    """TensorBoard: mpc/<family>, relative_robustness/<family>, corruption/<family>/<corruption> (mean over
+    severities) and corruption/<family>/<corruption>/s<severity>, and the grouped table as text."""
+    if not groups:
+        return
+    scalars = {}
+    for fam, g in groups.items():
+        scalars[f"mpc/{fam}"] = g["mpc"]
+        if g["relative_robustness"] is not None:
+            scalars[f"relative_robustness/{fam}"] = g["relative_robustness"]
+        for c, r in g["corruptions"].items():
+            scalars[f"corruption/{fam}/{c}"] = r["mean"]
+            scalars.update({f"corruption/{fam}/{c}/s{s}": v for s, v in r["miou"].items()})
+    logger.scalars({k: v for k, v in scalars.items() if v == v}, step)
+    logger.text("eval/corruptions", format_corruption_table(groups, "markdown"), step)
+
+
 def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 0, data_cfg=None) -> dict[str, dict]:
     """Evaluate every target of ``eval_cfg`` (an EvalConfig) with its protocol; returns
     {name: target_result}. Logs miou/<t>, miou16/<t> and iou/<t>/<class> scalars and a per-class
     text table to ``logger`` (a RunLogger) when given. ``data_cfg`` (a DataConfig): how URL targets
-    are read (data.remote_retries, remote_timeout, cache_dir, cache_gb)."""
+    are read (data.remote_retries, remote_timeout, cache_dir, cache_gb).
+
+    A target that is a `blindseg corrupt` output folder (a corrupted family) is evaluated set by set, as
+    targets ``<name>/<corruption>-<severity>`` with the family's protocol; corruption_report groups them
+    (logged here too)."""
     remote = RemoteOptions.from_config(data_cfg)
-    predict = make_predictor(eval_cfg.sliding_window)
+    targets, families = expand_targets(dict(eval_cfg.targets))
+    protocols = dict(eval_cfg.protocols)
+    for fam, info in families.items():
+        if fam in protocols:
+            protocols.update({m: protocols[fam] for m in info["members"]})
     results = {}
-    for name, path in eval_cfg.targets.items():
-        protocol = resolve_protocol(name, path, eval_cfg.protocols)
+    for name, path in targets.items():
+        protocol = target_protocol(name, path, protocols)
         ds = build_eval_dataset(path, protocol, remote)
+        predict = make_predictor(target_window(protocol, eval_cfg.sliding_window))
         cm = evaluate_dataset(net, ds, device=device, max_images=eval_cfg.max_images, desc=f"eval {name}",
                               predict=predict)
         results[name] = target_result(cm, protocol=protocol)
     if logger is not None:
         log_results(logger, results, step)
+        log_corruption_groups(logger, corruption_groups(results, families), step)
     return results
 
 

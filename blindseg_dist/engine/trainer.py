@@ -291,6 +291,7 @@ class Trainer(TrainLoop):
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
+        self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
@@ -329,7 +330,7 @@ class Trainer(TrainLoop):
         engine = f"DeepSpeed ZeRO-{acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else acc.distributed_type.value
         print(
             f"[train] world size {self.world} ({engine}, {acc.device}, precision {cfg.run.mixed_precision}), "
-            f"{self.n_params / 1e6:.2f}M parameters, global batch {cfg.data.batch_size * self.world * self.micro}, "
+            f"{self.n_params / 1e6:.2f}M parameters ({self.n_trainable / 1e6:.2f}M trained), global batch {cfg.data.batch_size * self.world * self.micro}, "
             f"steps {self.step}->{self.max_steps}, output {self.out_dir}", flush=True
         )
 
@@ -484,7 +485,7 @@ class Trainer(TrainLoop):
         engine = f"deepspeed_zero{self.acc.state.deepspeed_plugin.zero_stage}" if self.deepspeed else "ddp"
         return {"world_size": self.world, "engine": engine, "steps": self.step, "stop_reason": self.stop_reason,
                 "seconds": seconds, "checkpoint": str(self.last_checkpoint), "counters": self.counters,
-                "lr": self.lr}
+                "lr": self.lr, "trainable_params": self.n_trainable, "total_params": self.n_params}
 
     def close(self) -> None:
         self.logger.close()

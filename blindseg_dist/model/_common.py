@@ -77,6 +77,28 @@ class Backbone(nn.Module):
                               context_fn=lambda: (nullcontext(), _frozen_bn_statistics(module)))
         return fn(x)
 
+    frozen_modules: list[str] = []
+    """Names of the modules of a frozen encoder (model/freeze.py): kept in eval mode by ``train``."""
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """``nn.Module.train``, except that a frozen encoder stays in eval mode (no dropout or
+        drop-path, BN running statistics unchanged); adapters inside it (LoRA) follow ``mode``."""
+        super().train(mode)
+        for name in self.frozen_modules:
+            self.get_submodule(name).eval()
+        if mode and self.frozen_modules:
+            for m in self.adapter_modules():
+                m.train(True)
+        return self
+
+    def adapter_modules(self) -> list[nn.Module]:
+        """Trainable modules inside the frozen encoder (LoRA layers' adapters and dropout)."""
+        return []
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules of the encoder (what ``model.freeze_backbone`` freezes): those of ``layer_groups``."""
+        return [item for group in self.layer_groups() for item in group if isinstance(item, nn.Module)]
+
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         """The encoder's parameters in depth order, one group per layer id: [stem / patch embedding],
         then one group per block (residual block, ConvNeXt/Swin block, ViT block). Layer-wise lr

@@ -279,8 +279,12 @@ def build_backbone(
     plain ViT (ViT, DeiT, CLIP, DINOv2, EVA-02) gets model/vit.py's ViTBackbone with the options
     ``vit`` (blocks, in_points, pyramid_channels, drop_path). ``timm_kwargs`` go to timm.create_model
     (e.g. {"depth": 2} for a small test model)."""
+    adapter = (vit or {}).get("adapter", "none")
     if name.startswith("timm:"):
         arch = name[len("timm:"):]
+        if not is_vit(arch) and (adapter != "none" or (vit or {}).get("patch_size")):
+            raise ValueError(f"model.adapter={adapter} / model.patch_size need a plain ViT (ViT, DINOv2, DINOv3, "
+                             f"EVA-02); {arch!r} is not one")
         if is_vit(arch):
             return ViTBackbone(arch, output_stride, pretrained, grad_checkpointing, timm_kwargs=timm_kwargs,
                                **(vit or {}))
@@ -288,6 +292,9 @@ def build_backbone(
                             drop_path=(vit or {}).get("drop_path", 0.0))  # (the other ViT options: plain ViTs only)
     if name not in _TORCHVISION_RESNETS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if adapter != "none":
+        raise ValueError(f"model.adapter={adapter} needs a plain ViT backbone (timm:vit_*, DINOv2, DINOv3, EVA-02), "
+                         f"not {name}")
     backbone = ResNetBackbone(name, output_stride, grad_checkpointing)
     if pretrained is not None:
         backbone.load_pretrained(pretrained)

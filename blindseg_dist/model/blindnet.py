@@ -131,7 +131,8 @@ def build_model(
     channels_last: keep weights and activations in NHWC memory format.
     grad_checkpointing: recompute backbone stages (ViT: every block) in backward to save memory.
     proj_levels: the three features the projection heads read (PROJ_LEVELS).
-    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path).
+    vit: plain-ViT options (model/vit.py: blocks, in_points, pyramid_channels, drop_path, patch_size;
+        adapter "none" | "rein" | "lora" with the options ``rein`` and ``lora`` of model/adapters.py).
     timm_kwargs: extra timm.create_model arguments (e.g. {"depth": 2}).
     in_losses: the IN outputs feed a loss (CML/CCL); a ViT builds no pyramid level nothing reads.
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
@@ -150,7 +151,11 @@ def build_model(
         channels_last=channels_last,
         proj_levels=proj_levels,
     )
-    if freeze_backbone or freeze_blocks:
+    adapter = (vit or {}).get("adapter", "none")
+    if adapter != "none" and freeze_blocks:
+        raise ValueError(f"model.freeze_blocks={freeze_blocks} with model.adapter={adapter}: an adapter freezes the "
+                         "whole encoder already; set model.freeze_blocks=0")
+    if adapter == "none" and (freeze_backbone or freeze_blocks):  # an adapter froze the encoder already
         freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -27,14 +27,25 @@ def layer_ids(backbone: nn.Module) -> tuple[dict[str, int], int]:
 
 def freeze_encoder(backbone: nn.Module, blocks: int | None) -> list[str]:
     """requires_grad=False on the encoder (``blocks=None``: every group) or on its stem and first
-    ``blocks`` blocks (groups 0..blocks); returns the frozen parameter names. The neck stays trainable."""
+    ``blocks`` blocks (groups 0..blocks); returns the frozen parameter names. The neck stays trainable.
+
+    The whole encoder (``blocks=None``) is frozen for real: every parameter of its modules
+    (``backbone.encoder_modules()``) too, and they stay in eval mode whatever ``train()`` is called
+    with (no dropout, no drop-path, BN running statistics unchanged): ``Backbone.train``."""
     ids, n = layer_ids(backbone)
     if blocks is not None and not 0 <= blocks < n:
         raise ValueError(f"model.freeze_blocks: {blocks} must be in [0, {n - 1}] ({n - 1} blocks in this backbone)")
     last = n - 1 if blocks is None else blocks
+    inside: set[int] = set()
+    if blocks is None:
+        modules = list(backbone.encoder_modules())
+        inside = {id(p) for m in modules for p in m.parameters()}
+        where = {id(m): name for name, m in backbone.named_modules()}
+        backbone.frozen_modules = [where[id(m)] for m in modules]  # names: module swaps (SyncBN) keep them
+        backbone.train(backbone.training)
     frozen = []
     for name, p in backbone.named_parameters():
-        if ids[name] <= last:
+        if ids[name] <= last or id(p) in inside:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import Backbone, ChannelsLastIN, instance_norm, load_state_dict_file, preview_keys
+from .adapters import ADAPTERS, Rein, apply_lora
+from .freeze import freeze_encoder
 
 __all__ = ["ViTBackbone", "is_vit", "VIT_FAMILIES", "DEFAULT_IN_POINTS"]
 
@@ -111,6 +113,10 @@ class ViTBackbone(Backbone):
         drop_path: float = 0.0,
         timm_kwargs: dict[str, Any] | None = None,
         consumers: dict[str, Any] | None = None,
+        adapter: str = "none",
+        rein: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
+        patch_size: int = 0,
     ) -> None:
         super().__init__()
         import timm
@@ -121,6 +127,8 @@ class ViTBackbone(Backbone):
         self.family = VIT_FAMILIES[timm.models.model_entrypoint(name).__module__]
         kwargs = dict(timm_kwargs or {})
         kwargs.update(num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, drop_path_rate=drop_path)
+        if patch_size:
+            kwargs["patch_size"] = patch_size  # pretrained kernels are resized to it (load_pretrained)
         vit = timm.create_model(name, pretrained=False, **kwargs)  # weights: load_pretrained, local files only
         self.arch = name
         self._take_vit(vit, blocks)
@@ -137,6 +145,11 @@ class ViTBackbone(Backbone):
         self.pretrained_report: dict[str, Any] | None = None
         if pretrained is not None:
             self.load_pretrained(pretrained)
+        self.adapter = adapter
+        self.rein: Rein | None = None
+        self.lora_targets: list[str] = []
+        if adapter != "none":
+            self._attach_adapter(adapter, rein or {}, lora or {})
 
     def _take_vit(self, vit: nn.Module, blocks: Sequence[int] | None) -> None:
         """Keep the timm ``vit`` as ``self.vit`` with what the pyramid needs: the tapped blocks
@@ -179,6 +192,25 @@ class ViTBackbone(Backbone):
         self.in_norms = nn.ModuleList(
             ChannelsLastIN(c) if not p.startswith("p") else instance_norm(c) for p, c in zip(self.in_points, self.in_channels)
         )
+    def _attach_adapter(self, adapter: str, rein: dict[str, Any], lora: dict[str, Any]) -> None:
+        """Freeze the encoder for real (model/freeze.py: no gradient, eval mode) and add the adapter
+        (model/adapters.py), after the pretrained weights are in (LoRA's SVD init reads them)."""
+        if adapter not in ADAPTERS:
+            raise ValueError(f"model.adapter: {adapter!r} is not one of {list(ADAPTERS)}")
+        freeze_encoder(self, None)
+        if adapter == "rein":
+            self.rein = Rein(self.depth, self.embed_dim, self.patch, **rein)
+        else:
+            opts = dict(lora)
+            span = opts.pop("blocks", None)
+            if span:
+                if len(span) != 2 or not 0 <= span[0] <= span[1] < self.depth:
+                    raise ValueError(f"model.lora_blocks: {list(span)} must be [first, last] with 0 <= first <= last "
+                                     f"< {self.depth} ({self.arch} runs {self.depth} blocks)")
+                span = range(span[0], span[1] + 1)
+            if opts.get("targets") is None:
+                opts.pop("targets", None)
+            self.lora_targets = apply_lora(self.vit, blocks=span, **opts)
 
     def used_levels(self, aux: bool = True, proj_levels: Sequence[str] = ("low", "mid", "aux", "high"),
                     in_losses: bool = True) -> set[int]:
@@ -230,6 +262,8 @@ class ViTBackbone(Backbone):
         maps: list[Tensor] = []
         for i in range(self.depth):
             t = self._block(i, t, rope)
+            if self.rein is not None:
+                t = self.rein(t, i, self.num_prefix)  # refines the patch tokens; prefix tokens pass through
             name = f"block{i}"
             if name in self.in_points:
                 g = self.in_norms[self.in_points.index(name)](self._grid(t, hw))
@@ -256,6 +290,20 @@ class ViTBackbone(Backbone):
         return feats, [recorded.get(p) for p in self.in_points]
 
     # ---- layer ids (layer-wise lr decay, freezing) --------------------------------------------
+    def encoder_modules(self) -> list[nn.Module]:
+        """The whole timm ViT (patch embedding, tokens, blocks, pre-norm); the tap norm and the
+        pyramid are the neck and Rein is outside it."""
+        return [self.vit]
+
+    def adapter_modules(self) -> list[nn.Module]:
+        from .adapters import lora_adapter_modules
+
+        return lora_adapter_modules(self.vit) if self.lora_targets else []
+
+    def tokens(self) -> Tensor | None:
+        """Rein's learnable tokens [L, T, C] (``model.adapter: rein``), else None."""
+        return self.rein.tokens() if self.rein is not None else None
+
     def layer_groups(self) -> list[list[nn.Module | nn.Parameter]]:
         """Encoder parameters in depth order: [patch embedding + tokens + position embedding], block 0,
         ...; the pyramid and the tap norm come after (the neck, see engine/optim.py)."""

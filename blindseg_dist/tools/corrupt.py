@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
+from ..data.corruptions import EXTRA, SEVERITIES, STANDARD
 
-STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-            "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-            "jpeg_compression")  # the 15 of the benchmark (``all``), in the package's order
-EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # the package's 4 held-out ("validation") ones
-SEVERITIES = (1, 2, 3, 4, 5)
 _SEEDED = ("impulse_noise", "glass_blur")  # take a `seed` argument instead of numpy's global RNG
 PACKAGE = "imagecorruptions-imaug"  # the distribution that provides the `imagecorruptions` module
 
@@ -232,7 +228,9 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
         raise ValueError(f"{data}: the evaluation set holds no frames")
     info = _describe(data, ds)
     spp = int(samples_per_shard or info.get("samples_per_shard") or 64)
-    origin = data if (":" in data and not Path(data).exists()) else str(Path(data).resolve())
+    from ..engine.evaluate import origin_id
+
+    origin = origin_id(data)  # how `blindseg eval` finds the clean set of the family among its targets
     package = _package_version()
     sets = []
     todo = [(c, s) for c in names for s in levels]

@@ -16,14 +16,15 @@ from PIL import Image
 
 from .. import atomic
 from ..config import Config, find_config, load_config, load_yaml
+from ..data.labels import colorize
 from ..data.shards import write_shards
 from ..data.sources import get_source
 from ..data.stream import make_train_loader
 from ..data.synth import generate
 from ..engine.checkpoint import list_checkpoints
-from ..engine.evaluate import build_eval_dataset, predict_logits, resolve_protocol
-from ..engine.figures import stack_panels
-from ..engine.logging import RunLogger, image_panel
+from ..engine.evaluate import build_eval_dataset, predict_logits, target_protocol
+from ..engine.figures import titled_grid
+from ..engine.logging import RunLogger, denormalize
 from ..errors import ConfigError
 from ..launcher import blindseg_command, launch_env
 from .evaluate_cli import confusion_png, load_checkpoint_model
@@ -42,24 +43,39 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise SystemExit(f"[demo] {what} failed with exit code {proc.returncode}")
 
 
+TRAIN_COLUMNS = ("input", "augmented view", "ground truth", "prediction")
+TARGET_COLUMNS = ("input", "ground truth", "prediction")
+
+
 def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_size: int, seed: int = 0,
                       n_train: int = 2) -> np.ndarray:
-    """The panel a person looks at after a run: ``n_train`` training crops as the trainer sees them
-    (input | augmented view | ground truth | prediction), then the first frame of each target
-    (input | ground truth | prediction, full resolution), predicted by ``net`` in eval mode."""
+    """The panel a person looks at after a run (figures.titled_grid): ``n_train`` training crops as the
+    trainer sees them (input | augmented view | ground truth | prediction; the augmented column only when
+    the loader makes a second view), then the first frame of each target (input | ground truth |
+    prediction, full resolution, the row named after the target), predicted by ``net`` in eval mode."""
     was_training = net.training
     net.eval()
     loader = make_train_loader(train_shards, batch_size=n_train, crop_size=crop_size, num_workers=0, seed=seed)
     batch = next(iter(loader))
-    panels = []
     with torch.no_grad():
-        panels.append(image_panel(batch, net(batch["image"]), max_images=n_train))
+        n = min(n_train, batch["image"].shape[0])
+        pred = predict_logits(net, batch["image"][:n], batch["label"].shape[-2:]).argmax(1).cpu().numpy()
+        aug = batch.get("image_aug")
+        train_rows = [(f"training crop {i + 1}",
+                       [denormalize(batch["image"][i]), *([denormalize(aug[i])] if aug is not None else []),
+                        colorize(batch["label"][i].numpy()), colorize(pred[i])]) for i in range(n)]
+        target_rows = []
         for name, path in targets.items():
-            item = build_eval_dataset(path, resolve_protocol(name, path))[0]
-            one = {"image": item["image"][None], "label": item["label"][None]}
-            panels.append(image_panel(one, predict_logits(net, one["image"], item["label"].shape), max_images=1))
+            item = build_eval_dataset(path, target_protocol(name, path))[0]
+            logits = predict_logits(net, item["image"][None], item["label"].shape)
+            target_rows.append((name, [denormalize(item["image"]), colorize(item["label"].numpy()),
+                                       colorize(logits.argmax(1)[0].cpu().numpy())]))
     net.train(was_training)
-    return stack_panels(panels)
+    cols = TRAIN_COLUMNS if aug is not None else tuple(c for c in TRAIN_COLUMNS if c != "augmented view")
+    sections = [(f"training crops as the trainer sees them ({crop_size} px)", cols, train_rows)]
+    if target_rows:
+        sections.append(("first frame of each evaluation target (full resolution)", TARGET_COLUMNS, target_rows))
+    return titled_grid(sections)
 
 
 def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], png: Path, tb_dir: Path, cfg) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 from .. import atomic, dist
 from ..config import ConfigError, load_config, model_kwargs
 from ..engine import checkpoint as ckpt
-from ..engine.evaluate import evaluate_targets, format_table
+from ..engine.evaluate import corruption_report, evaluate_targets, format_corruption_table, format_table
 from ..engine.figures import save_confusion_png
 from ..engine.logging import RunLogger
 from ..engine.accelerator import make_accelerator
@@ -84,9 +84,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
     results = evaluate_targets(net, cfg.eval, acc.device, logger, step, data_cfg=cfg.data)
     report = {"world_size": dist.world_size(), "targets": results, "checkpoint": str(checkpoint), "eval_data": data,
               "sliding_window": cfg.eval.sliding_window}
+    groups = corruption_report(data, results)
+    if groups:
+        report["corruptions"] = groups
     if dist.rank() == 0:
         atomic.write_json(json_out, report, indent=1)
         print(format_table(results))
+        if groups:
+            print()
+            print(format_corruption_table(groups))
         for name, res in results.items():  # beside the JSON: OUT-confusion-<target>.png
             save_confusion_png(res["confusion_matrix"], confusion_png(json_out, name),
                                f"{name}: confusion matrix (row-normalized)")
@@ -100,4 +106,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
 def confusion_png(json_out: str | Path, target: str) -> Path:
     """Where `blindseg eval --json OUT.json` writes a target's confusion figure: OUT-confusion-<target>.png."""
     j = Path(json_out)
-    return j.with_name(f"{j.stem}-confusion-{target}.png")
+    return j.with_name(f"{j.stem}-confusion-{target.replace('/', '_')}.png")  # a corrupted family's set: FAMILY/SET

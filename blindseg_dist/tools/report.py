@@ -5,7 +5,9 @@ or one of those files, or a training folder evaluated only during training (``ev
 best checkpoint's evaluation). Where a run folder has ``metrics.jsonl`` (engine/records.py), a second
 table shows its training: steps, last loss, images/s, best step and the selection target. The comparison table has one row per run: mIoU (%) per target (and mIoU16
 for SYNTHIA targets), the mean over the run's unseen targets (all targets when it names none),
-and, for `blindseg report`, fvcore parameters and GFLOPs of the run's network.
+and, for `blindseg report`, fvcore parameters and GFLOPs of the run's network. A corrupted family
+(`blindseg corrupt`, evaluated set by set) is one column, its mPC; its grouped table (mIoU per corruption
+and severity, mPC, relative robustness) follows the per-class tables.
 """
 from __future__ import annotations
 
@@ -34,10 +36,24 @@ class RunResult:
     path: Path | None = None
     config: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    corruptions: dict[str, dict] = field(default_factory=dict)  # corrupted families (engine.evaluate.corruption_groups)
+
+    def members(self) -> set[str]:
+        """The targets that are sets of a corrupted family (shown through the family's mPC)."""
+        return {t for t in self.targets for fam in self.corruptions if t.startswith(fam + "/")}
+
+    def columns(self) -> dict[str, float | None]:
+        """mIoU per target, each corrupted family as one value (its mPC) in place of its sets."""
+        members = self.members()
+        cols = {t: r["miou"] for t, r in self.targets.items() if t not in members}
+        cols.update({f"{fam} mPC": g["mpc"] for fam, g in self.corruptions.items()})
+        return cols
 
     def mean(self) -> float:
-        keys = self.unseen if self.unseen else list(self.targets)
-        vals = [self.targets[k]["miou"] for k in keys if k in self.targets]
+        members = self.members()
+        vals = [self.targets[k]["miou"] for k in (self.unseen or list(self.targets))
+                if k in self.targets and k not in members]
+        vals += [g["mpc"] for fam, g in self.corruptions.items() if not self.unseen or fam in self.unseen]
         return float(np.nanmean(vals)) if vals else float("nan")
 
 
@@ -50,7 +66,7 @@ def run_from_report(report: dict, name: str, path: Path | None = None) -> RunRes
         config = path / "config.yaml"
     info = {k: report[k] for k in ("world_size", "checkpoint") if k in report}
     return RunResult(name=name, targets=report["targets"], unseen=report.get("unseen"), path=path,
-                     config=config, info=info)
+                     config=config, info=info, corruptions=report.get("corruptions") or {})
 
 
 def load_run(path: str | Path, name: str | None = None) -> RunResult:
@@ -139,7 +155,7 @@ def comparison_table(runs: Sequence[RunResult], flops: dict[str, dict] | None = 
     """
     targets: list[str] = []
     for r in runs:
-        targets += [t for t in r.targets if t not in targets]
+        targets += [t for t in r.columns() if t not in targets]
     has16 = [t for t in targets if any("miou16" in r.targets.get(t, {}) for r in runs)]
     mean_name = "mean unseen" if runs and all(r.unseen for r in runs) else "mean"
     header = ["run", *targets, *[f"{t} (16 cl.)" for t in has16], mean_name]
@@ -149,7 +165,8 @@ def comparison_table(runs: Sequence[RunResult], flops: dict[str, dict] | None = 
     rows = []
     for r in runs:
         row: list = [r.name]
-        row += [r.targets[t]["miou"] if t in r.targets else None for t in targets]
+        cols = r.columns()
+        row += [cols.get(t) for t in targets]
         row += [r.targets.get(t, {}).get("miou16") for t in has16]
         row.append(r.mean())
         if flops:
@@ -211,6 +228,11 @@ def print_report(report: dict) -> None:
     print(render(*comparison_table([run])))
     print()
     print(per_class_table(report["targets"]))
+    if run.corruptions:
+        from ..engine.evaluate import format_corruption_table
+
+        print()
+        print(format_corruption_table(run.corruptions))
     if "timings" in report:
         t = report["timings"]
         print("\ntime: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items()))
@@ -304,6 +326,12 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, flops_size:
 
     for r in runs:
         md += [f"## {r.name}: IoU per class (%)", "", per_class_markdown(r.targets), ""]
+    from ..engine.evaluate import format_corruption_table
+
+    for r in runs:
+        if r.corruptions:  # the grouped tables of its corrupted families
+            md += [f"## {r.name}: corruptions", "", format_corruption_table(r.corruptions, "markdown"), ""]
+            text += "\n\n" + f"{r.name}: " + format_corruption_table(r.corruptions)
     training = training_table(runs)
     if training is not None:
         md += ["## Training (metrics.jsonl, eval.jsonl, best.json)", "", render(*training, "markdown"), ""]

@@ -69,3 +69,25 @@ def write_cityscapes(tmp_path: Path) -> Path:
         save_gray_png(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png",
                       ids(n, CS_IDS))
     return root
+
+
+def write_acdc(root: Path, frames: dict[str, list[str]], split: str = "val") -> dict[str, tuple]:
+    """ACDC as released: rgb_anon/<cond>/<split>/<seq>/<name>_rgb_anon.png and gt/<cond>/<split>/<seq>/
+    <name>_gt_labelTrainIds.png (8-bit trainIds), with the release's other files beside them
+    (_gt_labelIds, _gt_labelColor, _gt_invIds and a <split>_ref folder without labels) that the reader
+    must ignore. frames: condition -> names (``GOPR0476_frame_000854``; the sequence is the first part).
+    Returns {key: (image, trainIds)}."""
+    out = {}
+    for n, (cond, names) in enumerate(frames.items()):
+        for m, name in enumerate(names):
+            seq = name.split("_")[0]
+            img, lab = rgb(100 * n + m), ids(100 * n + m, [0, 1, 2, 8, 10, 13, 255])
+            save_rgb_png(root / "rgb_anon" / cond / split / seq / f"{name}_rgb_anon.png", img)
+            gt = root / "gt" / cond / split / seq
+            save_gray_png(gt / f"{name}_gt_labelTrainIds.png", lab)
+            save_gray_png(gt / f"{name}_gt_labelIds.png", np.full_like(lab, 7))
+            save_gray_png(gt / f"{name}_gt_invIds.png", np.zeros_like(lab))
+            save_rgb_png(gt / f"{name}_gt_labelColor.png", rgb(7))
+            save_rgb_png(root / "rgb_anon" / cond / f"{split}_ref" / seq / f"{name}_ref_rgb_anon.png", img)
+            out[f"{cond}_{name}"] = (img, lab)
+    return out

@@ -57,17 +57,6 @@ def test_contrast_equals_the_package_keys_and_labels_kept(corrupted):
     assert {(r["corruption"], r["severity"]) for r in index["sets"]} == {("contrast", 3), ("gaussian_noise", 3)}
 
 
-def test_eval_reads_a_corrupted_set(corrupted, tmp_path):
-    root, shards, out = corrupted
-    run = tmp_path / "run"
-    make_checkpoint(run)
-    rc = main(["eval", "--checkpoint", str(run), "--data", f"contrast={out / 'contrast-3'}",
-               "--json", str(tmp_path / "eval.json")])
-    assert rc == 0
-    res = json.loads((tmp_path / "eval.json").read_text())["targets"]["contrast"]
-    assert res["num_pixels"] == 3 * 48 * 96 - sum(int((lab == 255).sum()) for _, lab in _frames(out / "contrast-3").values())
-
-
 def test_rerun_skips_and_resume_rewrites_identical_bytes(corrupted, capsys):
     root, shards, out = corrupted
     tars = {p: p.read_bytes() for p in sorted((out / "gaussian_noise-3").glob("*.tar"))}
@@ -115,3 +104,86 @@ def test_names_severities_and_help(tmp_path, capsys):
     for name in STANDARD + EXTRA:
         assert f"{SECONDS_PER_IMAGE[name]:.3f}" in next(line for line in text.splitlines()
                                                        if line.strip().startswith(name + " "))
+
+
+def test_corruption_groups_means_and_relative_robustness():
+    from blindseg_dist.engine.evaluate import corruption_groups, format_corruption_table
+
+    results = {"clean": {"miou": 0.5}, "f/fog-1": {"miou": 0.4}, "f/fog-3": {"miou": 0.2}, "f/contrast-3": {"miou": 0.3}}
+    fams = {"f": {"path": "x", "corrupted_from": "y", "clean": "clean",
+                  "members": {"f/fog-1": {"corruption": "fog", "severity": 1},
+                              "f/fog-3": {"corruption": "fog", "severity": 3},
+                              "f/contrast-3": {"corruption": "contrast", "severity": 3}}}}
+    g = corruption_groups(results, fams)["f"]
+    assert g["corruptions"]["fog"] == {"miou": {"1": 0.4, "3": 0.2}, "mean": pytest.approx(0.3)}
+    assert g["mpc"] == pytest.approx(0.3) and g["relative_robustness"] == pytest.approx(0.6)
+    assert g["severities"] == [1, 3] and g["clean_miou"] == 0.5
+    text = format_corruption_table({"f": g})
+    assert "mPC" in text and "30.00" in text and "60.00" in text
+    fams["f"]["clean"] = None
+    assert corruption_groups(results, fams)["f"]["relative_robustness"] is None
+
+
+def test_eval_reads_and_groups_a_corrupted_family(corrupted, tmp_path, capsys):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, shards, out = corrupted
+    fam = shutil.copytree(out, tmp_path / "fam")
+    assert main(["corrupt", str(shards["train"]), "--out", str(fam), "--corruptions", "contrast",
+                 "--severities", "1"]) == 0
+    run = tmp_path / "run"
+    make_checkpoint(run)
+    capsys.readouterr()
+    rc = main(["eval", "--checkpoint", str(run), "--data", f"src-c={fam}", f"src={shards['train']}",
+               "--json", str(tmp_path / "eval.json"), "--tb-dir", str(tmp_path / "tb")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    t = report["targets"]
+    assert set(t) == {"src", "src-c/gaussian_noise-3", "src-c/contrast-1", "src-c/contrast-3"}
+    g = report["corruptions"]["src-c"]
+    assert list(g["corruptions"]) == ["gaussian_noise", "contrast"]  # the package's order
+    assert g["corruptions"]["contrast"]["miou"] == {"1": t["src-c/contrast-1"]["miou"], "3": t["src-c/contrast-3"]["miou"]}
+    want = np.mean([t["src-c/gaussian_noise-3"]["miou"],
+                    np.mean([t["src-c/contrast-1"]["miou"], t["src-c/contrast-3"]["miou"]])])
+    assert g["mpc"] == pytest.approx(want)
+    assert g["clean"] == "src" and g["relative_robustness"] == pytest.approx(want / t["src"]["miou"])
+    assert "src-c: mIoU (%) per corruption and severity" in printed and "relative robustness" in printed
+    assert (tmp_path / "eval-confusion-src-c_contrast-3.png").is_file()
+    n_valid = sum(int((lab != 255).sum()) for _, lab in _frames(out / "contrast-3").values())
+    assert t["src-c/contrast-3"]["num_pixels"] == n_valid > 3 * 48 * 96 // 2  # every frame read
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"mpc/src-c", "relative_robustness/src-c", "corruption/src-c/contrast",
+            "corruption/src-c/contrast/s1", "miou/src-c/contrast-3"} <= set(tags)
+    assert acc.Scalars("mpc/src-c")[0].value == pytest.approx(want, abs=1e-6)
+
+    # `blindseg report`: the family is one column (its mPC), its grouped table follows
+    from blindseg_dist.tools.report import comparison_table, load_run
+
+    r = load_run(tmp_path / "eval.json")
+    header, rows = comparison_table([r])
+    assert header[1:4] == ["src", "src-c mPC", "mean"] and rows[0][2] == pytest.approx(want)
+    assert main(["report", str(tmp_path / "eval.json"), "--out", str(tmp_path / "rep"), "--no-flops"]) == 0
+    assert "src-c mPC" in (tmp_path / "rep" / "report.md").read_text()
+    assert "| mPC |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_help_table_is_the_bench_result_and_the_bench_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recorded = json.loads((root / "bench" / "results" / "corruption_speed.json").read_text())
+    assert recorded["size"] == [192, 384] and recorded["severity"] == 3
+    assert {r["corruption"]: round(r["seconds_per_image"], 4) for r in recorded["rows"]} == SECONDS_PER_IMAGE
+    spec = importlib.util.spec_from_file_location("corruption_speed", root / "bench" / "corruption_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    assert bench.main(["--size", "40x64", "--images", "1", "--repeats", "1", "--corruptions", "contrast,pixelate",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["corruption"] for r in rows] == ["contrast", "pixelate"] and all(r["seconds_per_image"] > 0 for r in rows)

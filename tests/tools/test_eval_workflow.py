@@ -88,5 +88,9 @@ def test_prediction_panels_show_training_crops_and_each_target(tmp_path):
     shards = make_shards(tmp_path / "data", images=2)
     _, net = load_checkpoint_model(make_checkpoint(tmp_path / "run"))
     panel = prediction_panels(net, str(shards["train"]), {"night": str(shards["night"])}, crop_size=32)
-    # 2 training rows of 4 columns of 32 px (2 px gaps) + gap + 1 night row of 3 full 64x128 frames
-    assert panel.dtype == np.uint8 and panel.shape == (2 * 32 + 2 + 6 + 64, 3 * 128 + 2 * 2, 3)
+    # titled grids as wide as the night row (3 full 64x128 frames, 4 px gaps): the 2 training rows' 4 columns
+    # of 32 px crops scaled to fill that width (95 px cells); a 2-line title strip above each grid
+    width = 3 * 128 + 2 * 4
+    strip = 2 * (15 + 6)
+    assert panel.dtype == np.uint8 and panel.shape == (strip + 2 * 95 + 4 + strip + 64, width, 3)
+    assert (panel[:, width // 2:] != 255).any(axis=(1, 2)).mean() > 0.7  # no blank right half

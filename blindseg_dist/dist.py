@@ -34,9 +34,11 @@ Single-process paths count nothing.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ __all__ = [
     "is_distributed",
     "barrier",
     "broadcast_object",
+    "gloo_group",
     "all_reduce_sum",
     "all_reduce_count",
     "gather_sizes",
@@ -87,6 +90,17 @@ def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, timeout_s: float) -> Iterator[None]:
+    """This process as ``rank`` of a gloo process group of ``world`` ranks for the block (the
+    rendezvous from MASTER_ADDR / MASTER_PORT); destroyed on exit (launcher.run_gloo)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any) -> Any:

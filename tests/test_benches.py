@@ -53,3 +53,12 @@ def test_comm_profile_splits_the_global_scope_cost(tmp_path):
     assert r["bytes"]["measured_received"]["2"] and r["step_time"]["by_processes"]["2"]["global_over_image"] > 0
     text = (tmp_path / "comm_profile_2.txt").read_text()
     assert "global - image" in text and "blindseg/cwcl" in text
+
+
+def test_startup_bench_measures_the_cli_and_the_config(tmp_path):
+    res = tmp_path / "startup.json"
+    out = _run(["bench/startup.py", "--repeats", "1", "--out", str(res)], timeout=300)
+    r = json.loads(res.read_text())["results"]["this checkout"]
+    assert r["config_loads_torch"] is False and r["library_lines"] > 1000 and r["library_files"] > 10
+    assert r["min_help_s"] > 0 and 0 < r["median_config_importtime_us"] < 1e6 * r["median_config_s"]
+    assert "| this checkout |" in out

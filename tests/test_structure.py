@@ -3,6 +3,7 @@ modules, a config that imports no torch, and no library function over 60 lines."
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,29 @@ def test_config_and_errors_are_leaves_without_torch():
     code = "import sys, blindseg_dist.config; print(sorted(m for m in ('torch', 'numpy', 'cv2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def definitions(path: Path) -> set[str]:
+    """Qualified names (Class, function, Class.method, outer.inner) defined in ``path``."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(prefix + child.name)
+                visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(path.read_text(), str(path)), "")
+    return names
+
+
+def test_step_walkthrough_anchors_exist():
+    """docs/STEP.md's `file.py:name` anchors (under blindseg_dist/) name functions that exist."""
+    anchors = re.findall(r"`([\w/]+\.py):([\w.]+)`", (ROOT / "docs" / "STEP.md").read_text())
+    assert len(anchors) >= 20, anchors
+    bad = [f"{path}:{name}" for path, name in anchors
+           if not (PACKAGE / path).is_file() or name not in definitions(PACKAGE / path)]
+    assert not bad, "docs/STEP.md anchors without a definition: " + ", ".join(bad)
 
 
 def function_lengths() -> dict[str, int]:

@@ -1,12 +1,9 @@
 """Fault injection for the fault-tolerance tests (tests/engine/test_faults.py), from environment
 variables read once at set-up; nothing here runs in a training step unless they are set.
 
-BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
-non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
-the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
-BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work);
-BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during set-up, before the model is built
-(BLINDSEG_FAULT_SETUP=missing: a FileNotFoundError there).
+The variables (BLINDSEG_FAULT_RANK, _NAN, _EXIT, _HANG, _RAISE, _SETUP) are described in
+docs/OPERATIONS.md, "Fault injection for tests"; BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during
+set-up, before the model is built (=missing: a FileNotFoundError there).
 
 :func:`install` is the trainer's one call (engine/trainer.py, ``Trainer._setup_run``): it raises
 the set-up fault, and only when a step fault is set for this rank it wraps the trainer's
@@ -30,14 +27,13 @@ class Faults:
         self.exit_at = int(env("BLINDSEG_FAULT_EXIT")) if on and env("BLINDSEG_FAULT_EXIT") else None
         self.hang_at = int(env("BLINDSEG_FAULT_HANG")) if on and env("BLINDSEG_FAULT_HANG") else None
         self.raise_at = int(env("BLINDSEG_FAULT_RAISE")) if on and env("BLINDSEG_FAULT_RAISE") else None
-        self.attempt = 0  # step attempts started so far (skipped ones count)
 
     @property
     def active(self) -> bool:
         return bool(self.nan) or any(a is not None for a in (self.exit_at, self.hang_at, self.raise_at))
 
-    def before_step(self) -> None:
-        attempt, rank = self.attempt, self.rank
+    def before_step(self, attempt: int) -> None:
+        rank = self.rank
         if attempt == self.exit_at:
             print(f"[fault] rank {rank}: exiting abruptly at step attempt {attempt}", flush=True)
             os._exit(17)
@@ -48,20 +44,24 @@ class Faults:
             while True:
                 time.sleep(60)
 
-    def wrap_step(self, train_step: Callable[[], bool]) -> Callable[[], bool]:
+    def wrap_step(self, trainer: Any) -> Callable[[], bool]:
+        """``trainer.train_step`` after the faults of its attempt (``trainer.attempt``: step attempts
+        before this one, skipped ones included)."""
+        train_step = trainer.train_step
+
         def step_with_faults() -> bool:
-            self.before_step()
-            try:
-                return train_step()
-            finally:
-                self.attempt += 1
+            self.before_step(trainer.attempt)
+            return train_step()
 
         return step_with_faults
 
-    def wrap_forward(self, forward: Callable[..., dict]) -> Callable[..., dict]:
+    def wrap_forward(self, trainer: Any) -> Callable[..., dict]:
+        """``trainer._forward`` whose loss is non-finite at the BLINDSEG_FAULT_NAN attempts."""
+        forward = trainer._forward
+
         def forward_with_faults(*args: Any, **kwargs: Any) -> dict:
             out = forward(*args, **kwargs)
-            return {**out, "total": out["total"] * float("nan")} if self.attempt in self.nan else out
+            return {**out, "total": out["total"] * float("nan")} if trainer.attempt in self.nan else out
 
         return forward_with_faults
 
@@ -81,6 +81,6 @@ def install(trainer: Any) -> Faults | None:
     faults = Faults(trainer.rank)
     if not faults.active:
         return None
-    trainer.train_step = faults.wrap_step(trainer.train_step)
-    trainer._forward = faults.wrap_forward(trainer._forward)
+    trainer.train_step = faults.wrap_step(trainer)
+    trainer._forward = faults.wrap_forward(trainer)
     return faults

@@ -319,7 +319,7 @@ class Trainer(TrainLoop):
             ckpt.set_rng_state(rng)
         elif resume_from is not None and self.is_main:
             print(f"[train] checkpoint {resume_from} has no RNG state for rank {self.rank}; continuing with fresh RNG")
-        self.nonfinite_in_a_row, self.images_seen, self.grad_norm = 0, 0, None
+        self.attempt, self.nonfinite_in_a_row, self.images_seen, self.grad_norm = 0, 0, 0, None
         self.last: StepOutput | None = None
         self.objective.train()
 
@@ -361,6 +361,7 @@ class Trainer(TrainLoop):
                     break
                 self.acc.backward(loss)  # DDP: loss / micro; DeepSpeed: the engine scales and steps
             self._accumulate(sums, out, batch)
+        self.attempt += 1  # step attempts so far, skipped ones included
         if skip:
             self._skip(stop)
             return False

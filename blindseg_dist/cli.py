@@ -181,7 +181,7 @@ def cmd_ablate(args) -> int:
     from .tools.ablate import run_ablation
 
     summary = run_ablation(args.config, args.seeds, grid=args.grid, output_dir=args.output_dir,
-                           overrides=args.overrides, processes=args.processes)
+                           overrides=args.overrides, processes=args.processes, parallel=args.parallel)
     return 1 if summary["failed"] else 0
 
 
@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "per (corruption, severity) into OUT/<corruption>-<severity>/ (labels and keys unchanged, "
                     "PNG images, a seed per image: a rerun writes the same bytes; complete sets are skipped). "
                     "Evaluate the family with `blindseg eval --data NAME=OUT`.",
-        epilog="corruptions (`all` = the 15 standard ones) and seconds per image at severity 3 on a 192x384\n"
-               "frame, one process of a 2-core CPU (python bench/corruption_speed.py):\n" + speed_table())
+        epilog="corruptions (`all` = the 15 standard ones) and CPU seconds per image at severity 3, one thread\n"
+               "of a 2-core CPU, on a 192x384 and a 1024x2048 frame (python bench/corruption_speed.py):\n"
+               + speed_table())
     s.add_argument("data", help="the evaluation set: shards (folder, pattern, URL) or a raw dataset folder "
                                 "(DATASET:PATH or a detected layout), as `blindseg eval --data` takes it")
     s.add_argument("--out", required=True, help="output folder: one <corruption>-<severity>/ shard set each")
@@ -374,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", default="default", help="configs/ablation/<NAME>.yaml or a YAML path (default: default)")
     s.add_argument("--output-dir", default="ablation")
     s.add_argument("--processes", type=int, default=1, help="processes per training run (accelerate launch when > 1)")
+    s.add_argument("--parallel", type=int, default=1,
+                   help="runs trained at once (default 1; e.g. 2 one-thread runs on a 2-core CPU)")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     s.set_defaults(func=cmd_ablate)
 

@@ -45,15 +45,16 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml"
 Adapter = Literal["none", "rein", "lora"]
 LoraInit = Literal["default", "svd_minor", "pissa", "gaussian"]
 EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
 
 CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 """loss.ce_scope (losses/segmentation.py)."""
 COVARIANCE_SCOPES: tuple[str, ...] = typing.get_args(CovarianceScope)
 """loss.covariance_scope (losses/covariance.py)."""
 CONTRASTIVE_SCOPES: tuple[str, ...] = typing.get_args(ContrastiveScope)
-"""loss.contrastive_scope (losses/contrastive.py)."""
+"""loss.contrastive_scope (losses/cwcl.py, losses/sdcl.py)."""
 CWCL_NEGATIVES: tuple[str, ...] = typing.get_args(CwclNegatives)
-"""loss.cwcl_negatives (losses/contrastive.py)."""
+"""loss.cwcl_negatives (losses/cwcl.py)."""
 ON_CORRUPT: tuple[str, ...] = typing.get_args(OnCorrupt)
 """data.on_corrupt (data/stream.py): skip the rest of a corrupt shard (counted) | raise."""
 NO_WEIGHT_DECAY_KINDS: tuple[str, ...] = typing.get_args(NoWeightDecayKind)
@@ -165,10 +166,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: CwclNegatives = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
-    cwcl_global_keys: int = 6000
+    cwcl_global_keys: int = 750
     """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
-    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
-    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
+    (750 = as many as the image scope's 15 x 50: the global scope changes where the negatives come from, not
+    how many); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -259,6 +260,10 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0: off)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (0: off); when on, evaluation and checkpoints hold the EMA weights (engine/ema.py)."""
+    ema_start: int = 0
+    """The EMA copies the weights up to this optimizer step and averages after it (SoMA: 12000)."""
 
 
 @dataclass
@@ -293,6 +298,11 @@ class RunConfig:
     (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
+    compile: bool = False
+    """torch.compile the network (forward and the projection heads' row path; docs/GPU_STEP.md)."""
+    compile_backend: CompileBackend = "inductor"
+    """run.compile's backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing
+    without code generation: compiles in seconds, for checks) | eager (capture only)."""
 
 
 @dataclass
@@ -512,6 +522,9 @@ def _validate_recipe(cfg: Config) -> None:
                            ("model.lora_rank", m.lora_rank, 1), ("model.patch_size", m.patch_size, 0)):
         if value < lo:
             raise ConfigError(f"config key '{key}': value {value!r} must be >= {lo}")
+    if not 0.0 <= o.ema_decay < 1.0 or o.ema_start < 0:
+        raise ConfigError(f"config key 'optim.ema_decay': value {o.ema_decay!r} must be in [0, 1) (0: off), "
+                          f"optim.ema_start ({o.ema_start}) >= 0")
     if not 0.0 <= m.lora_dropout < 1.0:
         raise ConfigError(f"config key 'model.lora_dropout': value {m.lora_dropout!r} must be in [0, 1)")
     if m.lora_targets is not None:

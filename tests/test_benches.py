@@ -55,6 +55,31 @@ def test_comm_profile_splits_the_global_scope_cost(tmp_path):
     assert "global - image" in text and "blindseg/cwcl" in text
 
 
+def test_dg_effect_tiny_paired_rows_table_and_chart(tmp_path):
+    res = tmp_path / "dg.json"
+    out = _run(["bench/dg_effect.py", "--tiny", "--out", str(tmp_path / "w"), "--results", str(res)], timeout=1200)
+    r = json.loads(res.read_text())
+    s = r["setting"]
+    assert s["tiny"] and s["seed_list"] == [304, 305] and s["unseen"] == ["synth_night", "synth_fog", "synth_rain",
+                                                                         "synth_dusk", "synth_snow"]
+    # one row per arm, seed and target; the arms share the seeds (paired)
+    keys = {(row["arm"], row["seed"], row["target"]) for row in r["rows"]}
+    assert len(keys) == len(r["rows"]) == 3 * 2 * 7  # source, 5 unseen domains, 1 corruption (tiny)
+    assert {row["target"] for row in r["rows"] if row["group"] == "corruption"} == {"gaussian_noise-s3"}
+    assert s["corruptions"] == ["gaussian_noise-s3"] and set(r["summary"]) == {"unseen", "corruption", "source"}
+    assert {row["seed"] for row in r["rows"] if row["arm"] == "all four"} == {304, 305}
+    u = r["summary"]["unseen"]
+    for arm in ("two-view CE", "all four"):
+        d = [u[arm]["per_seed"][k] - u["baseline"]["per_seed"][k] for k in u["baseline"]["per_seed"]]
+        pg = u[arm]["paired_gain"]
+        assert pg["n"] == 2 and abs(pg["gain"] - sum(d) / 2) < 1e-9
+        assert abs(pg["se"] - abs(d[0] - d[1]) / 2) < 1e-9  # std(ddof=1) / sqrt(2) of two differences
+    # the baseline ran without the second view and the extra losses; all four logged them
+    losses = {run["arm"]: run["losses"] for run in r["runs"]}
+    assert "loss/cwcl/last" in losses["all four"] and "loss/cwcl/last" not in losses["baseline"]
+    assert "gain vs base" in out and Path(res.with_suffix(".png")).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_startup_bench_measures_the_cli_and_the_config(tmp_path):
     res = tmp_path / "startup.json"
     out = _run(["bench/startup.py", "--repeats", "1", "--out", str(res)], timeout=300)

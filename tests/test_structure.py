@@ -13,16 +13,6 @@ PACKAGE = ROOT / "blindseg_dist"
 MAX_LINES = 60
 LONG_ALLOWED = {
     "blindseg_dist.cli.build_parser",  # the argparse builder: one add_argument per option, read as a table
-    # still long inside data/ and losses/ (being split there):
-    "blindseg_dist.data.shards.write_shards",
-    "blindseg_dist.data.synth._scene",
-    "blindseg_dist.data.synth._render",
-    "blindseg_dist.data.synth.generate",
-    "blindseg_dist.losses.contrastive.class_wise_contrastive_loss",
-    "blindseg_dist.losses.contrastive.semantic_disentanglement_loss",
-    "blindseg_dist.losses.contrastive.sdcl_plan",
-    "blindseg_dist.losses.contrastive._sdcl_plan_global",
-    "blindseg_dist.losses.covariance.covariance_losses",
 }
 
 

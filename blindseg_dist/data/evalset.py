@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from blindseg_dist.data.location import (RemoteOptions, ShardFiles, ShardReadError, has_braces, image_ext, index_shard,
-                                         is_remote, resolve, shard_name)
+from blindseg_dist.data.location import (RemoteOptions, ShardFiles, ShardReadError, has_braces, holds_shards, image_ext,
+                                         index_shard, is_remote, resolve, shard_name)
 from blindseg_dist.data.stream import decode_image, decode_label
 from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.data.views import normalize, resize_bicubic, to_unit_float
@@ -105,7 +105,7 @@ class EvalDataset(Dataset):
             self._init_location(path, remote or RemoteOptions())
             return
         p = Path(path) if not isinstance(path, (list, tuple)) else None
-        if p is not None and p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
+        if p is not None and p.is_dir() and not holds_shards(p):
             raise FileNotFoundError(f"{p} holds no shards (manifest.json or *.tar); for a raw dataset folder pass "
                                     f"source=blindseg_dist.data.sources.get_source(name, root, split)")
         found = resolve(path)

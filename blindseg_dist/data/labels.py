@@ -3,7 +3,8 @@
 All datasets are mapped to trainIds 0..18 (ignore = 255) once, when shards are written.
 A :class:`LabelMap` holds a lookup table *and* the set of raw ids the dataset defines, so
 :func:`map_labels` can report ids that are outside the dataset's table (corrupt or foreign
-labels) instead of silently mapping them to ignore.
+labels) instead of silently mapping them to ignore. class_stats gives a trainId label's class
+pixels and its class-uniform centroids (per whole TILE x TILE tile), for the sharder and the views.
 """
 from __future__ import annotations
 
@@ -106,6 +107,33 @@ ACDC = _table("acdc_trainids", 256, {i: i for i in range(NUM_CLASSES)}, [*range(
 
 LABEL_MAPS: dict[str, LabelMap] = {m.name: m for m in (CITYSCAPES, SYNTHIA, MAPILLARY_ROBUSTNET,
                                                        MAPILLARY_OPENSEG, BDD100K, ACDC)}
+
+
+def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
+    """(class_pixels, centroids) of a trainId label; centroids per whole ``tile`` x ``tile`` tile.
+
+    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer (floor) centroid of
+    class c in every whole tile that contains it, absolute image coordinates, tiles in row-major
+    order. As in the released code only whole tiles count: a 1914x1052 GTA5 frame has one tile (top
+    left), a frame smaller than a tile none (a class present only outside whole tiles gets []).
+    """
+    h, w = label.shape
+    counts = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
+    pixels = {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
+    cents: dict[str, list[list[int]]] = {k: [] for k in pixels}
+    for y0 in range(0, h - tile + 1, tile):
+        for x0 in range(0, w - tile + 1, tile):
+            t = label[y0:y0 + tile, x0:x0 + tile]
+            th, tw = t.shape
+            flat = t.ravel()
+            n = np.bincount(flat, minlength=256)[:NUM_CLASSES]
+            rows = np.repeat(np.arange(th, dtype=np.float64), tw)  # (th*tw,)
+            cols = np.tile(np.arange(tw, dtype=np.float64), th)
+            sy = np.bincount(flat, weights=rows, minlength=256)[:NUM_CLASSES].astype(np.int64)
+            sx = np.bincount(flat, weights=cols, minlength=256)[:NUM_CLASSES].astype(np.int64)
+            for c in np.flatnonzero(n):
+                cents[str(c)].append([int(y0 + sy[c] // n[c]), int(x0 + sx[c] // n[c])])
+    return pixels, cents
 
 
 def map_labels(raw: np.ndarray, lut: LabelMap | np.ndarray) -> tuple[np.ndarray, list[int]]:

@@ -454,8 +454,28 @@ def _resolve_local(spec: str) -> ShardSet:
     return out
 
 
-def load_location_manifest(spec: str, **kw) -> dict | None:
-    """The manifest of a location, or None (e.g. a local tar list without one)."""
+def holds_shards(folder: str | os.PathLike) -> bool:
+    """True for a local folder with a manifest.json or *.tar files (a shard folder, not a raw dataset)."""
+    p = Path(folder)
+    return (p / "manifest.json").is_file() or any(p.glob("*.tar"))
+
+
+def local_manifest(folder: str | os.PathLike) -> dict | None:
+    """``<folder>/manifest.json`` of a local folder as written, without checking its shards; None when
+    absent or not a JSON object."""
+    try:
+        m = json.loads((Path(folder) / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def load_location_manifest(spec: str | os.PathLike, **kw) -> dict | None:
+    """The manifest of a location, or None (e.g. a local tar list without one, or an unreadable
+    location). A local folder's manifest.json is read as it is (local_manifest)."""
+    s = str(spec)
+    if scheme(s) in ("", "file") and not has_braces(s) and Path(local_path(s)).is_dir():
+        return local_manifest(local_path(s))
     try:
         return resolve(spec, **kw).manifest
     except (OSError, ValueError):
@@ -572,41 +592,37 @@ def index_shard(path: str, expected: int | None = None):
     error: None, or a message when the tar is truncated/corrupt (samples then hold its good prefix).
     """
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    problems: list[str] = []
     error = None
     try:
-        fsize = os.path.getsize(path)
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            cur_key, cur = None, {}
-            while True:
-                ti = tf.next()
-                if ti is None:
-                    # a clean end is a zero block; anything else is garbage or a cut-off file
-                    f.seek(tf.offset)
-                    block = f.read(512)
-                    if len(block) < 512 or block.count(0) != 512:
-                        error = f"truncated or corrupt after byte {tf.offset}"
-                    break
-                if not ti.isfile():
-                    continue
-                if ti.offset_data + ti.size > fsize:
-                    error = f"member {ti.name} extends past the end of the file (truncated)"
-                    break
-                mm = _MEMBER.match(ti.name)
-                if mm is None:
-                    continue
-                key, ext = mm.group(1), mm.group(2).lower()
-                if key != cur_key:
-                    if cur_key is not None and _complete(cur):
-                        samples.append((cur_key, cur))
-                    cur_key, cur = key, {}
-                cur[ext] = (ti.offset_data, ti.size)
-            if cur_key is not None and _complete(cur):  # its members all lie inside the file
-                samples.append((cur_key, cur))
+            samples.extend(group_samples(_member_offsets(tf, f, os.path.getsize(path), problems)))
+        error = problems[0] if problems else None
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"{type(e).__name__}: {e}"
     if error is None and expected is not None and len(samples) < expected:
         error = f"holds {len(samples)} complete samples, the manifest says {expected} (truncated)"
     return samples, error
+
+
+def _member_offsets(tf: tarfile.TarFile, f, fsize: int, problems: list[str]) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(name, (offset, size)) of the file members lying wholly inside the file, from the headers;
+    a truncated or corrupt end stops the scan with a message in ``problems``."""
+    while True:
+        ti = tf.next()
+        if ti is None:
+            # a clean end is a zero block; anything else is garbage or a cut-off file
+            f.seek(tf.offset)
+            block = f.read(512)
+            if len(block) < 512 or block.count(0) != 512:
+                problems.append(f"truncated or corrupt after byte {tf.offset}")
+            return
+        if not ti.isfile():
+            continue
+        if ti.offset_data + ti.size > fsize:
+            problems.append(f"member {ti.name} extends past the end of the file (truncated)")
+            return
+        yield ti.name, (ti.offset_data, ti.size)
 
 
 class ShardFiles:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .. import __version__, atomic
-from .labels import NUM_CLASSES, TILE
+from .labels import TILE, class_stats
 from .location import index_shard
 from .sources.base import Item, SampleError, Source
 
@@ -41,33 +41,6 @@ def shard_prefix(source: Source) -> str:
         return re.sub(r"[^A-Za-z0-9_]+", "_", s)
 
     return f"{clean(source.name)}-{clean(source.split)}"
-
-
-def class_stats(label: np.ndarray, tile: int = TILE) -> tuple[dict, dict]:
-    """(class_pixels, centroids) of a trainId label; centroids per whole ``tile`` x ``tile`` tile.
-
-    class_pixels: {"c": count}; centroids: {"c": [[y, x], ...]} = integer (floor) centroid of
-    class c in every whole tile that contains it, absolute image coordinates, tiles in row-major
-    order. As in the released code only whole tiles count: a 1914x1052 GTA5 frame has one tile (top
-    left), a frame smaller than a tile none (a class present only outside whole tiles gets []).
-    """
-    h, w = label.shape
-    counts = np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
-    pixels = {str(c): int(counts[c]) for c in np.flatnonzero(counts)}
-    cents: dict[str, list[list[int]]] = {k: [] for k in pixels}
-    for y0 in range(0, h - tile + 1, tile):
-        for x0 in range(0, w - tile + 1, tile):
-            t = label[y0:y0 + tile, x0:x0 + tile]
-            th, tw = t.shape
-            flat = t.ravel()
-            n = np.bincount(flat, minlength=256)[:NUM_CLASSES]
-            rows = np.repeat(np.arange(th, dtype=np.float64), tw)  # (th*tw,)
-            cols = np.tile(np.arange(tw, dtype=np.float64), th)
-            sy = np.bincount(flat, weights=rows, minlength=256)[:NUM_CLASSES].astype(np.int64)
-            sx = np.bincount(flat, weights=cols, minlength=256)[:NUM_CLASSES].astype(np.int64)
-            for c in np.flatnonzero(n):
-                cents[str(c)].append([int(y0 + sy[c] // n[c]), int(x0 + sx[c] // n[c])])
-    return pixels, cents
 
 
 def _encode(source: Source, item: Item, image_format: str, tile: int = TILE) -> tuple[dict[str, bytes], dict]:
@@ -177,34 +150,14 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
     shards, so a shard holds frames from all over the split instead of consecutive (video-like)
     frame ids; None keeps key order. Recorded in the manifest.
     """
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' (lossless) or 'jpg', got {image_format!r}")
-    if samples_per_shard < 1 or workers < 1:
-        raise ValueError(f"samples_per_shard and workers must be >= 1, got "
-                         f"{samples_per_shard}, {workers}")
-    from tqdm import tqdm
-
+    _check_options(image_format, samples_per_shard, workers, centroid_tile)
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = shard_prefix(source)
-    if centroid_tile < 1:
-        raise ValueError(f"centroid_tile must be >= 1, got {centroid_tile}")
-    items = sorted(source.items, key=lambda it: it.key)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(np.random.SeedSequence([int(shuffle_seed), 0x5B0FF1E])).permutation(len(items))
-        items = [items[i] for i in order]
-    chunks = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    chunks = _cut(source.items, samples_per_shard, shuffle_seed)
     names = [f"{prefix}-{i:06d}" for i in range(len(chunks))]
-
-    # Interrupted runs leave temp files; shards of an older plan (other samples_per_shard) are
-    # stale. Both carry our prefix and are removed.
-    expected = {f"{n}{ext}" for n in names for ext in (".tar", ".json")}
-    for p in out.glob(f"{prefix}-*"):
-        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.(tar|json)(\.tmp-\d+)?", p.name) \
-                and p.name not in expected:
-            p.unlink()
-
+    _remove_stale(out, prefix, names)
     records: dict[int, dict] = {}
     todo = []
     for i, (name, chunk) in enumerate(zip(names, chunks)):
@@ -215,7 +168,51 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
         else:
             records[i] = rec
     reused = len(records)
-    bar = tqdm(total=len(items), desc=f"shard {prefix}", unit="img", disable=not progress)
+    _write_all(todo, records, chunks, workers, f"shard {prefix}", progress)
+    ordered = [records[i] for i in range(len(chunks))]
+    manifest = _manifest(source, ordered, image_format=image_format, samples_per_shard=samples_per_shard,
+                         centroid_tile=centroid_tile, shuffle_seed=shuffle_seed, min_shards=min_shards)
+    atomic.write_json(out / "manifest.json", manifest, indent=1, sort_keys=True)
+    if progress:
+        _report(manifest, out, written=len(todo), reused=reused, seconds=time.time() - start)
+    return manifest
+
+
+def _check_options(image_format: str, samples_per_shard: int, workers: int, centroid_tile: int) -> None:
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' (lossless) or 'jpg', got {image_format!r}")
+    if samples_per_shard < 1 or workers < 1:
+        raise ValueError(f"samples_per_shard and workers must be >= 1, got "
+                         f"{samples_per_shard}, {workers}")
+    if centroid_tile < 1:
+        raise ValueError(f"centroid_tile must be >= 1, got {centroid_tile}")
+
+
+def _cut(items, samples_per_shard: int, shuffle_seed: int | None) -> list[list[Item]]:
+    """The items sorted by key, permuted with ``shuffle_seed`` (None: key order), cut into shards."""
+    items = sorted(items, key=lambda it: it.key)
+    if shuffle_seed is not None:
+        order = np.random.default_rng(np.random.SeedSequence([int(shuffle_seed), 0x5B0FF1E])).permutation(len(items))
+        items = [items[i] for i in order]
+    return [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+
+
+def _remove_stale(out: Path, prefix: str, names: list[str]) -> None:
+    """Interrupted runs leave temp files; shards of an older plan (other samples_per_shard) are
+    stale. Both carry our prefix and are removed."""
+    expected = {f"{n}{ext}" for n in names for ext in (".tar", ".json")}
+    for p in out.glob(f"{prefix}-*"):
+        if re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.(tar|json)(\.tmp-\d+)?", p.name) \
+                and p.name not in expected:
+            p.unlink()
+
+
+def _write_all(todo: list, records: dict[int, dict], chunks: list, workers: int, desc: str,
+               progress: bool) -> None:
+    """Write the shards of ``todo`` ((index, task) pairs) into ``records``, in ``workers`` processes."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="img", disable=not progress)
     bar.update(sum(len(chunks[i]) for i in records))
     if workers == 1 or len(todo) <= 1:
         for i, task in todo:
@@ -230,7 +227,10 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
                 bar.update(len(chunks[i]))
     bar.close()
 
-    ordered = [records[i] for i in range(len(chunks))]
+
+def _manifest(source: Source, ordered: list[dict], *, image_format: str, samples_per_shard: int,
+              centroid_tile: int, shuffle_seed: int | None, min_shards: int) -> dict:
+    """The manifest from the shard records, in shard order."""
     shards = [{"name": r["name"], "count": r["count"], "bytes": r["bytes"], "sha256": r["sha256"]}
               for r in ordered if r["count"]]
     samples = [{k: s[k] for k in ("key", "shard", "size", "class_pixels", "centroids")}
@@ -244,26 +244,27 @@ def write_shards(source: Source, out_dir: str | os.PathLike, *, samples_per_shar
                         f"(now {samples_per_shard})")
     if skipped:
         warnings.append(f"{len(skipped)} pairs skipped (see 'skipped')")
-    manifest = {"format": FORMAT, "tool_version": __version__, "dataset": source.name,
-                "split": source.split, "label_map": source.label_map_name,
-                "image_format": image_format, "samples_per_shard": samples_per_shard,
-                "centroid_tile": centroid_tile, "shuffle_seed": shuffle_seed,
-                "num_samples": len(samples), "shards": shards, "samples": samples,
-                "skipped": skipped, "warnings": warnings}
-    atomic.write_json(out / "manifest.json", manifest, indent=1, sort_keys=True)
-    if progress:
-        total = sum(s["bytes"] for s in shards)
-        print(f"shards: {len(samples)} samples in {len(shards)} shards "
-              f"({len(todo)} written, {reused} reused), {len(skipped)} skipped, "
-              f"{total / 1e6:.1f} MB, {time.time() - start:.1f}s -> {out}")
-        for s in skipped[:5]:
-            print(f"  skipped {s['key']}: {s['reason']}")
-        if len(skipped) > 5:
-            print(f"  ... and {len(skipped) - 5} more skipped (all {len(skipped)} under 'skipped' in "
-                  f"{out / 'manifest.json'})")
-        for w in warnings:
-            print(f"  warning: {w}")
-    return manifest
+    return {"format": FORMAT, "tool_version": __version__, "dataset": source.name,
+            "split": source.split, "label_map": source.label_map_name,
+            "image_format": image_format, "samples_per_shard": samples_per_shard,
+            "centroid_tile": centroid_tile, "shuffle_seed": shuffle_seed,
+            "num_samples": len(samples), "shards": shards, "samples": samples,
+            "skipped": skipped, "warnings": warnings}
+
+
+def _report(manifest: dict, out: Path, *, written: int, reused: int, seconds: float) -> None:
+    shards, skipped = manifest["shards"], manifest["skipped"]
+    total = sum(s["bytes"] for s in shards)
+    print(f"shards: {manifest['num_samples']} samples in {len(shards)} shards "
+          f"({written} written, {reused} reused), {len(skipped)} skipped, "
+          f"{total / 1e6:.1f} MB, {seconds:.1f}s -> {out}")
+    for s in skipped[:5]:
+        print(f"  skipped {s['key']}: {s['reason']}")
+    if len(skipped) > 5:
+        print(f"  ... and {len(skipped) - 5} more skipped (all {len(skipped)} under 'skipped' in "
+              f"{out / 'manifest.json'})")
+    for w in manifest["warnings"]:
+        print(f"  warning: {w}")
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> dict:

@@ -183,7 +183,19 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> _Canvas:
     xx = np.arange(w, dtype=np.float32)[None, :] + 0.5
     t = np.clip((yy - hz + 0.5) / gh, 0, None)  # (H, 1) ground depth factor = 1 / Z
 
-    # Distant skyline (far buildings or tree line) just above the horizon.
+    _skyline(cv, rng, yy)
+    _ground(cv, yy, xx, t, road, side)
+    _sides(cv, rng, yy, xx, road, side)
+    _objects(cv, rng, road, side)
+    if rng.random() < 0.3:  # ego-vehicle hood (void), as in Cityscapes
+        hood = rng.uniform(0.06, 0.12) * h
+        cv.ellipse(h + hood * 1.5, w / 2, hood * 2.5, w * 0.75, IGNORE, 0, 0.5)
+    return cv
+
+
+def _skyline(cv: _Canvas, rng, yy: np.ndarray) -> None:
+    """Distant skyline (far buildings or tree line) just above the horizon."""
+    hz, w = cv.hz, cv.w
     cols = np.arange(w)
     n_far = int(rng.integers(6, 16))
     far_edges = np.sort(rng.uniform(0, w, n_far))
@@ -193,7 +205,11 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> _Canvas:
     far = (yy >= far_top[None, :]) & (yy < hz)
     cv.label[far], cv.depth[far] = far_cls, 40.0
 
-    # Ground: terrain beyond the sidewalks, sidewalks, road.
+
+def _ground(cv: _Canvas, yy: np.ndarray, xx: np.ndarray, t: np.ndarray, road, side) -> None:
+    """Ground: terrain beyond the sidewalks, sidewalks, road."""
+    h, w, hz, vx = cv.h, cv.w, cv.hz, cv.vx
+    gh = h - hz
     ground = np.broadcast_to(yy >= hz, (h, w))
     road_l, road_r = vx - t * road[0], vx + t * road[1]
     side_l, side_r = road_l - t * side[0], road_r + t * side[1]
@@ -202,7 +218,11 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> _Canvas:
     cv.label[ground] = lab.astype(np.uint8)[ground]
     cv.depth[ground] = np.broadcast_to(1.0 / np.maximum(t, 1.0 / gh), (h, w))[ground]
 
-    # Facades / parks on both sides, converging to the vanishing point.
+
+def _sides(cv: _Canvas, rng, yy: np.ndarray, xx: np.ndarray, road, side) -> None:
+    """Facades / parks on both sides, converging to the vanishing point."""
+    h, w, hz, vx = cv.h, cv.w, cv.hz, cv.vx
+    gh = h - hz
     for sign, width in ((-1, road[0] + side[0]), (1, road[1] + side[1])):
         edges, kind, height = _side_blocks(rng)
         off = sign * (xx[0] - vx)
@@ -225,7 +245,11 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> _Canvas:
         cv.depth[region] = np.broadcast_to(1.0 / tb, (h, w))[region]
         cv.inst[region] = np.broadcast_to(1000 + sign * 100 + b, (h, w))[region]
 
-    # Objects, painted far to near.
+
+def _objects(cv: _Canvas, rng, road, side) -> None:
+    """Vehicles on the road, people, poles, trees and riders beside it, painted far to near."""
+    hz, vx = cv.hz, cv.vx
+    gh = cv.h - hz
     objs: list[tuple[float, str, float]] = []  # (t, kind, x)
     for _ in range(int(rng.integers(1, 7))):
         tt = rng.uniform(0.12, 1.05)
@@ -244,11 +268,6 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> _Canvas:
             objs.append((tt, kind_, x))
     for tt, kind_, x in sorted(objs, key=lambda o: o[0]):
         _paint_object(cv, rng, str(kind_), tt, x, hz + tt * gh, tt * gh)
-
-    if rng.random() < 0.3:  # ego-vehicle hood (void), as in Cityscapes
-        hood = rng.uniform(0.06, 0.12) * h
-        cv.ellipse(h + hood * 1.5, w / 2, hood * 2.5, w * 0.75, IGNORE, 0, 0.5)
-    return cv
 
 
 def _paint_object(cv: _Canvas, rng, kind: str, t: float, x: float, y: float, u: float) -> None:
@@ -349,7 +368,6 @@ def _texture(style: DomainStyle, rng, cv: _Canvas) -> np.ndarray:
 
 def _render(style: DomainStyle, colours: np.ndarray, rng, cv: _Canvas) -> np.ndarray:
     """Render the painted scene in ``style`` -> uint8 RGB (H, W, 3)."""
-    h, w = cv.h, cv.w
     lab = cv.label
     table = np.zeros((256, 3), dtype=np.float32)
     table[:NUM_CLASSES] = colours
@@ -365,7 +383,19 @@ def _render(style: DomainStyle, colours: np.ndarray, rng, cv: _Canvas) -> np.nda
     img /= 255.0
     img *= 1.0 + _texture(style, rng, cv)[..., None]
 
-    # Illumination: gradient, cast shadows (half-plane over the ground + contact shadows).
+    img = _illuminate(style, rng, cv, img)
+    # Colour grading: saturation, contrast, exposure, tint.
+    grey = img.mean(axis=2, keepdims=True)
+    img = grey + style.saturation * (img - grey)
+    img = 0.5 + style.contrast * (img - 0.5)
+    img *= style.brightness * np.asarray(style.tint, np.float32)
+    img = _effects(style, rng, cv, img)
+    return (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _illuminate(style: DomainStyle, rng, cv: _Canvas, img: np.ndarray) -> np.ndarray:
+    """Illumination: gradient, cast shadows (half-plane over the ground + contact shadows)."""
+    h, w, lab = cv.h, cv.w, cv.label
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
     img *= (1.0 + style.gradient * (yy / h - 0.5))[..., None]
@@ -382,13 +412,12 @@ def _render(style: DomainStyle, colours: np.ndarray, rng, cv: _Canvas) -> np.nda
                 e = ((yy[y0:y1] - cy) / ry) ** 2 + ((xx[:, x0:x1] - cx) / rx) ** 2
                 contact[y0:y1, x0:x1] = np.maximum(contact[y0:y1, x0:x1], (1 - e).clip(0, 1))
         img *= (1.0 - np.maximum(shade, style.shadow * contact))[..., None]
+    return img
 
-    # Colour grading: saturation, contrast, exposure, tint.
-    grey = img.mean(axis=2, keepdims=True)
-    img = grey + style.saturation * (img - grey)
-    img = 0.5 + style.contrast * (img - 0.5)
-    img *= style.brightness * np.asarray(style.tint, np.float32)
 
+def _effects(style: DomainStyle, rng, cv: _Canvas, img: np.ndarray) -> np.ndarray:
+    """Lamp and headlight glows, fog, rain streaks, blur and sensor noise."""
+    h, w = cv.h, cv.w
     if style.lights > 0 and cv.lights:  # lamp and headlight glows
         glow = np.zeros((h, w), np.float32)
         for ly, lx, r in cv.lights:
@@ -408,7 +437,7 @@ def _render(style: DomainStyle, colours: np.ndarray, rng, cv: _Canvas) -> np.nda
         img = cv2.GaussianBlur(img, (0, 0), sigmaX=style.blur * w / 512)
     if style.noise > 0:
         img += rng.normal(0, style.noise, size=img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+    return img
 
 
 def render_sample(seed: int, domain: int, index: int, size: tuple[int, int] = (256, 512)
@@ -428,6 +457,37 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     if not ok:
         raise OSError(f"could not encode PNG for {path}")
     path.write_bytes(buf.tobytes())
+
+
+def _domain_folders(out: Path, d: int, count: int) -> tuple[dict, Path, Path]:
+    """Domain d's summary entry and its (created) image and label folders: GTA5's layout for
+    domain 0, Cityscapes' val layout for the others."""
+    style = DOMAINS[d]
+    if d == 0:
+        img_dir, lab_dir = out / "gta5" / "images", out / "gta5" / "labels"
+        entry = {"name": "gta5", "style": style.name, "layout": "gta5",
+                 "path": "gta5", "split": "all", "count": count}
+    else:
+        city = style.name.removeprefix("synth_")
+        img_dir = out / style.name / "leftImg8bit" / "val" / city
+        lab_dir = out / style.name / "gtFine" / "val" / city
+        entry = {"name": style.name, "style": style.name, "layout": "cityscapes",
+                 "path": style.name, "split": "val", "count": count}
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    return entry, img_dir, lab_dir
+
+
+def _write_frame(d: int, i: int, image: np.ndarray, label: np.ndarray, img_dir: Path, lab_dir: Path) -> None:
+    """Frame i of domain d under its dataset's file names (labels as dataset ids)."""
+    ids = train_to_cityscapes_ids(label)
+    if d == 0:
+        _write_png(img_dir / f"{i + 1:05d}.png", image)
+        cityscapes_palette_png(ids, lab_dir / f"{i + 1:05d}.png")
+    else:
+        stem = f"{img_dir.name}_000000_{i:06d}"
+        _write_png(img_dir / f"{stem}_leftImg8bit.png", image)
+        _write_png(lab_dir / f"{stem}_gtFine_labelIds.png", ids)
 
 
 def generate(out: str | os.PathLike, *, domains: int = 4, images_per_domain: int = 100,
@@ -453,30 +513,12 @@ def generate(out: str | os.PathLike, *, domains: int = 4, images_per_domain: int
     entries = []
     bar = tqdm(total=domains * images_per_domain, desc="synth", unit="img", disable=not progress)
     for d in range(domains):
-        style = DOMAINS[d]
-        if d == 0:
-            img_dir, lab_dir = out / "gta5" / "images", out / "gta5" / "labels"
-            entries.append({"name": "gta5", "style": style.name, "layout": "gta5",
-                            "path": "gta5", "split": "all", "count": images_per_domain})
-        else:
-            city = style.name.removeprefix("synth_")
-            img_dir = out / style.name / "leftImg8bit" / "val" / city
-            lab_dir = out / style.name / "gtFine" / "val" / city
-            entries.append({"name": style.name, "style": style.name, "layout": "cityscapes",
-                            "path": style.name, "split": "val", "count": images_per_domain})
-        img_dir.mkdir(parents=True, exist_ok=True)
-        lab_dir.mkdir(parents=True, exist_ok=True)
+        entry, img_dir, lab_dir = _domain_folders(out, d, images_per_domain)
+        entries.append(entry)
         for i in range(images_per_domain):
             image, label = render_sample(seed, d, i, (h, w))
             pixels[d] += np.bincount(label.ravel(), minlength=256)
-            ids = train_to_cityscapes_ids(label)
-            if d == 0:
-                _write_png(img_dir / f"{i + 1:05d}.png", image)
-                cityscapes_palette_png(ids, lab_dir / f"{i + 1:05d}.png")
-            else:
-                stem = f"{city}_000000_{i:06d}"
-                _write_png(img_dir / f"{stem}_leftImg8bit.png", image)
-                _write_png(lab_dir / f"{stem}_gtFine_labelIds.png", ids)
+            _write_frame(d, i, image, label, img_dir, lab_dir)
             bar.update(1)
     bar.close()
     used = sorted(int(c) for c in np.flatnonzero(pixels[:, :NUM_CLASSES].sum(0)))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .labels import IGNORE, TILE
+from .labels import IGNORE, TILE, class_stats
 
 JITTER_ORIG = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the original view
 JITTER_ORIG_P = 0.5  # RandomApply probability of the original view's jitter
@@ -37,8 +37,6 @@ def class_centroids(label: np.ndarray, tile: int = TILE) -> dict[str, list[list[
     """Class-uniform centroids (the released convention), as the sharder stores them in meta.json:
     {"<c>": [[y, x], ...]}, the integer centroid of class c in every whole tile x tile tile holding
     it (a frame smaller than a tile in either direction has none)."""
-    from .shards import class_stats
-
     return class_stats(label, tile)[1]
 
 

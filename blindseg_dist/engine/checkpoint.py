@@ -148,11 +148,13 @@ def _prepare_tmp(output_dir: str | Path, final: Path, tmp: Path, model_state: di
 
 
 def _write_rank_part(tmp: Path, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any],
-                     config_yaml: str | None, meta: dict[str, Any] | None) -> None:
+                     config_yaml: str | None, meta: dict[str, Any] | None,
+                     model_metadata: dict[str, str] | None) -> None:
     """This rank's RNG state; on rank 0 also the weights, config, training state and meta.json."""
     torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
     if dist.rank() == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
+                  metadata=model_metadata)
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
@@ -181,6 +183,7 @@ def save_checkpoint(
     collective_save: Callable[[Path], None] | None = None,
     meta: dict[str, Any] | None = None,
     protect: Sequence[Path] = (),
+    model_metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank must call it).
 
@@ -188,8 +191,10 @@ def save_checkpoint(
     engine.save_checkpoint: each rank writes its optimizer partition under tmp_dir/deepspeed).
     ``meta`` (with "run_id") goes to meta.json; keep_last then deletes only older checkpoints of
     that run id, never those in ``protect``. A checkpoint ``step`` of another run id is never replaced
-    (RuntimeError on every rank, before anything is written). Every phase ends with the ranks
-    agreeing that it worked (_agree): one rank's I/O error stops all of them, the old checkpoints kept."""
+    (RuntimeError on every rank, before anything is written). ``model_metadata`` goes into the
+    safetensors header of model.safetensors (a frozen backbone's source: ``frozen_metadata``). Every
+    phase ends with the ranks agreeing that it worked (_agree): one rank's I/O error stops all of
+    them, the old checkpoints kept."""
     root = checkpoint_dir(output_dir)
     final = root / str(step)
     tmp = root / f".tmp-{step}"
@@ -200,8 +205,8 @@ def save_checkpoint(
     main = dist.rank() == 0
     _agree(_attempt(lambda: _prepare_tmp(output_dir, final, tmp, model_state), root) if main else None, step, tmp)
     error = _attempt(lambda: collective_save(tmp), root) if collective_save is not None else None
-    error = error or _attempt(lambda: _write_rank_part(tmp, step, model_state, state, config_yaml, meta), root,
-                              (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
+    write_part = lambda: _write_rank_part(tmp, step, model_state, state, config_yaml, meta, model_metadata)  # noqa: E731
+    error = error or _attempt(write_part, root, (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
     _agree(error, step, tmp)
     _agree(_attempt(lambda: _publish(output_dir, tmp, final, run_id, keep_last, protect), root) if main else None,
            step, tmp)
@@ -225,10 +230,78 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
                           f"continue from the one before)") from None
 
 
-def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+# ---- checkpoints without the frozen backbone ------------------------------------------------------
+FROZEN_FILE_KEY, FROZEN_SHA_KEY, FROZEN_KEYS_KEY = "blindseg.frozen_file", "blindseg.frozen_sha256", "blindseg.frozen_keys"
+
+
+def frozen_state_keys(net: torch.nn.Module) -> set[str]:
+    """State-dict keys of ``net`` that training never changes: frozen parameters (requires_grad False)
+    and the buffers of a frozen encoder's modules (model/freeze.py)."""
+    keys = {n for n, p in net.named_parameters() if not p.requires_grad}
+    for owner, module in net.named_modules():
+        for name in getattr(module, "frozen_modules", ()):
+            prefix = ".".join(p for p in (owner, name) if p)
+            keys |= {f"{prefix}.{b}" for b, _ in net.get_submodule(prefix).named_buffers()}
+    return keys & set(net.state_dict())
+
+
+def file_sha256(path: str | Path) -> str:
+    from ..data.shards import _sha256  # the project's one file-digest helper
+
+    return _sha256(Path(path))
+
+
+def frozen_metadata(pretrained: str | Path, sha256: str, keys: int) -> dict[str, str]:
+    """The safetensors header entries of a checkpoint that leaves out ``keys`` frozen tensors, which
+    come from the backbone weights file ``pretrained`` (its sha256) when the network is rebuilt."""
+    return {FROZEN_FILE_KEY: str(Path(pretrained).resolve()), FROZEN_SHA_KEY: sha256, FROZEN_KEYS_KEY: str(keys)}
+
+
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a checkpoint's model.safetensors ({} when none)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    f = p / MODEL_FILE if p.is_dir() else p
+    if not f.is_file():
+        return {}
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            return dict(h.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable: load_model_weights names it
+        return {}
+
+
+def frozen_source(checkpoint: str | Path, pretrained: str | Path | None = None) -> str | None:
+    """The backbone weights file a checkpoint without its frozen tensors needs (None: a whole
+    checkpoint). ``pretrained`` (the config's model.pretrained) is checked against the recorded sha256;
+    without it the recorded path is used. A different or missing file is a ConfigError."""
+    meta = weights_metadata(checkpoint)
+    if FROZEN_SHA_KEY not in meta:
+        return None
+    recorded, sha = meta[FROZEN_FILE_KEY], meta[FROZEN_SHA_KEY]
+    path = Path(pretrained) if pretrained not in (None, "none") else Path(recorded)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds the trained tensors only; its frozen backbone "
+                          f"comes from {recorded} (sha256 {sha[:16]}...), which is not at {path}: put that file "
+                          "there or set model.pretrained to its path")
+    got = file_sha256(path)
+    if got != sha:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} was trained on the frozen backbone {recorded} (sha256 "
+                          f"{sha[:16]}...), but {path} has sha256 {got[:16]}...: a different backbone file; "
+                          "set model.pretrained to the file the run was trained on")
+    return str(path)
+
+
+def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: str | Path,
+                partial: bool = False) -> None:
     """``net.load_state_dict(weights)``, or a ConfigError naming ``source`` and what does not fit
-    (a checkpoint of another backbone or class count)."""
+    (a checkpoint of another backbone or class count). ``partial``: a checkpoint without the frozen
+    tensors (``frozen_source``), which ``net`` already holds from the backbone file."""
     own = net.state_dict()
+    if partial:
+        frozen = frozen_state_keys(net)
+        own = {k: v for k, v in own.items() if k not in frozen or k in weights}
     missing = sorted(k for k in own if k not in weights)
     unexpected = sorted(k for k in weights if k not in own)
     shapes = [f"{k}: file {tuple(weights[k].shape)} vs network {tuple(own[k].shape)}"
@@ -237,7 +310,7 @@ def fit_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], source: 
         raise ConfigError(f"checkpoint {str(source)!r} does not fit this network (another model.backbone or "
                           f"model.num_classes?): {len(missing)} missing {missing[:3]}, {len(unexpected)} "
                           f"unexpected {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:2]}")
-    net.load_state_dict(weights)
+    net.load_state_dict(weights, strict=not partial)
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -12,7 +12,6 @@ A target without an entry gets its protocol from its name or its shard manifest'
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,7 +26,8 @@ from ..config import EVAL_PROTOCOLS as PROTOCOLS
 from ..data.corruptions import EXTRA, STANDARD
 from ..data.evalset import EvalDataset, shard_indices
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
-from ..data.location import RemoteOptions, has_braces, is_remote, load_location_manifest
+from ..data.location import (RemoteOptions, has_braces, holds_shards, is_remote, load_location_manifest,
+                             local_manifest)
 from ..data.sources import OPENERS, SampleError, detect_dataset, get_source
 from .figures import confusion_figure
 
@@ -197,7 +197,7 @@ def raw_target(spec: str | Path) -> tuple[str, str] | None:
     if is_remote(s) or has_braces(s):
         return None
     p = Path(s)
-    if p.is_dir() and not (p / "manifest.json").is_file() and not any(p.glob("*.tar")):
+    if p.is_dir() and not holds_shards(p):
         ds = detect_dataset(s)
         return (ds, s) if ds else None
     return None
@@ -227,15 +227,7 @@ def _manifest_dataset(path: str | Path) -> str:
     raw = raw_target(path)
     if raw is not None:
         return raw[0]
-    if is_remote(str(path)) or has_braces(str(path)):
-        return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return ""
-    try:
-        return str(json.loads(manifest.read_text()).get("dataset", ""))
-    except (OSError, ValueError):
-        return ""
+    return str((load_location_manifest(str(path)) or {}).get("dataset", ""))
 
 
 def target_protocol(name: str, path: str | Path, protocols: dict[str, str] | None = None) -> str:
@@ -298,15 +290,12 @@ def corruption_family(path: str | Path) -> list[dict] | None:
     if is_remote(s) or has_braces(s) or raw_target(s) is not None:
         return None
     p = Path(s)
-    if not p.is_dir() or (p / "manifest.json").is_file() or any(p.glob("*.tar")):
+    if not p.is_dir() or holds_shards(p):
         return None
     sets = []
     for sub in sorted(q for q in p.iterdir() if (q / "manifest.json").is_file()):
-        try:
-            m = json.loads((sub / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if "corruption" in m and "severity" in m:
+        m = local_manifest(sub)
+        if m is not None and "corruption" in m and "severity" in m:
             sets.append({"corruption": str(m["corruption"]), "severity": int(m["severity"]), "path": str(sub),
                          "corrupted_from": m.get("corrupted_from")})
     if not sets:

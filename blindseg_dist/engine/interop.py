@@ -38,7 +38,7 @@ from .. import atomic
 from ..config import load_config, model_kwargs, save_config, to_dict
 from ..model import build_model
 from ..model.backbones import ResNetBackbone
-from .checkpoint import MODEL_FILE, load_model_weights
+from .checkpoint import MODEL_FILE, frozen_source, load_model_weights
 
 __all__ = ["InteropError", "to_released", "from_released", "released_state_dict", "load_released_file",
            "map_released_weights", "import_checkpoint", "export_checkpoint", "RULES"]
@@ -244,7 +244,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
     (module.-prefixed released names), "epoch": 0, "mean_iu": 0.0, "command", "blindseg"}``, which
     the released valid.py / train.py ``--snapshot`` load (no optimizer: restore it fresh)."""
     out = Path(out)
-    weights = load_model_weights(checkpoint)
+    if frozen_source(checkpoint) is not None:  # trained tensors only: rebuild the whole network
+        from ..tools.evaluate_cli import load_checkpoint_model
+
+        weights = load_checkpoint_model(checkpoint)[1].state_dict()
+    else:
+        weights = load_model_weights(checkpoint)
     state = released_state_dict(weights, module_prefix=module_prefix)
     name = Path(checkpoint).name
     payload = {

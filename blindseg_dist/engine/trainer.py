@@ -45,9 +45,10 @@ from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import smallest_frame, train_loader_from_config
 from ..data.workers import die_with_parent, shutdown_workers
 from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
+from ..losses.plans import PLAN_KEY, STEP_KEY, LoaderPlanner
 from ..model import build_model
 from ..model.backbones import check_backbone
-from ..model.objective import BlindNetObjective
+from ..model.objective import BlindNetObjective, projection_sizes
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
@@ -59,7 +60,6 @@ from .hooks import (BestCheckpointHook, CheckpointHook, EvalHook, Hook, ImageHoo
 from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
-
 
 
 class _StopFlag:
@@ -282,18 +282,42 @@ class Trainer(TrainLoop):
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         net = build_model(**model_kwargs(cfg))
+        # CWCL's label-only sampling is planned in the loader workers at these sizes (losses/plans.py)
+        self.plan_sizes = (projection_sizes(net, cfg.data.crop_size)
+                           if cfg.loss.two_view and cfg.loss.cwcl > 0 else None)
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
+        self._frozen_checkpoints(net)
         if resume_from is not None:
-            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from)
+            partial = ckpt.frozen_source(resume_from, self.pretrained_file or "none") is not None
+            if partial and self.pretrained_file is None:
+                from ..config import ConfigError
+
+                raise ConfigError(f"config key 'model.pretrained': checkpoint {resume_from} holds the trained tensors "
+                                  "only and its frozen backbone comes from a weights file; set model.pretrained to it")
+            ckpt.fit_weights(net, ckpt.load_model_weights(resume_from), resume_from, partial=partial)
         if self.world > 1:
             net = convert_sync_batchnorm(net)  # before prepare() (docs/OPERATIONS.md, "Engines")
+        if cfg.run.compile:  # in place: parameters and state_dict keys unchanged (model/compiled.py)
+            from ..model.compiled import compile_network
+
+            compile_network(net, cfg.run.compile_backend)
         objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
         optimizer, self.scheduler = build_optimizer(cfg, objective)
         self.n_params = sum(p.numel() for p in net.parameters())  # before prepare: ZeRO-3 partitions them
         self.n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         self.grad_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
         self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
+        self.ema = None
+        if cfg.optim.ema_decay > 0:
+            if self.deepspeed:
+                from ..config import ConfigError
+
+                raise ConfigError("config key 'optim.ema_decay': the EMA of the weights runs under DDP only "
+                                  "(DeepSpeed partitions them); set optim.ema_decay=0")
+            from .ema import WeightEMA
+
+            self.ema = WeightEMA(net, cfg.optim.ema_decay, cfg.optim.ema_start)
         # DeepSpeed holds 16-bit weights under bf16/fp16 (Accelerate's autocast is off there): feed that dtype
         self.in_dtype = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision)
                          if self.deepspeed else None)
@@ -301,15 +325,28 @@ class Trainer(TrainLoop):
         self.last_checkpoint = resume_from
         return self._restore(resume_from) if resume_from is not None else None
 
+    def _frozen_checkpoints(self, net: torch.nn.Module) -> None:
+        """With a frozen encoder (model.adapter, model.freeze_backbone) loaded from a weights file,
+        checkpoints hold the trained tensors only, plus that file's path and sha256
+        (engine/checkpoint.py, ``frozen_source``); without a file they hold every tensor."""
+        pretrained = model_kwargs(self.cfg)["pretrained"]
+        self.pretrained_file = str(pretrained) if pretrained is not None else None
+        self.frozen_keys: set[str] = ckpt.frozen_state_keys(net) if pretrained is not None else set()
+        self.frozen_meta = None
+        if self.frozen_keys:
+            self.frozen_meta = ckpt.frozen_metadata(pretrained, ckpt.file_sha256(pretrained), len(self.frozen_keys))
+
     def _build_stream(self, resume_from: Path | None, rng: dict | None) -> None:
         """This rank's data stream at the resumed position, then the checkpoint's RNG state."""
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
         # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
         # page-locked batches on CUDA: the copies in _forward are non_blocking
+        planner = (LoaderPlanner(cfg.run.seed, self.plan_sizes, cfg.data.batch_size, self.rank, self.world)
+                   if self.plan_sizes else None)
         loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
                                           start_step=self.step * self.micro,
-                                          pin_memory=self.acc.device.type == "cuda")
+                                          pin_memory=self.acc.device.type == "cuda", planner=planner)
         self.logger = RunLogger(self.out_dir / "tb", log_with=cfg.run.log_with,
                                 purge_step=self.step + 1 if resume_from is not None else None)
         self._print_header()
@@ -384,8 +421,15 @@ class Trainer(TrainLoop):
         b = image.shape[0]
         k = self.step * self.micro + m  # the micro-batch index: loss sampling seeds, global image indices
         gidx = k * self.cfg.data.batch_size * self.world + self.rank * b + torch.arange(b)
+        # the loader's sampling plans, when made for this micro-batch index (after a skipped step the
+        # stream is one batch ahead of k: the objective then samples itself, as without plans)
+        plans = batch.get(PLAN_KEY)
+        if plans is not None and int(batch[STEP_KEY]) == k:
+            plans = [{n: t.to(dev, non_blocking=True) for n, t in lvl.items()} for lvl in plans]
+        else:
+            plans = None
         with self.acc.autocast():
-            return self.objective(image, label, image_aug, step=k, global_index=gidx)
+            return self.objective(image, label, image_aug, step=k, global_index=gidx, plans=plans)
 
     def _accumulate(self, sums: dict[str, float], out: dict, batch: dict) -> None:
         """Add a micro-batch's loss terms (/ grad_accum) to ``sums``; count its images and corrupt shards."""
@@ -420,6 +464,8 @@ class Trainer(TrainLoop):
         self.scheduler.step()  # ours: once per optimizer step, on every engine
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
 
     def _grad_norm(self) -> torch.Tensor | float | None:
         """The global gradient norm of this step (logged as grad_norm), clipping to optim.grad_clip
@@ -444,14 +490,20 @@ class Trainer(TrainLoop):
 
     def evaluate(self) -> dict[str, dict]:
         """Every eval.targets entry at the current step (collective), logged to TensorBoard."""
-        return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
-                                data_cfg=self.cfg.data)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            return evaluate_targets(self.net, self.cfg.eval, self.acc.device, self.logger, self.step,
+                                    data_cfg=self.cfg.data)
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (collective: every rank calls it); returns its folder."""
         # get_state_dict gathers full parameters under ZeRO-3 (collective; stage3_gather_16bit_weights_on_model_save)
         full = self.acc.get_state_dict(self.objective) or {}  # None on ranks > 0 under ZeRO-3
         model_state = {k[len("net."):]: v for k, v in full.items() if k.startswith("net.")}
+        if self.frozen_meta is not None:  # the frozen backbone is the weights file's: not copied
+            model_state = {k: v for k, v in model_state.items() if k not in self.frozen_keys}
+        ema_live = None
+        if self.ema is not None:  # model.safetensors: the EMA weights; state.pt: the live ones
+            model_state, ema_live = self.ema.state_for_checkpoint(model_state)
 
         def engine_state(tmp: Path) -> None:  # every rank writes its optimizer partition
             self.objective.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
@@ -459,11 +511,18 @@ class Trainer(TrainLoop):
         self.last_checkpoint = ckpt.save_checkpoint(
             self.cfg.run.output_dir, self.step, model_state=model_state,
             state={"optimizer": None if self.deepspeed else self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters)},
+                   "scheduler": self.scheduler.state_dict(), "counters": dict(self.counters),
+                   **({"ema_live": ema_live} if ema_live is not None else {})},
             config_yaml=self.config_yaml, keep_last=self.cfg.run.keep_last,
             collective_save=engine_state if self.deepspeed else None,
             meta={"run_id": self.run_id, **resume_values(self.cfg, self.world)}, protect=self.protected,
+            model_metadata=self.frozen_meta,
         )
+        if self.is_main:
+            size = ckpt.folder_bytes(self.last_checkpoint)
+            what = (f"trained tensors only; frozen backbone {self.pretrained_file} "
+                    f"(sha256 {self.frozen_meta[ckpt.FROZEN_SHA_KEY][:12]}...)" if self.frozen_meta else "every tensor")
+            print(f"[train] checkpoint {self.last_checkpoint}: {size / 2**20:.1f} MB ({what})", flush=True)
         return self.last_checkpoint
 
     def _restore(self, path: Path) -> dict | None:
@@ -477,6 +536,8 @@ class Trainer(TrainLoop):
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters.update(state.get("counters", {}))
+        if self.ema is not None:
+            self.ema.restore(state.get("ema_live"))
         if self.is_main:
             print(f"[train] resumed from {path} at step {state['step']}")
         self.step = int(state["step"])

@@ -4,19 +4,16 @@
 Every loss returns, on each of W ranks, a value whose mean over ranks equals the 1-process
 loss on the concatenated global batch, with gradients that DDP's averaging turns into the
 1-process gradients (see blindseg_dist.dist.global_mean).
+
+Modules: segmentation (CE), covariance (the covariance losses), cwcl and sdcl (the contrastive
+losses, each with its sampling plan), sampling (seeds, keys, split-invariant draws), pixels (what
+the contrastive losses share); contrastive names the contrastive API together.
 """
 
-from blindseg_dist.losses.contrastive import (
-    PixelRows,
-    class_wise_contrastive_loss,
-    cwcl_pixels,
-    cwcl_plan,
-    sample_class_anchors,
-    sample_seeds,
-    sdcl_pixels,
-    sdcl_plan,
-    semantic_disentanglement_loss,
-)
+from blindseg_dist.losses.cwcl import class_wise_contrastive_loss, cwcl_pixels, cwcl_plan, sample_class_anchors
+from blindseg_dist.losses.pixels import PixelRows
+from blindseg_dist.losses.sampling import sample_seeds
+from blindseg_dist.losses.sdcl import sdcl_pixels, sdcl_plan, semantic_disentanglement_loss
 from blindseg_dist.losses.covariance import covariance_losses, covariance_matching_loss, cross_covariance_loss
 from blindseg_dist.losses.segmentation import segmentation_loss
 

@@ -117,61 +117,71 @@ def covariance_losses(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.T
     names = [n for n, on in (("cml", cml), ("ccl", ccl)) if on]
     feats, feats_aug = _check(feats, feats_aug, scope, "covariance_matching_loss" if cml else
                               "cross_covariance_loss")
-    dev = feats_aug[0].device
+    dev, b = feats_aug[0].device, feats_aug[0].shape[0]
     with torch.autocast(device_type=dev.type, enabled=False):
         stats = [_stats(f, fa, cml, ccl) for f, fa in zip(feats, feats_aug)]
         if scope == "image":
-            out = {}
-            for name in names:
-                b_global = dist.all_reduce_count([feats_aug[0].shape[0]], tag=name)[0]
-                total = 0.0
-                for s, s_a, d, n in stats:
-                    if name == "cml":
-                        # (Sigma + eps I) - (Sigma_a + eps I): the eps I cancels
-                        per_image = ((s - s_a) / (n - 1)).pow(2).mean(dim=(1, 2))  # (B,)
-                    else:
-                        per_image = (d / (n - 1) + eps - 1).pow(2).mean(-1)  # (B,)
-                    total = total + dist.global_mean(per_image.sum(), b_global)
-                out[name] = total / len(stats)
-            return out
-
+            return {name: _image_scope(stats, name, b, eps) for name in names}
         out = {}
         if cml:
-            # "batch": per point only the pooled difference D = S(sg F) - S(F_a) matters
-            # (Sigma - Sigma_a = D / (n - 1): the eps I cancels), and D is symmetric, so its upper
-            # triangle is all that is sent: C (C + 1) / 2 values per point instead of 2 C^2.
-            ups, shapes = [], []
-            for s, s_a, _, n in stats:
-                c = s.shape[1]
-                iu = torch.triu_indices(c, c, device=s.device)
-                diff = s.sum(0) - s_a.sum(0)
-                ups.append(diff[iu[0], iu[1]])  # (C (C + 1) / 2,) local upper triangle
-                shapes.append((c, n, iu[0] == iu[1]))
-            # The loss below is a function of the pooled sums only: identical on every rank, so
-            # the backward all-reduce is skipped (dist.all_reduce_sum_identical: W x the local
-            # gradient is exactly what that all-reduce would return).
-            pooled = dist.all_reduce_sum_identical(torch.cat(ups), tag="cml")
-            b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="cml")[0])
-            total, off = 0.0, 0
-            for c, n_img, diag in shapes:
-                k = c * (c + 1) // 2
-                dd = pooled[off: off + k] / (b_global * n_img - 1)
-                off += k
-                sq = dd.pow(2)  # off-diagonal entries stand for two of the C x C
-                total = total + (2 * sq.sum() - sq[diag].sum()) / (c * c)
-            out["cml"] = total / len(stats)
+            out["cml"] = _batch_cml(stats, b)
         if ccl:
-            # identical loss on every rank: no backward all-reduce (as for CML above)
-            pooled = dist.all_reduce_sum_identical(torch.cat([d.sum(0) for _, _, d, _ in stats]), tag="ccl")
-            b_global = int(dist.all_reduce_count([feats_aug[0].shape[0]], tag="ccl")[0])
-            total, off = 0.0, 0
-            for _, _, d, n_img in stats:
-                c = d.shape[1]
-                diag = pooled[off: off + c] / (b_global * n_img - 1) + eps  # eps once, after
-                off += c
-                total = total + (diag - 1).pow(2).mean()
-            out["ccl"] = total / len(stats)
+            out["ccl"] = _batch_ccl(stats, b, eps)
         return out
+
+
+def _image_scope(stats: list, name: str, b: int, eps: float) -> torch.Tensor:
+    """CML or CCL per image, averaged over the global batch, then over the IN points."""
+    b_global = dist.all_reduce_count([b], tag=name)[0]
+    total = 0.0
+    for s, s_a, d, n in stats:
+        if name == "cml":
+            # (Sigma + eps I) - (Sigma_a + eps I): the eps I cancels
+            per_image = ((s - s_a) / (n - 1)).pow(2).mean(dim=(1, 2))  # (B,)
+        else:
+            per_image = (d / (n - 1) + eps - 1).pow(2).mean(-1)  # (B,)
+        total = total + dist.global_mean(per_image.sum(), b_global)
+    return total / len(stats)
+
+
+def _batch_cml(stats: list, b: int) -> torch.Tensor:
+    """CML of the global batch. Per point only the pooled difference D = S(sg F) - S(F_a) matters
+    (Sigma - Sigma_a = D / (n - 1): the eps I cancels), and D is symmetric, so its upper triangle
+    is all that is sent: C (C + 1) / 2 values per point instead of 2 C^2."""
+    ups, shapes = [], []
+    for s, s_a, _, n in stats:
+        c = s.shape[1]
+        iu = torch.triu_indices(c, c, device=s.device)
+        diff = s.sum(0) - s_a.sum(0)
+        ups.append(diff[iu[0], iu[1]])  # (C (C + 1) / 2,) local upper triangle
+        shapes.append((c, n, iu[0] == iu[1]))
+    # The loss below is a function of the pooled sums only: identical on every rank, so
+    # the backward all-reduce is skipped (dist.all_reduce_sum_identical: W x the local
+    # gradient is exactly what that all-reduce would return).
+    pooled = dist.all_reduce_sum_identical(torch.cat(ups), tag="cml")
+    b_global = int(dist.all_reduce_count([b], tag="cml")[0])
+    total, off = 0.0, 0
+    for c, n_img, diag in shapes:
+        k = c * (c + 1) // 2
+        dd = pooled[off: off + k] / (b_global * n_img - 1)
+        off += k
+        sq = dd.pow(2)  # off-diagonal entries stand for two of the C x C
+        total = total + (2 * sq.sum() - sq[diag].sum()) / (c * c)
+    return total / len(stats)
+
+
+def _batch_ccl(stats: list, b: int, eps: float) -> torch.Tensor:
+    """CCL of the global batch: the diagonal of the pooled cross-covariance (identical loss on
+    every rank: no backward all-reduce, as for CML)."""
+    pooled = dist.all_reduce_sum_identical(torch.cat([d.sum(0) for _, _, d, _ in stats]), tag="ccl")
+    b_global = int(dist.all_reduce_count([b], tag="ccl")[0])
+    total, off = 0.0, 0
+    for _, _, d, n_img in stats:
+        c = d.shape[1]
+        diag = pooled[off: off + c] / (b_global * n_img - 1) + eps  # eps once, after
+        off += c
+        total = total + (diag - 1).pow(2).mean()
+    return total / len(stats)
 
 
 def covariance_matching_loss(feats: Sequence[torch.Tensor], feats_aug: Sequence[torch.Tensor],

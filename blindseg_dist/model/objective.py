@@ -5,7 +5,7 @@ and the two views are forwarded separately so that BN batch statistics stay per 
 """
 from __future__ import annotations
 
-import zlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..config import LossConfig
-from ..losses.contrastive import rows_at
+from ..losses.pixels import rows_at
 from ..losses import (
     PixelRows,
     class_wise_contrastive_loss,
@@ -26,15 +26,24 @@ from ..losses import (
     segmentation_loss,
     semantic_disentanglement_loss,
 )
+from ..losses.plans import cwcl_plan_from_loader, stream_seed
 
 
 # The objective takes the config's loss section itself (weights and scopes): one definition.
 LossWeights = LossConfig
 
 
-def _stream_seed(run_seed: int, name: str, level: int) -> int:
-    """A distinct sampling seed per (run, loss term, level), stable across processes."""
-    return (run_seed * 1_000_003 + zlib.crc32(f"{name}:{level}".encode())) % (2**62)
+_stream_seed = stream_seed  # a distinct sampling seed per (run, loss term, level): losses/plans.py
+
+
+def projection_sizes(net: nn.Module, crop: int) -> tuple[tuple[int, int], ...]:
+    """(h, w) of each projection level's embeddings for a (crop, crop) training input: one forward
+    of a copy of ``net`` on the meta device (shapes only, no compute, ``net`` untouched)."""
+    meta = copy.deepcopy(net).to("meta").train()
+    dtype = next(meta.parameters()).dtype
+    with torch.no_grad():
+        out = meta(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype), dense_embeds=False)
+    return tuple(tuple(int(v) for v in f.shape[-2:]) for f in out["proj_inputs"])
 
 
 class BlindNetObjective(nn.Module):
@@ -62,6 +71,7 @@ class BlindNetObjective(nn.Module):
         image_aug: torch.Tensor | None = None,  # (B, 3, H, W) augmented view
         step: int = 0,
         global_index: torch.Tensor | None = None,  # (B,) index of each image in the global batch stream
+        plans: list[dict] | None = None,  # CWCL's loader plans per level (losses/plans.py), made for `step`
     ) -> dict:
         w = self.w
         if global_index is None:
@@ -91,7 +101,7 @@ class BlindNetObjective(nn.Module):
                     terms[name] = v
                     weighted[name] = getattr(w, name) * v
             if w.cwcl > 0 or w.sdcl > 0:
-                self._contrastive(out, out_a, label, step, global_index, terms, weighted)
+                self._contrastive(out, out_a, label, step, global_index, terms, weighted, plans)
         # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total
         # (tests/engine/test_train_step_ddp.py runs in float64)
         dtype = torch.float32
@@ -100,8 +110,9 @@ class BlindNetObjective(nn.Module):
         total = torch.stack([v.to(dtype) for v in weighted.values()]).sum()
         return {"total": total, "terms": terms, "logits": out["logits"]}
 
-    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted) -> None:
-        """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse)."""
+    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted, plans=None) -> None:
+        """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse; CWCL's
+        finished on the device from the loader's plans when given: the same draws)."""
         w = self.w
         with torch.no_grad():
             pred = out["logits_q"].argmax(1)  # (B, H/4, W/4)
@@ -118,7 +129,15 @@ class BlindNetObjective(nn.Module):
                 f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
                 size = tuple(f.shape[-2:])
                 with record_function("blindseg/sampling"):
-                    cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds) if w.cwcl > 0 else None
+                    if w.cwcl <= 0:
+                        cw_plan = None
+                    elif plans is not None:
+                        if plans[j]["pix"].shape[-1] != size[0] * size[1]:
+                            raise ValueError(f"the loader's CWCL plan of level {j} is for "
+                                             f"{plans[j]['pix'].shape[-1]} pixels, the level has {size}")
+                        cw_plan = cwcl_plan_from_loader(plans[j], pred, size)
+                    else:
+                        cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds)
                     sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
                                if w.sdcl > 0 else None)
                     n = size[0] * size[1]

@@ -129,6 +129,8 @@ class ViTBackbone(Backbone):
         kwargs.update(num_classes=0, dynamic_img_size=True, dynamic_img_pad=True, drop_path_rate=drop_path)
         if patch_size:
             kwargs["patch_size"] = patch_size  # pretrained kernels are resized to it (load_pretrained)
+        self.patch_resized = bool(patch_size)
+        self.lora_targets: list[str] = []
         vit = timm.create_model(name, pretrained=False, **kwargs)  # weights: load_pretrained, local files only
         self.arch = name
         self._take_vit(vit, blocks)
@@ -147,7 +149,6 @@ class ViTBackbone(Backbone):
             self.load_pretrained(pretrained)
         self.adapter = adapter
         self.rein: Rein | None = None
-        self.lora_targets: list[str] = []
         if adapter != "none":
             self._attach_adapter(adapter, rein or {}, lora or {})
 
@@ -325,8 +326,13 @@ class ViTBackbone(Backbone):
         import timm.models.eva as eva
         import timm.models.vision_transformer as vt
 
+        if self.lora_targets:
+            raise RuntimeError("load_pretrained after the LoRA layers were injected: build the backbone with "
+                               "pretrained=... (the weights load first)")
         state = load_state_dict_file(path)
         state = _unwrap(state)
+        if self.patch_resized:
+            state = resize_patch_embedding(state, self.vit)
         filt = vt.checkpoint_filter_fn if self.family == "vit" else eva.checkpoint_filter_fn
         state = filt(state, self.vit)
         own = self.vit.state_dict()
@@ -360,6 +366,31 @@ class ViTBackbone(Backbone):
                          path, len(missing), preview_keys(missing), len(unexpected), preview_keys(unexpected))
         self.pretrained_report = report
         return report
+
+
+def resize_patch_embedding(state: dict[str, Tensor], vit: nn.Module) -> dict[str, Tensor]:
+    """A ViT state dict at another patch size for ``vit`` (``model.patch_size``, as Rein converts
+    DINOv2 from 14 to 16): the patch-embedding kernel resized bicubically (F.interpolate,
+    align_corners=False) to vit's patch size, and the position embeddings of the patch grid resampled
+    bicubically to vit's grid (the prefix tokens' kept as they are). Other keys are untouched."""
+    state = dict(state)
+    w = state.get("patch_embed.proj.weight")
+    size = tuple(vit.patch_embed.proj.weight.shape[-2:])
+    if w is not None and w.ndim == 4 and tuple(w.shape[-2:]) != size:
+        state["patch_embed.proj.weight"] = F.interpolate(w.float(), size=size, mode="bicubic",
+                                                         align_corners=False).to(w.dtype)
+    pe, own = state.get("pos_embed"), getattr(vit, "pos_embed", None)
+    if pe is not None and isinstance(own, Tensor) and pe.shape[1] != own.shape[1]:
+        gh, gw = vit.patch_embed.grid_size
+        prefix = own.shape[1] - gh * gw
+        old = math.isqrt(pe.shape[1] - prefix)
+        if old * old != pe.shape[1] - prefix:
+            raise ValueError(f"pos_embed of {pe.shape[1]} tokens is not {prefix} prefix tokens + a square grid")
+        grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        state["pos_embed"] = torch.cat([pe[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pe.dtype)],
+                                       dim=1)
+    return state
 
 
 def _call_inside(fn, *args):

@@ -278,83 +278,163 @@ def _final_checkpoint(run: PlannedRun, config: str | None) -> tuple[Path | None,
     return (final if (final / ckpt.STATE_FILE).is_file() else None), cfg
 
 
-def _eval_command(final: Path, cfg: Any, eval_json: Path, processes: int) -> list[str]:
-    """`blindseg eval` of checkpoint ``final`` on the run's eval.targets (its eval.max_images;
-    protocols and sliding window from the run's config), writing RUN/eval.json."""
+def _eval_command(final: Path, cfg: Any, eval_json: Path, processes: int,
+                  targets: dict[str, str] | None = None, max_images: int | None = None) -> list[str]:
+    """`blindseg eval` of checkpoint ``final`` on the run's eval.targets (or ``targets``; its
+    eval.max_images or ``max_images``; protocols and sliding window from the run's config), writing
+    ``eval_json``."""
+    targets = cfg.eval.targets if targets is None else targets
+    max_images = cfg.eval.max_images if max_images is None else max_images
     return blindseg_command(["eval", "--checkpoint", str(final),
-                             "--data", *[f"{k}={v}" for k, v in cfg.eval.targets.items()],
-                             "--json", str(eval_json), "--max-images", str(cfg.eval.max_images)],
+                             "--data", *[f"{k}={v}" for k, v in targets.items()],
+                             "--json", str(eval_json), "--max-images", str(max_images)],
                             processes=processes)
 
 
+def _run_logged(cmd: list[str], log_path: Path) -> tuple[int, float]:
+    """Run ``cmd`` with its output in ``log_path``; (exit code, seconds)."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+    return rc, time.perf_counter() - t0
+
+
+def _map_runs(fn, items: Sequence, parallel: int):
+    """fn over items, ``parallel`` at a time (threads that each wait on one subprocess), in order."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: need at least 1")
+    if parallel == 1 or len(items) <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        yield from pool.map(fn, items)
+
+
+def _run_one(run: PlannedRun, config: str | None, processes: int) -> tuple[str, str, int, float]:
+    """Evaluate the run's final checkpoint when it exists (and eval.targets are set), else train it
+    (`blindseg train --resume`); returns ("evaluated" | "trained", log file name, exit code, seconds)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    final, cfg = _final_checkpoint(run, config)
+    if final is not None and cfg.eval.targets:
+        done, logname = "evaluated", "eval.log"
+        cmd = _eval_command(final, cfg, run.run_dir / "eval.json", processes)
+    else:
+        done, logname = "trained", "train.log"
+        cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
+                                "--resume", *run.overrides], processes=processes)
+    rc, seconds = _run_logged(cmd, run.run_dir / logname)
+    return done, logname, rc, seconds
+
+
 def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, processes: int = 1,
-                 desc: str = "ablation") -> tuple[dict[Path, dict], dict[str, list[str]]]:
+                 desc: str = "ablation", parallel: int = 1) -> tuple[dict[Path, dict], dict[str, list[str]]]:
     """Train and evaluate every planned run that has no RUN/eval.json yet (each an ordinary
     `blindseg train --resume` in its own process, output in RUN/train.log), skip the others. A run
     whose final checkpoint (at optim.max_steps) exists without eval.json (stopped after its last save)
     is only evaluated (`blindseg eval` of that checkpoint, output in RUN/eval.log), not trained.
+    ``parallel`` runs go at once (e.g. two 1-thread runs on a 2-core machine).
     Returns ({run_dir: eval targets} of the runs with results,
     {"trained"|"evaluated"|"skipped"|"failed": [run_dir]})."""
+    import threading
+
     from tqdm import tqdm
 
     results: dict[Path, dict] = {}
     status: dict[str, list[str]] = {"trained": [], "evaluated": [], "skipped": [], "failed": []}
     n = len(plan)
     bar = tqdm(total=n, desc=desc, unit="run", dynamic_ncols=True)
-    for k, run in enumerate(plan, 1):
+    lock = threading.Lock()
+
+    def one(item: tuple[int, PlannedRun]) -> None:
+        k, run = item
         label = f"[{k}/{n}] {run.entry.name} seed {run.seed_index}"
         eval_json = run.run_dir / "eval.json"
-        bar.set_description(f"{run.entry.name} seed {run.seed_index}")
+        if parallel == 1:
+            bar.set_description(f"{run.entry.name} seed {run.seed_index}")
         if eval_json.is_file():
             state, seconds = "skipped", 0.0
         else:
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            final, cfg = _final_checkpoint(run, config)
-            if final is not None and cfg.eval.targets:
-                done, logname = "evaluated", "eval.log"
-                cmd = _eval_command(final, cfg, eval_json, processes)
-            else:
-                done, logname = "trained", "train.log"
-                cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
-                                        "--resume", *run.overrides], processes=processes)
-            t0 = time.perf_counter()
-            with open(run.run_dir / logname, "w") as log:
-                log.write("$ " + " ".join(cmd) + "\n")
-                log.flush()
-                rc = subprocess.run(cmd, env=launch_env(), stdout=log, stderr=subprocess.STDOUT).returncode
-            seconds = time.perf_counter() - t0
+            done, logname, rc, seconds = _run_one(run, config, processes)
             state = done if rc == 0 and eval_json.is_file() else "failed"
             if state == "failed":
                 why = f"exit code {rc}" if rc else "no eval.json written"
                 doing = "training" if done == "trained" else "evaluating the final checkpoint"
-                bar.write(f"{label}: {doing} ... FAILED ({why}, {seconds:.0f} s); log {run.run_dir / logname}:\n"
-                          + _tail(run.run_dir / logname))
-        status[state].append(str(run.run_dir))
-        if state != "failed":
-            targets = json.loads(eval_json.read_text())["targets"]
-            results[run.run_dir] = targets
-            write_hparams(run, targets)
-            mean = 100 * float(np.nanmean([r["miou"] for r in targets.values()]))
-            what = {"trained": "training ... done", "evaluated": "final checkpoint evaluated (no training)",
-                    "skipped": "skipped (eval.json exists)"}[state]
-            extra = f" in {seconds:.0f} s" if state != "skipped" else ""
-            bar.write(f"{label}: {what} {mean:.1f} mIoU{extra}")
-        bar.update(1)
+                with lock:
+                    bar.write(f"{label}: {doing} ... FAILED ({why}, {seconds:.0f} s); log {run.run_dir / logname}:\n"
+                              + _tail(run.run_dir / logname))
+        with lock:
+            status[state].append(str(run.run_dir))
+            if state != "failed":
+                targets = json.loads(eval_json.read_text())["targets"]
+                results[run.run_dir] = targets
+                write_hparams(run, targets)
+                mean = 100 * float(np.nanmean([r["miou"] for r in targets.values()]))
+                what = {"trained": "training ... done", "evaluated": "final checkpoint evaluated (no training)",
+                        "skipped": "skipped (eval.json exists)"}[state]
+                extra = f" in {seconds:.0f} s" if state != "skipped" else ""
+                bar.write(f"{label}: {what} {mean:.1f} mIoU{extra}")
+            bar.update(1)
+
+    for _ in _map_runs(one, list(enumerate(plan, 1)), parallel):
+        pass
     bar.close()
+    results = {r.run_dir: results[r.run_dir] for r in plan if r.run_dir in results}  # plan order
     return results, status
 
 
+def evaluate_extra(plan: Sequence[PlannedRun], name: str, targets: dict[str, str], config: str | None = None, *,
+                   processes: int = 1, parallel: int = 1, max_images: int | None = None) -> dict[Path, dict]:
+    """Evaluate the final checkpoint of every finished run on further targets (e.g. corrupted copies of
+    the held-out set made after the runs trained): `blindseg eval` into RUN/eval-<name>.json (output in
+    RUN/eval-<name>.log; at most ``max_images`` per target, default the run's eval.max_images),
+    skipped where that file exists. Returns {run_dir: targets} of the runs that
+    have it; a run without its final checkpoint is reported and left out."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ConfigError(f"extra evaluation name {name!r}: use letters, digits, '_', '.', '-'")
+    if not targets:
+        raise ConfigError(f"extra evaluation {name!r}: no targets")
+    out: dict[Path, dict] = {}
+
+    def one(run: PlannedRun) -> None:
+        path = run.run_dir / f"eval-{name}.json"
+        if not path.is_file():
+            final, cfg = _final_checkpoint(run, config)
+            if final is None:
+                print(f"[ablate] {run.run_dir}: no final checkpoint; not evaluated on {name!r}", flush=True)
+                return
+            log = run.run_dir / f"eval-{name}.log"
+            rc, seconds = _run_logged(_eval_command(final, cfg, path, processes, targets, max_images), log)
+            if rc != 0 or not path.is_file():
+                print(f"[ablate] {run.run_dir}: evaluation on {name!r} FAILED (exit code {rc}); log {log}:\n"
+                      + _tail(log), flush=True)
+                return
+            print(f"[ablate] {run.entry.name} seed {run.seed_index}: evaluated on {name!r} in {seconds:.0f} s",
+                  flush=True)
+        out[run.run_dir] = json.loads(path.read_text())["targets"]
+
+    for _ in _map_runs(one, list(plan), parallel):
+        pass
+    return {r.run_dir: out[r.run_dir] for r in plan if r.run_dir in out}
+
+
 def run_ablation(config: str | Path, seeds: int, *, grid: str | Path = "default", output_dir: str | Path = "ablation",
-                 overrides: Sequence[str] = (), processes: int = 1) -> dict:
+                 overrides: Sequence[str] = (), processes: int = 1, parallel: int = 1) -> dict:
     """Train and evaluate every (grid entry, seed) run that has no eval.json yet; write the tables."""
     if processes < 1:
         raise ConfigError(f"--processes {processes}: need at least 1")
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: need at least 1")
     description, entries = load_grid(grid)
     out = Path(output_dir).resolve()
     config = str(Path(config).resolve()) if Path(config).is_file() else str(config)
     plan = plan_runs(config, entries, seeds, out, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    results, status = execute_plan(plan, config, processes=processes)
+    results, status = execute_plan(plan, config, processes=processes, parallel=parallel)
     table = build_tables(entries, plan, results, out, description)
     print(table)
     print(f"[ablate] {len(status['trained'])} trained, {len(status['evaluated'])} evaluated only, "

@@ -11,8 +11,9 @@ whatever the order, the worker or the other sets of the run.
 
 Output: ``OUT/<corruption>-<severity>/`` per set, each with a manifest (the sharder's, data/shards.py)
 that also names ``corruption``, ``severity``, ``corruption_package`` and the ``corrupted_from`` set.
-A set whose manifest is complete is skipped on a rerun; a partial one is finished (its completed,
-verified shards are kept, the rest written again: the same bytes).
+A set whose manifest is complete (same corruption, severity, input, frames and package) is skipped on a
+rerun; a partial one is finished (its completed, verified shards are kept, the rest written again: the
+same bytes), unless it was started from another input, when it is written anew (``corruption.json``).
 """
 from __future__ import annotations
 
@@ -30,14 +31,22 @@ from ..data.corruptions import EXTRA, SEVERITIES, STANDARD
 _SEEDED = ("impulse_noise", "glass_blur")  # take a `seed` argument instead of numpy's global RNG
 PACKAGE = "imagecorruptions-imaug"  # the distribution that provides the `imagecorruptions` module
 
-# Seconds per image at severity 3 on a 192x384 (the demo's size) RGB frame, one process of a 2-core CPU:
-# `python bench/corruption_speed.py` (bench/results/corruption_speed.json; --size for other frames).
+# CPU seconds per image at severity 3, one thread of a 2-core CPU, on a 192x384 RGB frame (the demo's size)
+# and on a 1024x2048 one (Cityscapes): `python bench/corruption_speed.py [--size 1024x2048]`
+# (bench/results/corruption_speed.json, corruption_speed_1024x2048.json).
 SECONDS_PER_IMAGE = {
-    "gaussian_noise": 0.0404, "shot_noise": 0.0760, "impulse_noise": 0.0278, "defocus_blur": 0.0303,
-    "glass_blur": 0.1181, "motion_blur": 0.0495, "zoom_blur": 0.3596, "snow": 0.0204, "frost": 0.0209,
-    "fog": 0.0271, "brightness": 0.0842, "contrast": 0.0100, "elastic_transform": 0.0483, "pixelate": 0.0017,
-    "jpeg_compression": 0.0019, "speckle_noise": 0.0145, "gaussian_blur": 0.0124, "spatter": 0.0213,
-    "saturate": 0.0815,
+    "gaussian_noise": 0.0132, "shot_noise": 0.0214, "impulse_noise": 0.0091, "defocus_blur": 0.0100,
+    "glass_blur": 0.0391, "motion_blur": 0.0156, "zoom_blur": 0.1375, "snow": 0.0179, "frost": 0.0183,
+    "fog": 0.0166, "brightness": 0.0456, "contrast": 0.0042, "elastic_transform": 0.0255, "pixelate": 0.0009,
+    "jpeg_compression": 0.0013, "speckle_noise": 0.0073, "gaussian_blur": 0.0081, "spatter": 0.0119,
+    "saturate": 0.0573,
+}
+SECONDS_PER_IMAGE_1024X2048 = {
+    "gaussian_noise": 0.3088, "shot_noise": 0.4439, "impulse_noise": 0.1379, "defocus_blur": 0.1440,
+    "glass_blur": 0.9611, "motion_blur": 0.6876, "zoom_blur": 3.5831, "snow": 0.7026, "frost": 0.0786,
+    "fog": 0.1807, "brightness": 1.9576, "contrast": 0.1142, "elastic_transform": 1.5982, "pixelate": 0.0198,
+    "jpeg_compression": 0.0167, "speckle_noise": 0.2363, "gaussian_blur": 0.2399, "spatter": 0.5383,
+    "saturate": 2.4393,
 }
 
 
@@ -46,10 +55,13 @@ class CorruptionError(ValueError):
 
 
 def speed_table() -> str:
-    """The help's table: each corruption, whether `all` takes it, seconds per image."""
-    lines = [f"  {'corruption':<20}{'in all':>7}{'s/image':>9}"]
+    """The help's table: each corruption, whether `all` takes it, CPU seconds per image at 192x384 and 1024x2048."""
+    lines = [f"  {'corruption':<20}{'in all':>7}{'192x384':>10}{'1024x2048':>11}"]
     for name in (*STANDARD, *EXTRA):
-        lines.append(f"  {name:<20}{'yes' if name in STANDARD else '':>7}{SECONDS_PER_IMAGE[name]:>9.3f}")
+        lines.append(f"  {name:<20}{'yes' if name in STANDARD else '':>7}{SECONDS_PER_IMAGE[name]:>10.3f}"
+                     f"{SECONDS_PER_IMAGE_1024X2048[name]:>11.2f}")
+    total = [sum(d[n] for n in STANDARD) for d in (SECONDS_PER_IMAGE, SECONDS_PER_IMAGE_1024X2048)]
+    lines.append(f"  {'all (15)':<27}{total[0]:>10.3f}{total[1]:>11.2f}")
     return "\n".join(lines)
 
 
@@ -205,6 +217,24 @@ def _update_index(index_path: Path, origin: str, package: str, sets: list[dict])
                       indent=1)
 
 
+MARKER = "corruption.json"  # what a set folder is being written from (so a rerun never finishes another request's set)
+
+
+def _start_set(folder: Path, record: dict) -> None:
+    """Before writing a set: when its folder was started for another request (another input, frames, package),
+    remove what that wrote (the sharder would keep shards whose keys match); then record this request."""
+    try:
+        same = json.loads((folder / MARKER).read_text()) == record
+    except (OSError, ValueError):
+        same = False
+    if not same and folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and (p.suffix in (".tar", ".json") or ".tmp-" in p.name):
+                p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(folder / MARKER, record, indent=1, sort_keys=True)
+
+
 def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severities, *, workers: int = 1,
                     samples_per_shard: int | None = None, progress: bool = True) -> dict:
     """Write ``data`` under every (corruption, severity) into ``out_dir/<corruption>-<severity>/``; returns
@@ -232,17 +262,18 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
 
     origin = origin_id(data)  # how `blindseg eval` finds the clean set of the family among its targets
     package = _package_version()
+    keys_digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
     sets = []
     todo = [(c, s) for c in names for s in levels]
     for n, (c, s) in enumerate(todo, 1):
         folder = out / set_name(c, s)
-        record = {"corruption": c, "severity": s, "corrupted_from": origin, "corruption_package": package,
-                  "corruption_seed": "sha256(key|corruption|severity)[:4] little-endian"}
+        record = {"corruption": c, "severity": s, "corrupted_from": origin, "corrupted_keys": keys_digest,
+                  "corruption_package": package, "corruption_seed": "sha256(key|corruption|severity)[:4] little-endian"}
         written = not _complete(folder, record)
         if written:
             if progress:
-                print(f"[corrupt] {n}/{len(todo)}: {c} severity {s} "
-                      f"(~{SECONDS_PER_IMAGE[c] * len(keys) / max(1, workers):.0f}s)", flush=True)
+                print(f"[corrupt] {n}/{len(todo)}: {c} severity {s}", flush=True)
+            _start_set(folder, record)
             source = CorruptedSource(data, c, s, keys, info)
             manifest = write_shards(source, folder, samples_per_shard=spp, image_format="png", workers=workers,
                                     progress=progress, min_shards=1)

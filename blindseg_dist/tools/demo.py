@@ -91,23 +91,30 @@ def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], pn
     return png
 
 
-def _shard(out: Path, demo, summary: dict) -> dict[str, str]:
-    """Hold out source frames and write the shards of the generated domains (``summary``: what
-    data.synth.generate returned); returns the evaluation targets (name -> shard folder). The
-    training shards are ``out/shards/source-train``."""
+def prepare_data(out: Path, *, domains: int, images_per_domain: int, size: tuple[int, int], seed: int,
+                 val_fraction: float, samples_per_shard: int) -> tuple[str, dict[str, str], dict[str, float]]:
+    """The demo's data under ``out``: synthetic domains (synth/), the source frames split into
+    training / held-out (splits/), shards (shards/source-train, shards/source-val, shards/<domain>).
+    Returns (training shards, {target name: shard dir} with 'source' first, timings)."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
     synth_dir = out / "synth"
+    summary = generate(synth_dir, domains=domains, images_per_domain=images_per_domain, size=size, seed=seed)
+    timings["synth_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     frames = sorted(p.name for p in (synth_dir / "gta5" / "images").glob("*.png"))
-    n_val = max(1, int(round(len(frames) * demo.source_val_fraction)))
+    n_val = max(1, int(round(len(frames) * val_fraction)))
     split_dir = out / "splits"
     split_dir.mkdir(exist_ok=True)
     (split_dir / "source_train.txt").write_text("\n".join(frames[:-n_val]) + "\n")
     (split_dir / "source_val.txt").write_text("\n".join(frames[-n_val:]) + "\n")
     shards = out / "shards"
-    spp = demo.samples_per_shard
+    spp = samples_per_shard
     # class-uniform centroids per whole tile: the released 1024 tile on a ~1050-px-high GTA5 frame is one
     # tile of the frame's height; the small demo frames get the same proportion (tile = frame height)
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_train.txt")),
-                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(demo.size))
+                 shards / "source-train", samples_per_shard=spp, centroid_tile=min(size))
     eval_data = {"source": str(shards / "source-val")}
     write_shards(get_source("gta5", synth_dir / "gta5", split=str(split_dir / "source_val.txt")),
                  shards / "source-val", samples_per_shard=spp)
@@ -116,10 +123,11 @@ def _shard(out: Path, demo, summary: dict) -> dict[str, str]:
         write_shards(get_source("cityscapes", synth_dir / dom["path"], split=dom["split"]), shards / name,
                      samples_per_shard=spp)
         eval_data[name] = str(shards / name)
-    return eval_data
+    timings["shard_s"] = time.perf_counter() - t
+    return str(shards / "source-train"), eval_data, timings
 
 
-def _train(out: Path, train_shards: Path, steps: int | None, processes: int) -> tuple[Config, Path]:
+def _train(out: Path, train_shards: str, steps: int | None, processes: int) -> tuple[Config, Path]:
     """Train on ``processes`` processes with configs/demo.yaml (the resolved config is saved next to
     the run); returns the config and the final checkpoint."""
     demo_yaml = load_yaml(demo_config_path().read_text())
@@ -163,19 +171,17 @@ def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, p
                           "or remove that folder")
     out.mkdir(parents=True, exist_ok=True)
     demo = load_config(demo_config_path()).demo
-    timings: dict[str, float] = {}
     # 1. data (the synthetic domains, then their shards)
-    n_img = images_per_domain or demo.images_per_domain
-    summary = _timed(timings, "synth_s", generate, out / "synth", domains=demo.domains, images_per_domain=n_img,
-                     size=tuple(demo.size), seed=demo.seed)
-    eval_data = _timed(timings, "shard_s", _shard, out, demo, summary)
-    train_shards = out / "shards" / "source-train"
+    train_shards, eval_data, timings = prepare_data(
+        out, domains=demo.domains, images_per_domain=images_per_domain or demo.images_per_domain,
+        size=tuple(demo.size), seed=demo.seed, val_fraction=demo.source_val_fraction,
+        samples_per_shard=demo.samples_per_shard)
     # 2. training (N processes), 3. evaluation on the held-out source frames and every unseen domain
     cfg, ckpt = _timed(timings, "train_s", _train, out, train_shards, steps, processes)
     eval_json, run_dir = out / "eval.json", out / "run"
     _timed(timings, "eval_s", _evaluate, ckpt, eval_json, run_dir / "tb", eval_data, processes)
     # 4. what a person looks at: prediction panels (DIR/panels.png and TensorBoard)
-    panels_png = write_demo_panels(ckpt, str(train_shards), eval_data, out / "panels.png", run_dir / "tb", cfg)
+    panels_png = write_demo_panels(ckpt, train_shards, eval_data, out / "panels.png", run_dir / "tb", cfg)
     result = json.loads(eval_json.read_text())
     timings["total_s"] = time.perf_counter() - t0
     report = {

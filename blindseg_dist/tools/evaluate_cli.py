@@ -53,8 +53,10 @@ def find_run_config(checkpoint: str | Path) -> Path:
 def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None):
     """(config, network with the checkpoint's weights) of a checkpoint folder."""
     cfg = load_config(find_run_config(checkpoint), overrides)
-    net = build_model(**{**model_kwargs(cfg), "pretrained": None})  # every weight comes from the checkpoint
-    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint)
+    # every weight comes from the checkpoint, but for a frozen backbone's: from the weights file it names
+    source = ckpt.frozen_source(checkpoint)
+    net = build_model(**{**model_kwargs(cfg), "pretrained": source})
+    ckpt.fit_weights(net, ckpt.load_model_weights(checkpoint), checkpoint, partial=source is not None)
     return cfg, net
 
 
@@ -89,7 +91,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], json_out: 
         report["corruptions"] = groups
     if dist.rank() == 0:
         atomic.write_json(json_out, report, indent=1)
-        print(format_table(results))
+        # a corrupted family's sets are shown grouped (its own table), not as rows of the per-target one
+        plain = {k: v for k, v in results.items() if not any(k.startswith(f + "/") for f in groups)}
+        if plain:
+            print(format_table(plain))
         if groups:
             print()
             print(format_corruption_table(groups))

@@ -74,3 +74,60 @@ def test_adapter_trains_blindnet_with_the_encoder_frozen(train_shards, dinov2_fi
     held = [v["exp_avg"].numel() for v in state["state"].values()]
     n_params = sum(len(g["params"]) for g in state["param_groups"])
     assert n_params == len(trained) and sum(held) == s["trainable_params"]
+
+
+def test_adapter_checkpoint_holds_trained_tensors_and_round_trips(train_shards, dinov2_file, tmp_path):
+    """A rein run's checkpoint: trained tensors + the backbone file's path and sha256; resume, eval's and
+    predict's network rebuild, export; another backbone file is refused."""
+    from PIL import Image
+
+    from blindseg_dist.config import ConfigError
+    from blindseg_dist.engine import checkpoint as ckpt
+    from blindseg_dist.tools.evaluate_cli import load_checkpoint_model
+    from blindseg_dist.tools.predict import predict_folder
+
+    out = tmp_path / "run"
+    res = train_adapter(out, train_shards, dinov2_file, "rein", "model.rein_tokens=10")
+    assert res.returncode == 0, tail(res)
+    step2 = out / "checkpoints" / "2"
+    assert "MB (trained tensors only; frozen backbone" in res.stdout
+    weights = load_file(str(step2 / "model.safetensors"))
+    assert not any(k.startswith("backbone.vit.") for k in weights)
+    assert any(k.startswith("backbone.rein.") for k in weights) and any(k.startswith("decoder.") for k in weights)
+    file_state = torch.load(dinov2_file, weights_only=True)
+    meta = ckpt.weights_metadata(step2)
+    assert meta[ckpt.FROZEN_SHA_KEY] == ckpt.file_sha256(dinov2_file)
+    assert Path(meta[ckpt.FROZEN_FILE_KEY]) == dinov2_file.resolve()
+    full = sum(v.numel() * v.element_size() for v in file_state.values())
+    assert (step2 / "model.safetensors").stat().st_size < full  # the whole network would be ~full + this file
+    # eval / predict rebuild: the frozen backbone from the file, the rest from the checkpoint
+    cfg, net = load_checkpoint_model(step2)
+    state = net.state_dict()
+    for k, v in weights.items():
+        assert torch.equal(state[k], v), k
+    assert torch.equal(state["backbone.vit.blocks.3.attn.qkv.weight"], file_state["blocks.3.attn.qkv.weight"])
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (60, 40), (90, 120, 30)).save(images / "a.png")
+    pred = predict_folder(step2, images, tmp_path / "pred", progress=False)
+    assert not pred["skipped"] and any((tmp_path / "pred").rglob("*.png"))
+    # resume continues from the trained tensors (the same backbone file)
+    res = train_adapter(out, train_shards, dinov2_file, "rein", "model.rein_tokens=10", "--resume", "--max-steps", "3",
+                        "--allow-changed", "optim.max_steps")
+    assert res.returncode == 0, tail(res)
+    assert "resumed from" in res.stdout and summary(out)["steps"] == 3
+    # another backbone file: a clear error on resume and on rebuild
+    other = tmp_path / "other.pth"
+    torch.save({k: v + 1 if k == "blocks.0.attn.qkv.bias" else v for k, v in file_state.items()}, other)
+    with pytest.raises(ConfigError, match="a different backbone file"):
+        ckpt.frozen_source(step2, other)
+    res = train_adapter(out, train_shards, other, "rein", "model.rein_tokens=10", "--resume", "--max-steps", "4",
+                        "--allow-changed", "optim.max_steps")
+    assert res.returncode == 2 and "a different backbone file" in res.stderr, tail(res)
+    moved = dinov2_file.with_name("moved.pth")
+    dinov2_file.rename(moved)
+    try:
+        with pytest.raises(ConfigError, match="not at"):
+            load_checkpoint_model(step2)
+    finally:
+        moved.rename(dinov2_file)

@@ -200,3 +200,33 @@ def test_frozen_encoder_stays_in_eval_mode(adapter):
         assert torch.equal(feats, again) and torch.equal(feats, evald)  # no drop-path, no dropout
     frozen = [n for n, p in bb.vit.named_parameters() if p.requires_grad]
     assert frozen == [] if adapter != "lora" else all(".lora_" in n for n in frozen)
+
+
+def test_dinov2_at_patch_16_from_a_saved_patch_14_state_dict(tmp_path):
+    import timm
+    import torch.nn.functional as F
+
+    from blindseg_dist.model import build_backbone
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, depth=1, embed_dim=32,
+                            num_heads=2)
+    state = src.state_dict()
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, 32)  # 518 / 14
+    path = tmp_path / "dinov2_p14.pth"
+    torch.save(state, path)
+    bb = build_backbone("timm:vit_small_patch14_dinov2", pretrained=path,
+                        timm_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
+                        vit=dict(pyramid_channels=16, patch_size=16, blocks=[0, 0, 0, 0]))
+    assert bb.patch == 16 and bb.vit.patch_embed.grid_size == (32, 32)
+    want_w = F.interpolate(state["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(bb.vit.patch_embed.proj.weight.detach(), want_w, rtol=0, atol=0)
+    grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    want_pe = F.interpolate(grid, size=(32, 32), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, -1, 32)
+    pe = bb.vit.pos_embed.detach()
+    assert torch.equal(pe[:, :1], state["pos_embed"][:, :1])  # the class token's position is kept
+    torch.testing.assert_close(pe[:, 1:], want_pe, rtol=0, atol=0)
+    assert torch.equal(bb.vit.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    assert not bb.pretrained_report["missing"]
+    feats, _ = bb(torch.randn(1, 3, 64, 64))
+    assert feats[3].shape[-2:] == (4, 4)  # 64 / 16

@@ -128,6 +128,13 @@ def test_config_and_errors_are_leaves_without_torch():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_command_line_help_loads_no_numpy_nor_torch():
+    code = ("import sys\nfrom blindseg_dist.cli import build_parser\nbuild_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def definitions(path: Path) -> set[str]:
     """Qualified names (Class, function, Class.method, outer.inner) defined in ``path``."""
     names: set[str] = set()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import EVAL_PROTOCOLS as PROTOCOLS
-from ..data.corruptions import EXTRA, STANDARD
+from ..corruptions import EXTRA, STANDARD
 from ..data.evalset import EvalDataset, shard_indices
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from ..data.location import (RemoteOptions, has_braces, holds_shards, is_remote, load_location_manifest,

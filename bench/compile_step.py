@@ -45,7 +45,7 @@ def _explain(fn, *args, **kwargs) -> dict:
             "break_reasons": dict(reasons.most_common())}
 
 
-def graph_breaks(backbone: str, crop: int, batch: int) -> dict:
+def graph_breaks(backbone: str, crop: int, batch: int, objective: bool = True) -> dict:
     torch.manual_seed(0)
     net = build_model(backbone).train()
     d = synthetic_batch(batch, crop)
@@ -54,19 +54,27 @@ def graph_breaks(backbone: str, crop: int, batch: int) -> dict:
     feats = net(d["image"], dense_embeds=False)["proj_inputs"][0]
     rows = feats.flatten(2).transpose(1, 2).reshape(-1, feats.shape[1])[:500]
     out["projection_head_rows"] = _explain(net.proj_heads[0].rows, rows)
-    obj = BlindNetObjective(net, LossWeights(), run_seed=0).train()
-    out["objective_with_losses"] = _explain(obj, d["image"], d["label"], d["image_aug"], step=1,
-                                            global_index=torch.arange(batch))
+    if objective:
+        obj = BlindNetObjective(net, LossWeights(), run_seed=0).train()
+        out["objective_with_losses"] = _explain(obj, d["image"], d["label"], d["image_aug"], step=1,
+                                                global_index=torch.arange(batch))
     torch._dynamo.reset()
     return out
 
 
-def step_times(backend: str, backbone: str, crop: int, batch: int, steps: int, warmup: int) -> dict:
-    d = synthetic_batch(batch, crop)
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def step_times(backend: str, backbone: str, crop: int, batch: int, steps: int, warmup: int,
+               device: str = "cpu") -> dict:
+    dev = torch.device(device)
+    d = {k: v.to(dev) for k, v in synthetic_batch(batch, crop).items()}
     runs = {}
     for name in ("eager", "compiled"):
         torch.manual_seed(0)
-        net = build_model(backbone)
+        net = build_model(backbone).to(dev)
         if name == "compiled":
             compile_network(net, backend)
         obj = BlindNetObjective(net, LossWeights(), run_seed=0).train()
@@ -74,11 +82,13 @@ def step_times(backend: str, backbone: str, crop: int, batch: int, steps: int, w
 
     def step(name: str, i: int) -> tuple[float, float]:
         obj, opt = runs[name]
+        _sync(dev)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = obj(d["image"], d["label"], d["image_aug"], step=i, global_index=torch.arange(batch))
         out["total"].backward()
         opt.step()
+        _sync(dev)
         return time.perf_counter() - t, float(out["total"].detach())
 
     first = {}

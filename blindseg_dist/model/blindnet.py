@@ -194,8 +194,8 @@ def build_model(
     backbone: "resnet18/34/50/101" (torchvision, exact IN placement) or "timm:<name>".
     pretrained: local ImageNet state dict for the backbone (.pth/.pt/.safetensors); never downloads.
     aux / proj_heads: build the training-only auxiliary head / the three projection heads.
-    channels_last: keep weights and activations in NHWC memory format.
-    grad_checkpointing: recompute backbone stages (ViT: every block) in backward to save memory.
+    channels_last / grad_checkpointing: NHWC weights and activations / recompute the backbone stages
+        (ViT: every block) in backward to save memory.
     proj_levels: the three features the projection heads read (PROJ_LEVELS; Mask2Former: the backbone
         levels and M2F_LEVELS); () = the head's default (``default_proj_levels``).
     decode_head: "deeplabv3plus" | "mask2former" (model/mask2former.py; ``mask2former``: its options
@@ -208,7 +208,7 @@ def build_model(
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
-    check_backbone(backbone)
+    check_backbone(backbone)  # a ConfigError naming model.backbone
     proj_levels = tuple(proj_levels) or default_proj_levels(decode_head)
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
@@ -218,13 +218,8 @@ def build_model(
                                                              decoder_levels=(0, 1, 2, 3) if decode_head == "mask2former"
                                                              else (0, 3))}),
         num_classes,
-        aux=aux,
-        proj_heads=proj_heads,
-        proj_dim=proj_dim,
-        channels_last=channels_last,
-        proj_levels=proj_levels,
-        decode_head=decode_head,
-        mask2former=mask2former,
+        aux=aux, proj_heads=proj_heads, proj_dim=proj_dim, channels_last=channels_last,
+        proj_levels=proj_levels, decode_head=decode_head, mask2former=mask2former,
     )
     _freeze(net, (vit or {}).get("adapter", "none"), freeze_backbone, freeze_blocks)
     if channels_last:

@@ -70,3 +70,20 @@ def test_dinov2_large_rein_trains_two_steps_on_the_cpu(train_shards, tmp_path):
     s = summary(out)
     assert s["steps"] == 2 and s["stop_reason"] == "finished" and s["last_loss"] == s["last_loss"]
     assert 3e8 < s["total_params"] and s["trainable_params"] < 0.1 * s["total_params"]
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen", "rein", "lora"])
+def test_demo_mode_configs_train_what_their_mode_says(mode):
+    cfg = load_config(f"vfm/demo/{mode}")
+    assert cfg.model.backbone == "timm:vit_small_patch14_dinov2" and cfg.optim.optimizer == "adamw"
+    with torch.device("meta"):
+        net = build_model(**model_kwargs(cfg))
+    vit = {n: p.requires_grad for n, p in net.backbone.vit.named_parameters()}
+    if mode == "full":
+        assert all(vit.values())
+    elif mode == "lora":
+        assert {n for n, g in vit.items() if g} and all(".lora_" in n for n, g in vit.items() if g)
+        assert not any(g for n, g in vit.items() if n.startswith("blocks.3."))
+    else:
+        assert not any(vit.values())
+        assert (net.backbone.rein is not None) == (mode == "rein")

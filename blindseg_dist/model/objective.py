@@ -41,6 +41,13 @@ def projection_sizes(net: nn.Module, crop: int) -> tuple[tuple[int, int], ...]:
     of a copy of ``net`` on the meta device (shapes only, no compute, ``net`` untouched)."""
     meta = copy.deepcopy(net).to("meta").train()
     dtype = next(meta.parameters()).dtype
+    if getattr(meta, "decode_head", None) == "mask2former":
+        # transformers' pixel decoder checks its values in training (not on meta); its levels have the
+        # sizes of the backbone outputs it reads (pd32 the last, ..., mask the stride-4 one)
+        with torch.no_grad():
+            feats, _ = meta.backbone(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype))
+        src = dict(low=0, mid=1, aux=2, high=3, pd32=3, pd16=2, pd8=1, mask=0)
+        return tuple(tuple(int(v) for v in feats[src[p]].shape[-2:]) for p in meta.proj_levels)
     with torch.no_grad():
         out = meta(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype), dense_embeds=False)
     return tuple(tuple(int(v) for v in f.shape[-2:]) for f in out["proj_inputs"])
@@ -51,6 +58,7 @@ class BlindNetObjective(nn.Module):
 
     L = 0.5 [CE(x) + CE(x_a)] + w_aux aux + w_cml CML + w_ccl CCL + w_cwcl CWCL + w_sdcl SDCL
     (docs/METHOD.md, "Losses"). With two_view=False: L = CE(x) + w_aux aux (the baseline).
+    With a Mask2Former head, Mask2Former's set loss (terms "m2f", "m2f_aug") takes CE's place.
     """
 
     def __init__(self, net: nn.Module, weights: LossWeights, run_seed: int = 0, sparse_heads: bool = True):
@@ -63,6 +71,12 @@ class BlindNetObjective(nn.Module):
         # at those pixels gives the dense values and gradients exactly, at a fraction of the cost
         # (tests/model/test_objective.py compares both; bench/step_overhead.py measures it).
         self.sparse_heads = sparse_heads
+        # Mask2Former: the set loss (losses/mask2former.py) replaces the pixel CE of each view
+        self.m2f = None
+        if getattr(net, "decode_head", "deeplabv3plus") == "mask2former":
+            from ..losses.mask2former import Mask2FormerCriterion
+
+            self.m2f = Mask2FormerCriterion(net.decoder.num_classes, points=net.decoder.config.train_num_points)
 
     def forward(
         self,
@@ -81,9 +95,9 @@ class BlindNetObjective(nn.Module):
         out = self.net(image, dense_embeds=dense)
         terms: dict[str, torch.Tensor] = {}
         weighted: dict[str, torch.Tensor] = {}
-        ce = segmentation_loss(out["logits"], label, scope=w.ce_scope)
-        terms["ce"] = ce
-        weighted["ce"] = ce * (0.5 if w.two_view else 1.0)
+        seg_name = "ce" if self.m2f is None else "m2f"
+        terms[seg_name] = self._segmentation(out, label, step, global_index, "x")
+        weighted[seg_name] = terms[seg_name] * (0.5 if w.two_view else 1.0)
         if w.aux > 0:
             small = F.interpolate(label[:, None].float(), size=out["aux"].shape[-2:], mode="nearest")[:, 0].long()
             terms["aux"] = segmentation_loss(out["aux"], small, scope=w.ce_scope)
@@ -92,8 +106,8 @@ class BlindNetObjective(nn.Module):
             if image_aug is None:
                 raise ValueError("loss.two_view is on but the batch has no augmented view ('image_aug')")
             out_a = self.net(image_aug, with_aux=False, dense_embeds=dense)  # aux CE: original view only
-            terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
-            weighted["ce_aug"] = 0.5 * terms["ce_aug"]
+            terms[f"{seg_name}_aug"] = self._segmentation(out_a, label, step, global_index, "x_aug")
+            weighted[f"{seg_name}_aug"] = 0.5 * terms[f"{seg_name}_aug"]
             if w.cml > 0 or w.ccl > 0:  # one pass: both gradients reach the IN outputs as one tensor
                 with record_function("blindseg/cml+ccl"):  # a labelled range in profiles (bench/)
                     cov = covariance_losses(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope,
@@ -110,6 +124,17 @@ class BlindNetObjective(nn.Module):
             dtype = torch.promote_types(dtype, v.dtype)
         total = torch.stack([v.to(dtype) for v in weighted.values()]).sum()
         return {"total": total, "terms": terms, "logits": out["logits"]}
+
+    def _segmentation(self, out, label, step, global_index, view: str) -> torch.Tensor:
+        """The segmentation loss of one view: pixel CE (DeepLabV3+), or Mask2Former's set loss summed
+        over the decoder layers, matched per image with per-(view, layer, image) seeds."""
+        if self.m2f is None:
+            return segmentation_loss(out["logits"], label, scope=self.w.ce_scope)
+        layers = out["m2f"]["mask_logits"]
+        seeds = torch.stack([sample_seeds(_stream_seed(self.run_seed, f"m2f:{view}", j), step, global_index)
+                             for j in range(len(layers))])
+        with record_function("blindseg/mask2former"):
+            return self.m2f(out["m2f"]["class_logits"], layers, label, seeds)["total"]
 
     def _contrastive(self, out, out_a, label, step, global_index, terms, weighted, plans=None,
                      sdcl_keys=None) -> None:

@@ -205,10 +205,11 @@ class ViTBackbone(Backbone):
             self.lora_targets = apply_lora(self.vit, blocks=span, **opts)
 
     def used_levels(self, aux: bool = True, proj_levels: Sequence[str] = ("low", "mid", "aux", "high"),
-                    in_losses: bool = True) -> set[int]:
-        """Pyramid levels read by the decoder (0, 3), the aux head (2), projection heads on backbone
-        outputs, and, when ``in_losses`` (CML/CCL on), the levels carrying an IN point."""
-        used = {0, 3} | ({2} if aux else set())
+                    in_losses: bool = True, decoder_levels: Sequence[int] = (0, 3)) -> set[int]:
+        """Pyramid levels read by the decoder (DeepLabV3+: 0, 3; Mask2Former: all four), the aux head
+        (2), projection heads on backbone outputs, and, when ``in_losses`` (CML/CCL on), the levels
+        carrying an IN point."""
+        used = set(decoder_levels) | ({2} if aux else set())
         used |= {("low", "mid", "aux", "high").index(p) for p in proj_levels if p in ("low", "mid", "aux", "high")}
         if in_losses:
             names = [_LEVEL_NAMES[s] for s in self.strides]

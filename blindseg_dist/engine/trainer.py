@@ -480,9 +480,12 @@ class Trainer(TrainLoop):
 
     def _accumulate(self, sums: dict[str, float], out: dict, batch: dict) -> None:
         """Add a micro-batch's loss terms (/ grad_accum) to ``sums``; count its images and corrupt shards."""
-        for k, v in out["terms"].items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.micro
-        sums["total"] = sums.get("total", 0.0) + float(out["total"].detach()) / self.micro
+        names = [*out["terms"], "total"]
+        # one read of the device for every term (float64 holds each term's value exactly)
+        values = torch.stack([v.detach().to(torch.float64).reshape(())
+                              for v in (*out["terms"].values(), out["total"])]).tolist()
+        for k, v in zip(names, values):
+            sums[k] = sums.get(k, 0.0) + v / self.micro
         self.images_seen += batch["image"].shape[0] * self.world
         if "corrupt_shards" in batch:
             self.counters["corrupt_shards"] = max(self.counters["corrupt_shards"], int(batch["corrupt_shards"]))

@@ -45,7 +45,7 @@ from ..config import Config, model_kwargs, save_config, to_dict
 from ..data.stream import smallest_frame, train_loader_from_config
 from ..data.workers import die_with_parent, shutdown_workers
 from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
-from ..losses.plans import PLAN_KEY, STEP_KEY, LoaderPlanner
+from ..losses.plans import PLAN_KEY, SDCL_KEY, STEP_KEY, LoaderPlanner
 from ..model import build_model
 from ..model.backbones import check_backbone
 from ..model.objective import BlindNetObjective, projection_sizes
@@ -284,7 +284,7 @@ class Trainer(TrainLoop):
         net = build_model(**model_kwargs(cfg))
         # CWCL's label-only sampling is planned in the loader workers at these sizes (losses/plans.py)
         self.plan_sizes = (projection_sizes(net, cfg.data.crop_size)
-                           if cfg.loss.two_view and cfg.loss.cwcl > 0 else None)
+                           if cfg.loss.two_view and (cfg.loss.cwcl > 0 or cfg.loss.sdcl > 0) else None)
         if cfg.model.init_from:  # weights only; a --resume checkpoint below replaces them
             ckpt.load_init_weights(net, cfg.model.init_from)
         self._frozen_checkpoints(net)
@@ -342,7 +342,8 @@ class Trainer(TrainLoop):
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)  # per-rank stream for dropout
         # the stream position (exact while no step was skipped); `blindseg browse` uses the same call;
         # page-locked batches on CUDA: the copies in _forward are non_blocking
-        planner = (LoaderPlanner(cfg.run.seed, self.plan_sizes, cfg.data.batch_size, self.rank, self.world)
+        planner = (LoaderPlanner(cfg.run.seed, self.plan_sizes, cfg.data.batch_size, self.rank, self.world,
+                                 cwcl=cfg.loss.cwcl > 0, sdcl_keys=cfg.loss.sdcl > 0)
                    if self.plan_sizes else None)
         loader = train_loader_from_config(cfg, rank=self.rank, world_size=self.world,
                                           start_step=self.step * self.micro,
@@ -423,19 +424,24 @@ class Trainer(TrainLoop):
         gidx = k * self.cfg.data.batch_size * self.world + self.rank * b + torch.arange(b)
         # the loader's sampling plans, when made for this micro-batch index (after a skipped step the
         # stream is one batch ahead of k: the objective then samples itself, as without plans)
-        plans = batch.get(PLAN_KEY)
-        if plans is not None and int(batch[STEP_KEY]) == k:
-            plans = [{n: t.to(dev, non_blocking=True) for n, t in lvl.items()} for lvl in plans]
-        else:
-            plans = None
+        plans = sdcl_keys = None
+        if STEP_KEY in batch and int(batch[STEP_KEY]) == k:
+            if PLAN_KEY in batch:
+                plans = [{n: t.to(dev, non_blocking=True) for n, t in lvl.items()} for lvl in batch[PLAN_KEY]]
+            if SDCL_KEY in batch:
+                sdcl_keys = [t.to(dev, non_blocking=True) for t in batch[SDCL_KEY]]
         with self.acc.autocast():
-            return self.objective(image, label, image_aug, step=k, global_index=gidx, plans=plans)
+            return self.objective(image, label, image_aug, step=k, global_index=gidx, plans=plans,
+                                  sdcl_keys=sdcl_keys)
 
     def _accumulate(self, sums: dict[str, float], out: dict, batch: dict) -> None:
         """Add a micro-batch's loss terms (/ grad_accum) to ``sums``; count its images and corrupt shards."""
-        for k, v in out["terms"].items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.micro
-        sums["total"] = sums.get("total", 0.0) + float(out["total"].detach()) / self.micro
+        names = [*out["terms"], "total"]
+        # one read of the device for every term (float64 holds each term's value exactly)
+        values = torch.stack([v.detach().to(torch.float64).reshape(())
+                              for v in (*out["terms"].values(), out["total"])]).tolist()
+        for k, v in zip(names, values):
+            sums[k] = sums.get(k, 0.0) + v / self.micro
         self.images_seen += batch["image"].shape[0] * self.world
         if "corrupt_shards" in batch:
             self.counters["corrupt_shards"] = max(self.counters["corrupt_shards"], int(batch["corrupt_shards"]))

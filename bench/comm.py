@@ -25,7 +25,7 @@ Goals: loss collectives < 2% of the gradient all-reduce at every W; the W=8 shar
 
     .venv/bin/python bench/comm.py [--worlds-bytes 2,4,8] [--bytes-crop 256]
         [--worlds-speed 2,4] [--backbone resnet18] [--crop 128] [--batch 2] [--steps 5]
-        [--cwcl-global-keys 6000] [--skip-speed] [--profile]
+        [--cwcl-global-keys 750] [--skip-speed] [--profile]
 
 Prints tables and writes bench/results/comm.json; --profile also writes comm_profile_<W>.txt beside
 it: one more global-scope and image-scope step of rank 0 under torch.profiler (top operators, the
@@ -253,7 +253,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds-bytes", default="2,4,8", help="gloo worlds for the measured bytes")
     ap.add_argument("--bytes-crop", type=int, default=256, help="crop of the measured bytes runs")
-    ap.add_argument("--cwcl-global-keys", type=int, default=6000)
+    ap.add_argument("--cwcl-global-keys", type=int, default=LossWeights().cwcl_global_keys,
+                    help="the global CWCL key budget (default: loss.cwcl_global_keys' default)")
     ap.add_argument("--worlds-speed", default="2,4")
     ap.add_argument("--backbone", default="resnet18", help="for the step-time part")
     ap.add_argument("--crop", type=int, default=128, help="for the step-time part")

@@ -13,7 +13,13 @@ Sections (each timed; CUDA timings synchronize before reading the clock):
    alternating rounds after a warm-up), as bench/step_overhead.py measures it;
 4. evaluation images/s at 1024x2048 with sliding windows (768 crop, 512 stride, bf16 on CUDA);
 5. loader samples/s with N workers (synthetic GTA5-sized frames written as shards first) against
-   the images/s the GPU consumes at the step rate of section 2.
+   the images/s the GPU consumes at the step rate of section 2;
+6. host synchronisations of one training step per loss, image scope, with and without CWCL's
+   loader plans: counted by bench/host_syncs.py's rules (on the CPU, whatever the device) and, on
+   CUDA, the synchronising calls torch reports under torch.cuda.set_sync_debug_mode("warn");
+7. torch.compile (run.compile): graph breaks of the network (torch._dynamo.explain) and the step
+   time eager against compiled (inductor on CUDA; aot_eager in the CPU smoke, where inductor's C++
+   compilation alone takes minutes), as bench/compile_step.py measures it.
 Exit status 1 when a correctness check fails (the JSON is written first).
 """
 from __future__ import annotations
@@ -40,11 +46,13 @@ PROFILES = {
     "gpu": dict(device="cuda", backbone="resnet50", crop=768, batch=4, steps=6, warmup=2,
                 check_backbone="resnet18", check_crop=128, overhead_crop=512, overhead_batch=2,
                 overhead_rounds=5, eval_hw=(1024, 2048), eval_window=[768, 512], eval_images=3,
-                frame_hw=(1052, 1914), frames=24, loader_workers=[2, 4, 8], loader_batches=12),
+                frame_hw=(1052, 1914), frames=24, loader_workers=[2, 4, 8], loader_batches=12,
+                compile_backend="inductor", compile_crop=512, compile_steps=5),
     "cpu-smoke": dict(device="cpu", backbone="resnet18", crop=32, batch=2, steps=1, warmup=0,
                       check_backbone="resnet18", check_crop=32, overhead_crop=32, overhead_batch=2,
                       overhead_rounds=1, eval_hw=(48, 80), eval_window=[32, 32], eval_images=1,
-                      frame_hw=(96, 160), frames=4, loader_workers=[0], loader_batches=2),
+                      frame_hw=(96, 160), frames=4, loader_workers=[0], loader_batches=2,
+                      compile_backend="aot_eager", compile_crop=32, compile_steps=1),
 }
 BLINDNET = LossWeights()
 TWO_VIEW_CE = LossWeights(cml=0, ccl=0, cwcl=0, sdcl=0)
@@ -290,6 +298,70 @@ def loader_speed(prof: dict, gpu_images_per_s: float) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- 6. host syncs
+
+def _cuda_syncs(prof: dict, dev: torch.device, plans: bool) -> int:
+    """Synchronising CUDA calls of one objective forward + backward, as torch's sync debug mode reports."""
+    import warnings
+
+    from blindseg_dist.losses.plans import PLAN_KEY, LoaderPlanner
+    from blindseg_dist.model.objective import projection_sizes
+
+    torch.manual_seed(0)
+    net = build_model(prof["check_backbone"])
+    b, crop = 2, prof["check_crop"]
+    planner = LoaderPlanner(304, projection_sizes(net, crop), b) if plans else None
+    obj = BlindNetObjective(net, BLINDNET, run_seed=304).to(dev).train()
+    cpu = synthetic_batch(b, crop)
+    batch = _on(cpu, dev)
+
+    def run(k: int):
+        p = ([{n: t.to(dev) for n, t in lvl.items()} for lvl in planner({"label": cpu["label"]}, k)[PLAN_KEY]]
+             if planner else None)
+        _sync(dev)
+        return p
+
+    p = run(0)
+    obj(batch["image"], batch["label"], batch["image_aug"], step=0, plans=p)["total"].backward()  # warm-up
+    p = run(1)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            obj(batch["image"], batch["label"], batch["image_aug"], step=1, plans=p)["total"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def host_syncs(prof: dict, dev: torch.device) -> dict:
+    from host_syncs import count_step  # bench/ is this script's folder
+
+    out = {}
+    for name, plans in (("sampling_in_the_losses", False), ("loader_plans", True)):
+        mode = count_step(LossWeights(), backbone=prof["check_backbone"], crop=max(prof["check_crop"], 64),
+                          batch=2, plans=plans)
+        units = {u: sum(c.values()) for u, c in sorted(mode.counts.items())}
+        out[name] = {"by_unit": units, "total": sum(units.values())}
+        if dev.type == "cuda":
+            out[name]["cuda_sync_debug_reports"] = _cuda_syncs(prof, dev, plans)
+    return out
+
+
+# ----------------------------------------------------------------------------- 7. torch.compile
+
+def compile_check(prof: dict, dev: torch.device) -> dict:
+    from compile_step import graph_breaks, step_times  # bench/ is this script's folder
+
+    breaks = graph_breaks(prof["check_backbone"], max(prof["check_crop"], 64), 2, objective=False)
+    t = step_times(prof["compile_backend"], prof["check_backbone"], prof["compile_crop"], 2, prof["compile_steps"],
+                   1, device=prof["device"])
+    return {"backend": prof["compile_backend"], "graph_breaks": breaks,
+            "graph_breaks_total": sum(v.get("graph_breaks", 0) for v in breaks.values()),
+            "median_step_s": t["median_step_s"], "compiled_over_eager": t["compiled_over_eager"],
+            "compile_s": t["compile_s"]}
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -315,7 +387,9 @@ def main(argv=None) -> int:
                 ("step_overhead", lambda: step_overhead(prof, dev, bf16)),
                 ("eval", lambda: eval_speed(prof, dev, bf16)),
                 ("loader", lambda: loader_speed(prof, result["throughput"]["bf16_channels_last" if bf16 else "fp32"]
-                                                ["images_per_s"])))
+                                                ["images_per_s"])),
+                ("host_syncs", lambda: host_syncs(prof, dev)),
+                ("compile", lambda: compile_check(prof, dev)))
     for key, fn in sections:
         t = time.perf_counter()
         result[key] = fn()
@@ -349,6 +423,14 @@ def print_table(r: dict) -> None:
     for nw, v in r["loader"]["by_workers"].items():
         print(f"{'loader samples/s, ' + nw + ' workers':<34}{v['samples_per_s']:>16.2f}  x{v['vs_gpu']:.2f} of the "
               f"GPU's {r['loader']['gpu_images_per_s']:.1f} images/s")
+    for k, v in r["host_syncs"].items():
+        cuda = v.get("cuda_sync_debug_reports")
+        units = ", ".join(f"{u} {n}" for u, n in v["by_unit"].items())
+        print(f"{'host syncs/step, ' + k:<34}{v['total']:>16d}  {units}"
+              + ("" if cuda is None else f"; CUDA sync debug reports {cuda}"))
+    c = r["compile"]
+    print(f"{'compile graph breaks (network)':<34}{c['graph_breaks_total']:>16d}  {c['backend']}")
+    print(f"{'step compiled / eager':<34}{c['compiled_over_eager']:>16.3f}  compile ~{c['compile_s']:.0f} s")
 
 
 if __name__ == "__main__":

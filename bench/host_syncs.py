@@ -21,7 +21,7 @@ generator or built from Python/NumPy data without ``device=`` (host until moved)
 and samplers are wrapped (the same units as its ``record_function("blindseg/...")`` ranges).
 
     .venv/bin/python bench/host_syncs.py [--label before] [--backbone resnet18] [--crop 128] [--batch 2]
-        [--scopes image,global] [--out bench/results/host_syncs.json]
+        [--scopes image,global] [--plans] [--out bench/results/host_syncs.json]
 
 Prints a table and writes the JSON: one entry per --label (an existing label is replaced, the
 others kept in order: "before" first, then one per change).
@@ -48,7 +48,8 @@ if str(ROOT) not in sys.path:
 from blindseg_dist import atomic  # noqa: E402
 from blindseg_dist.model import build_model  # noqa: E402
 from blindseg_dist.model import objective as objective_mod  # noqa: E402
-from blindseg_dist.model.objective import BlindNetObjective, LossWeights  # noqa: E402
+from blindseg_dist.losses.plans import PLAN_KEY, SDCL_KEY, LoaderPlanner  # noqa: E402
+from blindseg_dist.model.objective import BlindNetObjective, LossWeights, projection_sizes  # noqa: E402
 
 KINDS = ("item", "d2h", "shape", "h2d")
 aten = torch.ops.aten
@@ -57,6 +58,7 @@ _SHAPE_OPS = {aten.nonzero.default, aten.masked_select.default, aten._unique.def
 _FROM_HOST_DATA = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 # the objective's calls, wrapped by name: unit of attribution for each
 UNITS = {"sample_seeds": "seeds", "cwcl_plan": "cwcl", "class_wise_contrastive_loss": "cwcl",
+         "cwcl_plan_from_loader": "cwcl",
          "sdcl_plan": "sdcl", "semantic_disentanglement_loss": "sdcl", "segmentation_loss": "ce",
          "covariance_losses": "cml+ccl", "cwcl_pixels": "cwcl", "sdcl_pixels": "sdcl"}
 
@@ -227,23 +229,35 @@ def synthetic_batch(batch: int, crop: int, seed: int = 0) -> dict:
 
 
 def count_step(weights: LossWeights, *, backbone: str = "resnet18", crop: int = 128, batch: int = 2,
-               step: int = 3, seed: int = 0, extra: dict | None = None) -> HostSyncCounter:
-    """One training step (after a warm-up step, so that lazy initialisation is not counted)."""
+               step: int = 3, seed: int = 0, plans: bool = False) -> HostSyncCounter:
+    """One training step (after a warm-up step, so that lazy initialisation is not counted).
+    ``plans``: CWCL's sampling plans and SDCL's per-pixel keys come with the batch, made in the
+    loader (as the trainer runs it; the workers' work is not the step's) and copied to the device
+    with the batch (pinned, non_blocking: no wait)."""
     torch.manual_seed(seed)
     net = build_model(backbone)
     obj = BlindNetObjective(net, weights, run_seed=seed).train()
     data = synthetic_batch(batch, crop, seed)
     gidx = torch.arange(step * batch, (step + 1) * batch)
-    extra = extra or {}
+    planner = LoaderPlanner(seed, projection_sizes(net, crop), batch, sdcl_keys=True) if plans else None
+
+    def plans_for(k: int) -> dict:
+        if planner is None:
+            return {}
+        made = planner({"label": data["label"]}, k)
+        return {"plans": made[PLAN_KEY], "sdcl_keys": made[SDCL_KEY]}
+
     obj(data["image"], data["label"], data["image_aug"], step=step - 1, global_index=gidx - batch,
-        **extra)["total"].backward()
+        **plans_for(step - 1))["total"].backward()
     mode = HostSyncCounter()
     params = [p for p in obj.parameters()]
     mode.mark(*params, *[p.grad for p in params if p.grad is not None], *obj.buffers())
     image, label, image_aug = data["image"].clone(), data["label"].clone(), data["image_aug"].clone()
-    mode.mark(image, label, image_aug, *[v for v in extra.values() if isinstance(v, torch.Tensor)])
+    step_plans = plans_for(step)
+    mode.mark(image, label, image_aug, *[t for lvl in step_plans.get("plans", []) for t in lvl.values()],
+              *step_plans.get("sdcl_keys", []))
     with mode, mode.python_reads(), _attributing(mode):
-        out = obj(image, label, image_aug, step=step, global_index=gidx, **extra)
+        out = obj(image, label, image_aug, step=step, global_index=gidx, **step_plans)
         with mode.attributed("trainer"):
             # what Trainer.train_step reads after the forward: the non-finite flag and, in
             # _accumulate, every loss term and the total (one value each)
@@ -265,11 +279,11 @@ SCOPE_WEIGHTS = {
 }
 
 
-def run(scopes, backbone: str, crop: int, batch: int) -> dict:
+def run(scopes, backbone: str, crop: int, batch: int, plans: bool = False) -> dict:
     res = {}
     for scope in scopes:
         w = dataclasses.replace(LossWeights(), **SCOPE_WEIGHTS[scope])
-        mode = count_step(w, backbone=backbone, crop=crop, batch=batch)
+        mode = count_step(w, backbone=backbone, crop=crop, batch=batch, plans=plans)
         units = {u: dict(c, total=sum(c.values())) for u, c in sorted(mode.counts.items())}
         res[scope] = {"by_unit": units, "total": sum(mode.totals().values()), "by_kind": mode.totals(),
                       "ops": {u: dict(sorted(o.items())) for u, o in sorted(mode.ops.items())}}
@@ -298,6 +312,8 @@ def main(argv=None) -> None:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--scopes", default="image,global")
+    ap.add_argument("--plans", action="store_true",
+                    help="CWCL's sampling plans come with the batch (the trainer's way, losses/plans.py)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/host_syncs.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -305,11 +321,12 @@ def main(argv=None) -> None:
     for s in scopes:
         if s not in SCOPE_WEIGHTS:
             ap.error(f"--scopes: {s!r} is not one of {sorted(SCOPE_WEIGHTS)}")
-    res = run(scopes, args.backbone, args.crop, args.batch)
+    res = run(scopes, args.backbone, args.crop, args.batch, args.plans)
     print(table(res, args.label))
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"entries": []}
     entry = {"label": args.label, "backbone": args.backbone, "crop": args.crop, "batch": args.batch,
+             "loader_plans": args.plans,
              "command": "bench/host_syncs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "scopes": res}
     entries = [e for e in doc.get("entries", [])]

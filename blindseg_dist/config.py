@@ -40,11 +40,13 @@ OutputStride = Literal[8, 16, 32]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["poly", "cosine"]
 NoWeightDecayKind = Literal["norm", "bias", "pos_embed"]
-ProjLevel = Literal["low", "mid", "aux", "high", "dec0", "dec1"]
+ProjLevel = Literal["low", "mid", "aux", "high", "dec0", "dec1", "pd32", "pd16", "pd8", "mask"]
+DecodeHead = Literal["deeplabv3plus", "mask2former"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
 Adapter = Literal["none", "rein", "lora"]
 LoraInit = Literal["default", "svd_minor", "pissa", "gaussian"]
 EvalProtocol = Literal["full", "mapillary_1536", "mapillary_1024", "synthia", "acdc"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
 
 CE_SCOPES: tuple[str, ...] = typing.get_args(CeScope)
 """loss.ce_scope (losses/segmentation.py)."""
@@ -113,8 +115,9 @@ class ModelConfig:
     """ViT: the 3 affine-free IN points: embed (after the patch embedding) | block<i> | p4 | p8 | p16 | p32 (pyramid outputs)."""
     vit_pyramid_channels: int = 256
     """ViT: channels of every pyramid level."""
-    proj_levels: list[ProjLevel] = field(default_factory=lambda: ["high", "dec0", "dec1"])
-    """Features read by the 3 projection heads: low | mid | aux | high (backbone outputs) | dec0 | dec1 (decoder in/out)."""
+    proj_levels: list[ProjLevel] = field(default_factory=list)
+    """Features read by the 3 projection heads: low | mid | aux | high (backbone outputs) | dec0 | dec1 (DeepLabV3+ in/out) |
+    pd32 | pd16 | pd8 | mask (Mask2Former pixel decoder); [] = the head's: [high, dec0, dec1] | [pd16, pd8, mask]."""
     freeze_backbone: bool = False
     """requires_grad=False on the whole encoder (ViT: its pyramid stays trainable); no optimizer state, no all-reduce."""
     freeze_blocks: int = 0
@@ -141,6 +144,18 @@ class ModelConfig:
     """LoRA: the adapted layers' biases train too (SoMA)."""
     patch_size: int = 0
     """ViT patch size; 0 = the model's own. Pretrained kernels of another size are resized bicubically, position embeddings resampled (DINOv2 at 16)."""
+    decode_head: DecodeHead = "deeplabv3plus"
+    """deeplabv3plus | mask2former (transformers' pixel decoder + masked-attention decoder, set loss; output_stride 32 advised)."""
+    m2f_hidden_dim: int = 256
+    """Mask2Former: width of the pixel decoder, mask features and queries (a multiple of 32)."""
+    m2f_queries: int = 100
+    """Mask2Former: object queries (with model.adapter=rein: Rein's tokens per layer are the queries)."""
+    m2f_encoder_layers: int = 6
+    """Mask2Former: deformable-attention layers of the pixel decoder."""
+    m2f_decoder_layers: int = 9
+    """Mask2Former: masked-attention decoder layers (each, and the initial prediction, is supervised)."""
+    m2f_points: int = 12544
+    """Mask2Former: points sampled per mask by the matcher and the mask / dice losses."""
 
 
 @dataclass
@@ -165,10 +180,10 @@ class LossConfig:
     """CWCL/SDCL negatives: image (same image, reference) | global (every image of every rank)."""
     cwcl_negatives: CwclNegatives = "reference"
     """CWCL negatives: reference (all 750 sampled keys, as the released code) | paper (other classes)."""
-    cwcl_global_keys: int = 6000
+    cwcl_global_keys: int = 750
     """contrastive_scope=global: keys each CWCL anchor is scored against, drawn from the whole global batch
-    (6000 = what a 2-GPU run of the reference recipe, 4 images x 750 keys per GPU, scored against before the
-    budget); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
+    (750 = as many as the image scope's 15 x 50: the global scope changes where the negatives come from, not
+    how many); bounds CWCL's bytes and logits per rank whatever the number of GPUs (docs/DISTRIBUTED.md)."""
     tau: float = 0.07
     """Temperature of both contrastive losses."""
 
@@ -297,6 +312,11 @@ class RunConfig:
     (when installed; offline modes are the trackers' own, e.g. WANDB_MODE=offline). metrics.jsonl is always written."""
     record_stream: bool = False
     """Write DIR/streamed-rank<r>.json: the sample keys and shards each rank read, and a hash of its weights."""
+    compile: bool = False
+    """torch.compile the network (forward and the projection heads' row path; docs/GPU_STEP.md)."""
+    compile_backend: CompileBackend = "inductor"
+    """run.compile's backend: inductor (generated kernels) | aot_eager (graph capture and autograd tracing
+    without code generation: compiles in seconds, for checks) | eager (capture only)."""
 
 
 @dataclass
@@ -469,7 +489,9 @@ def validate(cfg: Config) -> Config:
         positive(p, strict=False)
     if not 0.0 <= cfg.optim.momentum < 1.0:
         raise ConfigError(f"config key 'optim.momentum': value {cfg.optim.momentum!r} must be in [0, 1) (SGD momentum)")
-    for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay"):
+    for p in ("model.vit_pyramid_channels", "optim.head_lr_mult", "optim.warmup_ratio", "optim.layer_decay",
+              "model.m2f_hidden_dim", "model.m2f_queries", "model.m2f_encoder_layers", "model.m2f_decoder_layers",
+              "model.m2f_points"):
         positive(p)
     _validate_recipe(cfg)
     lo, hi = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
@@ -528,8 +550,17 @@ def _validate_recipe(cfg: Config) -> None:
             raise ConfigError(f"config key 'model.lora_targets': value {m.lora_targets!r} is not a regex ({e})") from None
     if m.vit_blocks and len(m.vit_blocks) != 4:
         raise ConfigError(f"config key 'model.vit_blocks': value {m.vit_blocks!r} must be [] or 4 block indices")
-    if len(m.proj_levels) != 3 or any(p not in PROJ_LEVELS for p in m.proj_levels):
-        raise ConfigError(f"config key 'model.proj_levels': value {m.proj_levels!r} must be 3 of {list(PROJ_LEVELS)}")
+    levels = ("low", "mid", "aux", "high") + (("pd32", "pd16", "pd8", "mask") if m.decode_head == "mask2former"
+                                              else ("dec0", "dec1"))
+    if m.proj_levels and (len(m.proj_levels) != 3 or any(p not in levels for p in m.proj_levels)):
+        raise ConfigError(f"config key 'model.proj_levels': value {m.proj_levels!r} must be [] (the head's) or 3 of "
+                          f"{list(levels)} with model.decode_head={m.decode_head}")
+    if m.decode_head == "mask2former" and m.m2f_hidden_dim % 32:
+        raise ConfigError(f"config key 'model.m2f_hidden_dim': value {m.m2f_hidden_dim!r} must be a multiple of 32 "
+                          "(the pixel decoder's GroupNorm(32))")
+    if m.decode_head == "mask2former" and m.adapter == "rein" and m.m2f_queries != m.rein_tokens:
+        raise ConfigError(f"config key 'model.m2f_queries': value {m.m2f_queries} with model.adapter=rein: Rein's "
+                          f"tokens are the queries, so it must equal model.rein_tokens ({m.rein_tokens})")
     if len(m.vit_in_points) != 3 or len(set(m.vit_in_points)) != 3 or not all(
             re.fullmatch(r"embed|block\d+|p(4|8|16|32)", p) for p in m.vit_in_points):
         raise ConfigError(f"config key 'model.vit_in_points': value {m.vit_in_points!r} must be 3 distinct of "
@@ -705,4 +736,8 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
         freeze_backbone=cfg.model.freeze_backbone,
         freeze_blocks=cfg.model.freeze_blocks,
         in_losses=cfg.loss.two_view and (cfg.loss.cml > 0 or cfg.loss.ccl > 0),
+        decode_head=cfg.model.decode_head,
+        mask2former=dict(hidden_dim=cfg.model.m2f_hidden_dim, queries=cfg.model.m2f_queries,
+                         encoder_layers=cfg.model.m2f_encoder_layers, decoder_layers=cfg.model.m2f_decoder_layers,
+                         points=cfg.model.m2f_points) if cfg.model.decode_head == "mask2former" else None,
     )

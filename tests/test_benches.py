@@ -78,3 +78,30 @@ def test_dg_effect_tiny_paired_rows_table_and_chart(tmp_path):
     losses = {run["arm"]: run["losses"] for run in r["runs"]}
     assert "loss/cwcl/last" in losses["all four"] and "loss/cwcl/last" not in losses["baseline"]
     assert "gain vs base" in out and Path(res.with_suffix(".png")).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adapters_bench_counts_trained_state_and_activations(tmp_path):
+    res = tmp_path / "adapters.json"
+    out = _run(["bench/adapters.py", "--backbones", "dinov2_s", "--measure", "", "--out", str(res)])
+    rows = {r["mode"]: r for r in json.loads(res.read_text())["rows"]}
+    assert set(rows) == {"full", "frozen", "rein", "lora"} and "| dinov2_s | rein |" in out
+    full, frozen = rows["full"], rows["frozen"]
+    assert full["trained_params"] == full["total_params"] > frozen["trained_params"]
+    for r in rows.values():  # AdamW: two fp32 moments per trained value; DDP reduces one fp32 gradient
+        assert r["optimizer_state_bytes"] == 8 * r["trained_params"] == 2 * r["allreduce_bytes_per_step"]
+    # the adapters' own parameters on top of the frozen encoder's trained neck and heads
+    assert frozen["trained_params"] < rows["rein"]["trained_params"] < full["trained_params"]
+    assert frozen["trained_params"] < rows["lora"]["trained_params"] < full["trained_params"]
+    # no backward through a frozen encoder; adapters need it through every block, full fine-tuning most
+    acts = {m: r["activation_bytes_512_per_view"] for m, r in rows.items()}
+    assert acts["frozen"] < acts["lora"] < acts["full"] and acts["frozen"] < acts["rein"] < acts["full"]
+    assert full["checkpoint_bytes"] > 2 * rows["rein"]["checkpoint_bytes"]
+
+
+def test_startup_bench_measures_the_cli_and_the_config(tmp_path):
+    res = tmp_path / "startup.json"
+    out = _run(["bench/startup.py", "--repeats", "1", "--out", str(res)], timeout=300)
+    r = json.loads(res.read_text())["results"]["this checkout"]
+    assert r["config_loads_torch"] is False and r["library_lines"] > 1000 and r["library_files"] > 10
+    assert r["min_help_s"] > 0 and 0 < r["median_config_importtime_us"] < 1e6 * r["median_config_s"]
+    assert "| this checkout |" in out

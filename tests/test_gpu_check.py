@@ -35,6 +35,13 @@ def test_cpu_smoke_runs_every_section_and_writes_one_json(tmp_path):
     assert res["eval"]["images_per_s"] > 0 and res["eval"]["pred_shape"] == [1, *res["eval"]["size"]]
     assert all(v["samples_per_s"] > 0 for v in res["loader"]["by_workers"].values())
     assert "GPU check (cpu-smoke" in r.stdout and "correctness/sdcl_global" in r.stdout
+    hs = res["host_syncs"]
+    assert hs["sampling_in_the_losses"]["by_unit"]["cwcl"] > 0
+    assert "cwcl" not in hs["loader_plans"]["by_unit"]  # CWCL planned in the loader: no host sync
+    assert hs["loader_plans"]["total"] < hs["sampling_in_the_losses"]["total"]
+    assert res["compile"]["backend"] == "aot_eager" and res["compile"]["graph_breaks_total"] == 0
+    assert res["compile"]["compiled_over_eager"] > 0
+    assert "host syncs/step, loader_plans" in r.stdout and "compile graph breaks" in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the full check would run")

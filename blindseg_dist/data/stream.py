@@ -205,7 +205,7 @@ class ShardStream(IterableDataset):
                  class_uniform: float = 0.5, epoch_batches: int | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, start_step: int = 0, on_corrupt: str = "warn",
                  shuffle_buffer: int = 16, open_shards: int = 4, info: bool = False,
-                 remote: "_loc.RemoteOptions | None" = None):
+                 remote: "_loc.RemoteOptions | None" = None, planner=None):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt (data.on_corrupt) must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         if batch_size < 1 or (epoch_batches is not None and epoch_batches < 1) or start_step < 0 \
@@ -220,6 +220,9 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.num_workers, self.start_step = int(num_workers), int(start_step)
         self.on_corrupt, self.info = on_corrupt, bool(info)
+        # planner(batch, step) -> batch: adds what is computed from a batch and its global step in the
+        # worker (the losses' sampling plans, losses/plans.py); it must be picklable
+        self.planner = planner
         self.shuffle_buffer, self.open_shards = max(1, int(shuffle_buffer)), max(1, int(open_shards))
         self.streams = self.world_size * max(1, self.num_workers)
         self.repeat = repeats(table, self.pct, self.streams, self.batch_size, epoch_batches)
@@ -346,12 +349,15 @@ class ShardStream(IterableDataset):
         e, pos = divmod(local, self.epoch_batches)
         g = self.rank * nw + v
         B = self.batch_size
+        step = first  # the global step (micro-batch index) of the next batch this worker yields
         while True:
             items = self.epoch_items(e, g)
             readers = _Readers(self, items[pos * B:])  # resume: earlier items are never read
             try:
                 for b in range(pos, self.epoch_batches):
-                    yield self._batch(items[b * B:(b + 1) * B], readers)
+                    batch = self._batch(items[b * B:(b + 1) * B], readers)
+                    yield batch if self.planner is None else self.planner(batch, step)
+                    step += nw
             finally:
                 readers.close()
             e, pos = e + 1, 0
@@ -369,15 +375,15 @@ def smallest_frame(shards) -> tuple[int, int] | None:
 
 
 def train_loader_from_config(cfg, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                             info: bool = False, pin_memory: bool = False) -> DataLoader:
+                             info: bool = False, pin_memory: bool = False, planner=None) -> DataLoader:
     """The training loader of a Config (the trainer's, and `blindseg browse`'s with info=True;
-    pin_memory: the trainer's on CUDA)."""
+    pin_memory and planner: the trainer's, on CUDA / with the losses' sampling plans)."""
     return make_train_loader(
         cfg.data.train, batch_size=cfg.data.batch_size, crop_size=cfg.data.crop_size,
         scale_range=tuple(cfg.data.scale_range), class_uniform=cfg.data.class_uniform,
         num_workers=cfg.data.num_workers, seed=cfg.run.seed, rank=rank, world_size=world_size,
         start_step=start_step, on_corrupt=cfg.data.on_corrupt, info=info,
-        remote=_loc.RemoteOptions.from_config(cfg.data), pin_memory=pin_memory)
+        remote=_loc.RemoteOptions.from_config(cfg.data), pin_memory=pin_memory, planner=planner)
 
 
 def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0.5, 2.0),
@@ -385,7 +391,8 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
                       world_size: int = 1, start_step: int = 0, on_corrupt: str = "warn",
                       epoch_batches: int | None = None, shuffle_buffer: int = 16, open_shards: int = 4,
                       prefetch_factor: int = 2, info: bool = False,
-                      remote: "_loc.RemoteOptions | None" = None, pin_memory: bool = False) -> DataLoader:
+                      remote: "_loc.RemoteOptions | None" = None, pin_memory: bool = False,
+                      planner=None) -> DataLoader:
     """The training loader of one rank: an infinite DataLoader of dict batches
     {"image", "image_aug": float32 (B,3,crop,crop), "label": int64 (B,crop,crop), "keys": [str],
     "corrupt_shards", "bad_samples": int64 counters of the producing worker} (plus "info": one dict
@@ -398,7 +405,8 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     and stream epoch; default: the whole class-uniform epoch split over world_size x workers.
     The batches from step k on with start_step=k equal those of an uninterrupted run.
     pin_memory: page-locked batches (CUDA training: the trainer's host-to-device copies are then
-    non_blocking)."""
+    non_blocking). planner: ``planner(batch, step) -> batch`` runs in the worker on every batch with
+    its global step (the micro-batch index from 0; losses/plans.LoaderPlanner adds CWCL's plans)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     table = load_sample_table(shards, remote)
@@ -406,7 +414,8 @@ def make_train_loader(shards, *, batch_size: int, crop_size: int, scale_range=(0
     ds = ShardStream(table, transform, batch_size=batch_size, class_uniform=class_uniform,
                      epoch_batches=epoch_batches, seed=seed, rank=rank, world_size=world_size,
                      num_workers=num_workers, start_step=start_step, on_corrupt=on_corrupt,
-                     shuffle_buffer=shuffle_buffer, open_shards=open_shards, info=info, remote=remote)
+                     shuffle_buffer=shuffle_buffer, open_shards=open_shards, info=info, remote=remote,
+                     planner=planner)
     kw = {}
     if num_workers > 0:
         # forkserver, not fork: OpenCV's thread pool does not survive fork (cv2.setNumThreads in a

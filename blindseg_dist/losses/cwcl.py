@@ -130,7 +130,7 @@ def _draw_global_keys(ids: torch.Tensor, sizes: list[int], offset: int, global_k
 def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
                                 pred: torch.Tensor, *, negatives: str = "reference",
                                 scope: str = "image", tau: float = 0.07, max_classes: int = 15,
-                                pixels_per_class: int = 50, global_keys: int = 6000,
+                                pixels_per_class: int = 50, global_keys: int = 750,
                                 generator: torch.Generator | None = None,
                                 seeds=None, plan=None) -> torch.Tensor:
     """CWCL for one level. Anchors z_a(p) (augmented view, with grad), positive z(p) and keys
@@ -148,8 +148,8 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
     keys move (detached, one all-to-all), anchors stay local. The draw: per-image quotas from
     a multivariate hypergeometric draw, then per image a seeded choice of its slots, both from
     the batch seed of global_meta, so it is split-independent (loss.cwcl_global_keys; the
-    default 6000 = the 2 x 4 x 750 keys a 2-GPU run of the reference recipe scored against
-    before the budget, docs/DISTRIBUTED.md "Budgeted global scopes").
+    default 750 = as many keys as the image scope scores every anchor against, docs/DISTRIBUTED.md
+    "Budgeted global scopes").
     plan: the result of cwcl_plan for these inputs (then no sampling happens here).
     """
     _check_arguments(emb_aug, emb, negatives, scope, global_keys)
@@ -158,8 +158,9 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
         plan = cwcl_plan(labels, pred, (h, w), max_classes=max_classes,
                          pixels_per_class=pixels_per_class, generator=generator, seeds=seeds)
     idx, ids = plan  # (B, M) each
-    if negatives == "reference" and not _any_class_eligible(ids):
-        return connected_zero(emb_aug, emb)
+    # the released rule for a level without eligible class, decided on the device: the loss is
+    # computed either way and replaced by a connected zero there (no host read, same collectives)
+    eligible = _any_class_eligible(ids) if negatives == "reference" else None
     with torch.autocast(device_type=emb_aug.device.type, enabled=False):
         dt = math_dtype(emb_aug)
         flat = idx + torch.arange(b, device=idx.device)[:, None] * (h * w)  # (B, M) into B*h*w
@@ -171,7 +172,10 @@ def class_wise_contrastive_loss(emb_aug: torch.Tensor, emb: torch.Tensor, labels
         else:
             local_sum, n_global = _global_scope(anc, keys, pos, ids, negatives, max_classes, global_keys,
                                                 generator, seeds)
-        return dist.global_mean(local_sum, n_global) + connected_zero(emb_aug, emb)
+        loss = dist.global_mean(local_sum, n_global) + connected_zero(emb_aug, emb)
+    if eligible is not None:
+        loss = torch.where(eligible, loss, connected_zero(emb_aug, emb))
+    return loss
 
 
 def _check_arguments(emb_aug, emb, negatives: str, scope: str, global_keys) -> None:
@@ -230,11 +234,11 @@ def _global_ids(ids: torch.Tensor, image: torch.Tensor, max_classes: int) -> tor
     return torch.where(ids >= PSEUDO_BASE, ids + image * max_classes, ids)
 
 
-def _any_class_eligible(ids: torch.Tensor) -> bool:
-    """The released rule for a level without eligible class: True when some image of the GLOBAL
-    batch has a real candidate class (id < 256, more than pixels_per_class pixels). The released
-    code decides on its per-GPU batch; deciding on the global batch keeps W ranks equal to one
-    process on the concatenated batch (identical for one process). One count all-reduce; every
-    rank takes the same branch, so the collectives that follow stay matched."""
-    local = int((ids < PSEUDO_BASE).any(dim=1).sum()) if ids.numel() else 0
-    return int(dist.all_reduce_count([local], tag="cwcl", device=ids.device)[0]) > 0
+def _any_class_eligible(ids: torch.Tensor) -> torch.Tensor:
+    """The released rule for a level without eligible class: a 0-dim bool tensor on the device, True
+    when some image of the GLOBAL batch has a real candidate class (id < 256, more than
+    pixels_per_class pixels). The released code decides on its per-GPU batch; deciding on the global
+    batch keeps W ranks equal to one process on the concatenated batch (identical for one process).
+    One count all-reduce, never read by the host: every rank runs the same collectives."""
+    local = (ids < PSEUDO_BASE).any(dim=1).sum().view(1)  # (1,) int64 (0 for an empty batch)
+    return dist.all_reduce_count(local, tag="cwcl", device=ids.device)[0] > 0

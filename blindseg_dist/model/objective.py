@@ -5,7 +5,7 @@ and the two views are forwarded separately so that BN batch statistics stay per 
 """
 from __future__ import annotations
 
-import zlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +26,31 @@ from ..losses import (
     segmentation_loss,
     semantic_disentanglement_loss,
 )
+from ..losses.plans import cwcl_plan_from_loader, stream_seed
 
 
 # The objective takes the config's loss section itself (weights and scopes): one definition.
 LossWeights = LossConfig
 
 
-def _stream_seed(run_seed: int, name: str, level: int) -> int:
-    """A distinct sampling seed per (run, loss term, level), stable across processes."""
-    return (run_seed * 1_000_003 + zlib.crc32(f"{name}:{level}".encode())) % (2**62)
+_stream_seed = stream_seed  # a distinct sampling seed per (run, loss term, level): losses/plans.py
+
+
+def projection_sizes(net: nn.Module, crop: int) -> tuple[tuple[int, int], ...]:
+    """(h, w) of each projection level's embeddings for a (crop, crop) training input: one forward
+    of a copy of ``net`` on the meta device (shapes only, no compute, ``net`` untouched)."""
+    meta = copy.deepcopy(net).to("meta").train()
+    dtype = next(meta.parameters()).dtype
+    if getattr(meta, "decode_head", None) == "mask2former":
+        # transformers' pixel decoder checks its values in training (not on meta); its levels have the
+        # sizes of the backbone outputs it reads (pd32 the last, ..., mask the stride-4 one)
+        with torch.no_grad():
+            feats, _ = meta.backbone(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype))
+        src = dict(low=0, mid=1, aux=2, high=3, pd32=3, pd16=2, pd8=1, mask=0)
+        return tuple(tuple(int(v) for v in feats[src[p]].shape[-2:]) for p in meta.proj_levels)
+    with torch.no_grad():
+        out = meta(torch.empty(2, 3, crop, crop, device="meta", dtype=dtype), dense_embeds=False)
+    return tuple(tuple(int(v) for v in f.shape[-2:]) for f in out["proj_inputs"])
 
 
 class BlindNetObjective(nn.Module):
@@ -42,6 +58,7 @@ class BlindNetObjective(nn.Module):
 
     L = 0.5 [CE(x) + CE(x_a)] + w_aux aux + w_cml CML + w_ccl CCL + w_cwcl CWCL + w_sdcl SDCL
     (docs/METHOD.md, "Losses"). With two_view=False: L = CE(x) + w_aux aux (the baseline).
+    With a Mask2Former head, Mask2Former's set loss (terms "m2f", "m2f_aug") takes CE's place.
     """
 
     def __init__(self, net: nn.Module, weights: LossWeights, run_seed: int = 0, sparse_heads: bool = True):
@@ -54,6 +71,12 @@ class BlindNetObjective(nn.Module):
         # at those pixels gives the dense values and gradients exactly, at a fraction of the cost
         # (tests/model/test_objective.py compares both; bench/step_overhead.py measures it).
         self.sparse_heads = sparse_heads
+        # Mask2Former: the set loss (losses/mask2former.py) replaces the pixel CE of each view
+        self.m2f = None
+        if getattr(net, "decode_head", "deeplabv3plus") == "mask2former":
+            from ..losses.mask2former import Mask2FormerCriterion
+
+            self.m2f = Mask2FormerCriterion(net.decoder.num_classes, points=net.decoder.config.train_num_points)
 
     def forward(
         self,
@@ -62,6 +85,8 @@ class BlindNetObjective(nn.Module):
         image_aug: torch.Tensor | None = None,  # (B, 3, H, W) augmented view
         step: int = 0,
         global_index: torch.Tensor | None = None,  # (B,) index of each image in the global batch stream
+        plans: list[dict] | None = None,  # CWCL's loader plans per level (losses/plans.py), made for `step`
+        sdcl_keys: list[torch.Tensor] | None = None,  # SDCL's per-pixel keys per level, drawn in the loader
     ) -> dict:
         w = self.w
         if global_index is None:
@@ -70,9 +95,9 @@ class BlindNetObjective(nn.Module):
         out = self.net(image, dense_embeds=dense)
         terms: dict[str, torch.Tensor] = {}
         weighted: dict[str, torch.Tensor] = {}
-        ce = segmentation_loss(out["logits"], label, scope=w.ce_scope)
-        terms["ce"] = ce
-        weighted["ce"] = ce * (0.5 if w.two_view else 1.0)
+        seg_name = "ce" if self.m2f is None else "m2f"
+        terms[seg_name] = self._segmentation(out, label, step, global_index, "x")
+        weighted[seg_name] = terms[seg_name] * (0.5 if w.two_view else 1.0)
         if w.aux > 0:
             small = F.interpolate(label[:, None].float(), size=out["aux"].shape[-2:], mode="nearest")[:, 0].long()
             terms["aux"] = segmentation_loss(out["aux"], small, scope=w.ce_scope)
@@ -81,8 +106,8 @@ class BlindNetObjective(nn.Module):
             if image_aug is None:
                 raise ValueError("loss.two_view is on but the batch has no augmented view ('image_aug')")
             out_a = self.net(image_aug, with_aux=False, dense_embeds=dense)  # aux CE: original view only
-            terms["ce_aug"] = segmentation_loss(out_a["logits"], label, scope=w.ce_scope)
-            weighted["ce_aug"] = 0.5 * terms["ce_aug"]
+            terms[f"{seg_name}_aug"] = self._segmentation(out_a, label, step, global_index, "x_aug")
+            weighted[f"{seg_name}_aug"] = 0.5 * terms[f"{seg_name}_aug"]
             if w.cml > 0 or w.ccl > 0:  # one pass: both gradients reach the IN outputs as one tensor
                 with record_function("blindseg/cml+ccl"):  # a labelled range in profiles (bench/)
                     cov = covariance_losses(out["in_feats"], out_a["in_feats"], scope=w.covariance_scope,
@@ -91,7 +116,7 @@ class BlindNetObjective(nn.Module):
                     terms[name] = v
                     weighted[name] = getattr(w, name) * v
             if w.cwcl > 0 or w.sdcl > 0:
-                self._contrastive(out, out_a, label, step, global_index, terms, weighted)
+                self._contrastive(out, out_a, label, step, global_index, terms, weighted, plans, sdcl_keys)
         # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total
         # (tests/engine/test_train_step_ddp.py runs in float64)
         dtype = torch.float32
@@ -100,8 +125,21 @@ class BlindNetObjective(nn.Module):
         total = torch.stack([v.to(dtype) for v in weighted.values()]).sum()
         return {"total": total, "terms": terms, "logits": out["logits"]}
 
-    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted) -> None:
-        """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse)."""
+    def _segmentation(self, out, label, step, global_index, view: str) -> torch.Tensor:
+        """The segmentation loss of one view: pixel CE (DeepLabV3+), or Mask2Former's set loss summed
+        over the decoder layers, matched per image with per-(view, layer, image) seeds."""
+        if self.m2f is None:
+            return segmentation_loss(out["logits"], label, scope=self.w.ce_scope)
+        layers = out["m2f"]["mask_logits"]
+        seeds = torch.stack([sample_seeds(_stream_seed(self.run_seed, f"m2f:{view}", j), step, global_index)
+                             for j in range(len(layers))])
+        with record_function("blindseg/mask2former"):
+            return self.m2f(out["m2f"]["class_logits"], layers, label, seeds)["total"]
+
+    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted, plans=None,
+                     sdcl_keys=None) -> None:
+        """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse; CWCL's
+        finished on the device from the loader's plans when given: the same draws)."""
         w = self.w
         with torch.no_grad():
             pred = out["logits_q"].argmax(1)  # (B, H/4, W/4)
@@ -118,8 +156,17 @@ class BlindNetObjective(nn.Module):
                 f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
                 size = tuple(f.shape[-2:])
                 with record_function("blindseg/sampling"):
-                    cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds) if w.cwcl > 0 else None
-                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
+                    if w.cwcl <= 0:
+                        cw_plan = None
+                    elif plans is not None:
+                        if plans[j]["pix"].shape[-1] != size[0] * size[1]:
+                            raise ValueError(f"the loader's CWCL plan of level {j} is for "
+                                             f"{plans[j]['pix'].shape[-1]} pixels, the level has {size}")
+                        cw_plan = cwcl_plan_from_loader(plans[j], pred, size)
+                    else:
+                        cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds)
+                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds,
+                                         keys=None if sdcl_keys is None else sdcl_keys[j])
                                if w.sdcl > 0 else None)
                     n = size[0] * size[1]
                     read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []

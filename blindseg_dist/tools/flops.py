@@ -14,7 +14,7 @@ import torch
 
 from ..model import build_model, count_parameters
 
-__all__ = ["CONVENTION", "compute_flops", "count_gflops", "format_flops_table", "sdpa_flop_jit", "meta_gmacs",
+__all__ = ["CONVENTION", "compute_flops", "count_gflops", "count_gflops_parts", "format_flops_table", "sdpa_flop_jit", "meta_gmacs",
            "zero_memory_bytes"]
 
 CONVENTION = "fvcore: one multiply-add = one FLOP; eval-mode forward of one image"
@@ -37,6 +37,13 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 def count_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
     """fvcore FLOPs (multiply-adds) of ``model`` in eval mode on one zero image of ``size``, in 1e9
     (attention through scaled_dot_product_attention included: ``sdpa_flop_jit``)."""
+    return count_gflops_parts(model, size)[0]
+
+
+def count_gflops_parts(model: torch.nn.Module, size: tuple[int, int],
+                       parts: tuple[str, ...] = ()) -> tuple[float, dict[str, float]]:
+    """``count_gflops`` and, from the same trace, the GFLOPs of the submodules named in ``parts``
+    (e.g. "backbone", "decoder")."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import-time FutureWarning, jit TracerWarnings
         from fvcore.nn import FlopCountAnalysis
@@ -53,11 +60,13 @@ def count_gflops(model: torch.nn.Module, size: tuple[int, int]) -> float:
                 fvcore_log.setLevel(logging.ERROR)
                 try:
                     total = analysis.total()
+                    by_module = analysis.by_module()
+                    part_flops = {p: by_module.get(p, 0) / 1e9 for p in parts}
                 finally:
                     fvcore_log.setLevel(level)
         finally:
             model.train(was_training)
-    return total / 1e9
+    return total / 1e9, part_flops
 
 
 def meta_gmacs(model_kwargs: dict[str, Any], size: tuple[int, int]) -> float:
@@ -110,12 +119,16 @@ def compute_flops(model_kwargs: dict[str, Any], size: tuple[int, int] = (1024, 2
     model = build_model(**kwargs)
     counts = count_parameters(model)
     baseline = build_model(**{**kwargs, "aux": False, "proj_heads": False})
+    total, parts = count_gflops_parts(model, size, ("backbone", "decoder"))
     return {
         "size": list(size),
         "convention": CONVENTION,
         "model": {
-            "inference": {"params": counts["inference"], "gflops": count_gflops(model, size)},
+            "inference": {"params": counts["inference"], "gflops": total},
             "training_only": {"params": counts["aux"] + counts["proj_heads"]},
+            "backbone": {"params": sum(p.numel() for p in model.backbone.parameters()), "gflops": parts["backbone"]},
+            "decode_head": {"name": model.decode_head, "params": sum(p.numel() for p in model.decoder.parameters()),
+                            "gflops": parts["decoder"]},
         },
         "baseline": {
             "inference": {"params": count_parameters(baseline)["inference"], "gflops": count_gflops(baseline, size)},
@@ -133,6 +146,10 @@ def format_flops_table(result: dict[str, Any]) -> str:
         ("baseline (inference)", f"{base['params'] / 1e6:.3f}", f"{base['gflops']:.1f}"),
         ("BlindNet training-only heads", f"{model['training_only']['params'] / 1e6:.3f}", "-"),
     ]
+    if "decode_head" in model:  # results written before the split have no such rows
+        rows[2:2] = [("  backbone", f"{model['backbone']['params'] / 1e6:.3f}", f"{model['backbone']['gflops']:.1f}"),
+                     (f"  decode head ({model['decode_head']['name']})", f"{model['decode_head']['params'] / 1e6:.3f}",
+                      f"{model['decode_head']['gflops']:.1f}")]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
              for r in rows]

@@ -85,7 +85,14 @@ def run_figures(run: PlannedRun, targets: dict[str, dict]) -> dict[str, float]:
     ips = [m["images_per_s"] for m in metrics[1:] or metrics if m.get("images_per_s")]  # first log: warm-up
     rss = [m["memory/max_rss_mb"] for m in metrics if "memory/max_rss_mb" in m]
     cuda = [m["memory/cuda_max_allocated_mb"] for m in metrics if "memory/cuda_max_allocated_mb" in m]
-    return {"unseen_miou": float(np.nanmean([targets[t]["miou"] for t in unseen])) if unseen else float("nan"),
+    summary_file = run.run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    ckpt_dir = Path(summary["checkpoint"]) if summary.get("checkpoint") not in (None, "None") else None
+    ckpt_mb = (sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file()) / 2**20
+               if ckpt_dir is not None and ckpt_dir.is_dir() else float("nan"))
+    return {"trained_params": summary.get("trainable_params", float("nan")),
+            "total_params": summary.get("total_params", float("nan")), "checkpoint_mb": ckpt_mb,
+            "unseen_miou": float(np.nanmean([targets[t]["miou"] for t in unseen])) if unseen else float("nan"),
             "unseen_targets": unseen,
             "images_per_s": float(np.mean(ips)) if ips else float("nan"),
             "peak_rss_mib": max(rss) if rss else float("nan"), "peak_cuda_mib": max(cuda) if cuda else float("nan")}
@@ -107,16 +114,20 @@ def build_scaling_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun
                      "unseen_targets": sorted({t for p in per for t in p["unseen_targets"]}),
                      "images_per_s": float(np.nanmean([p["images_per_s"] for p in per])) if per else float("nan"),
                      "peak_rss_mib": max((p["peak_rss_mib"] for p in per), default=float("nan")),
-                     "peak_cuda_mib": max((p["peak_cuda_mib"] for p in per), default=float("nan"))})
+                     "peak_cuda_mib": max((p["peak_cuda_mib"] for p in per), default=float("nan")),
+                     "trained_params_m": per[0]["trained_params"] / 1e6 if per else float("nan"),
+                     "total_params_m": per[0]["total_params"] / 1e6 if per else float("nan"),
+                     "checkpoint_mb": max((p["checkpoint_mb"] for p in per), default=float("nan"))})
     size = "x".join(str(v) for v in next(iter(figures.values()))["flops_size"]) if figures else "?"
     header = ["backbone", "model", "seeds", "params (M)", f"GFLOPs @{size}", "unseen mIoU (%)", "images/s",
-              "peak RSS (MiB)"]
+              "peak RSS (MiB)", "trained / total params (M)", "checkpoint (MB)"]
 
     def num(v: float, fmt: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
     md_rows = [[r["backbone"], r["model"], str(r["seeds"]), num(r["params_m"], ".1f"), num(r["gflops"], ".1f"),
-                _fmt(r["unseen_miou"], r["unseen_std"]), num(r["images_per_s"], ".1f"), num(r["peak_rss_mib"], ".0f")]
+                _fmt(r["unseen_miou"], r["unseen_std"]), num(r["images_per_s"], ".1f"), num(r["peak_rss_mib"], ".0f"),
+                f"{num(r['trained_params_m'], '.2f')} / {num(r['total_params_m'], '.2f')}", num(r["checkpoint_mb"], ".1f")]
                for r in rows]
     table = render(header, md_rows, "markdown")
     targets = sorted({t for r in rows for t in r["unseen_targets"]})
@@ -128,7 +139,7 @@ def build_scaling_tables(entries: Sequence[GridEntry], plan: Sequence[PlannedRun
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = ["backbone", "model", "seeds", "params_m", "gflops", "unseen_miou", "unseen_std", "images_per_s",
-            "peak_rss_mib", "peak_cuda_mib"]
+            "peak_rss_mib", "peak_cuda_mib", "trained_params_m", "total_params_m", "checkpoint_mb"]
     w.writerow(cols)
     w.writerows([[r[c] for c in cols] for r in rows])
     atomic.write_text(output_dir / "scaling.csv", buf.getvalue())

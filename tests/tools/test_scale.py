@@ -53,6 +53,11 @@ def test_scale_two_backbones_end_to_end_and_resume(tmp_path):
         cfg = load_config(config)
         assert float(r["params_m"]) * 1e6 == pytest.approx(count_parameters(build_model(**model_kwargs(cfg)))["inference"])
         assert float(r["gflops"]) > 0
+        summ = json.loads((run_dir / "summary.json").read_text())
+        assert float(r["trained_params_m"]) * 1e6 == pytest.approx(summ["trainable_params"])
+        assert float(r["total_params_m"]) * 1e6 == pytest.approx(summ["total_params"])
+        assert float(r["checkpoint_mb"]) == pytest.approx(
+            sum(f.stat().st_size for f in Path(summ["checkpoint"]).rglob("*") if f.is_file()) / 2**20)
     assert rows["r18"]["model"] == "resnet18" and rows["vit_tiny"]["model"] == "timm:vit_small_patch16_224"
     md = (out / "scaling.md").read_text()
     assert "| r18 |" in md and "| vit_tiny |" in md and "night" in md

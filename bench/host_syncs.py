@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 from blindseg_dist import atomic  # noqa: E402
 from blindseg_dist.model import build_model  # noqa: E402
 from blindseg_dist.model import objective as objective_mod  # noqa: E402
-from blindseg_dist.losses.plans import PLAN_KEY, LoaderPlanner  # noqa: E402
+from blindseg_dist.losses.plans import PLAN_KEY, SDCL_KEY, LoaderPlanner  # noqa: E402
 from blindseg_dist.model.objective import BlindNetObjective, LossWeights, projection_sizes  # noqa: E402
 
 KINDS = ("item", "d2h", "shape", "h2d")
@@ -231,29 +231,33 @@ def synthetic_batch(batch: int, crop: int, seed: int = 0) -> dict:
 def count_step(weights: LossWeights, *, backbone: str = "resnet18", crop: int = 128, batch: int = 2,
                step: int = 3, seed: int = 0, plans: bool = False) -> HostSyncCounter:
     """One training step (after a warm-up step, so that lazy initialisation is not counted).
-    ``plans``: CWCL's sampling plans come with the batch, made in the loader (as the trainer runs
-    it; the workers' work is not the step's) and copied to the device with the batch (pinned,
-    non_blocking: no wait)."""
+    ``plans``: CWCL's sampling plans and SDCL's per-pixel keys come with the batch, made in the
+    loader (as the trainer runs it; the workers' work is not the step's) and copied to the device
+    with the batch (pinned, non_blocking: no wait)."""
     torch.manual_seed(seed)
     net = build_model(backbone)
     obj = BlindNetObjective(net, weights, run_seed=seed).train()
     data = synthetic_batch(batch, crop, seed)
     gidx = torch.arange(step * batch, (step + 1) * batch)
-    planner = LoaderPlanner(seed, projection_sizes(net, crop), batch) if plans else None
+    planner = LoaderPlanner(seed, projection_sizes(net, crop), batch, sdcl_keys=True) if plans else None
 
-    def plans_for(k: int):
-        return planner({"label": data["label"]}, k)[PLAN_KEY] if planner else None
+    def plans_for(k: int) -> dict:
+        if planner is None:
+            return {}
+        made = planner({"label": data["label"]}, k)
+        return {"plans": made[PLAN_KEY], "sdcl_keys": made[SDCL_KEY]}
 
     obj(data["image"], data["label"], data["image_aug"], step=step - 1, global_index=gidx - batch,
-        plans=plans_for(step - 1))["total"].backward()
+        **plans_for(step - 1))["total"].backward()
     mode = HostSyncCounter()
     params = [p for p in obj.parameters()]
     mode.mark(*params, *[p.grad for p in params if p.grad is not None], *obj.buffers())
     image, label, image_aug = data["image"].clone(), data["label"].clone(), data["image_aug"].clone()
     step_plans = plans_for(step)
-    mode.mark(image, label, image_aug, *[t for lvl in step_plans or [] for t in lvl.values()])
+    mode.mark(image, label, image_aug, *[t for lvl in step_plans.get("plans", []) for t in lvl.values()],
+              *step_plans.get("sdcl_keys", []))
     with mode, mode.python_reads(), _attributing(mode):
-        out = obj(image, label, image_aug, step=step, global_index=gidx, plans=step_plans)
+        out = obj(image, label, image_aug, step=step, global_index=gidx, **step_plans)
         with mode.attributed("trainer"):
             # what Trainer.train_step reads after the forward: the non-finite flag and, in
             # _accumulate, every loss term and the total (one value each)

@@ -56,5 +56,5 @@ def test_bench_writes_labelled_entries(tmp_path):
     assert [e["label"] for e in doc["entries"]] == ["before", "after"]
     img = doc["entries"][0]["scopes"]["image"]
     assert img["total"] == sum(u["total"] for u in img["by_unit"].values())
-    # the trainer reads every loss term and the total once, plus the non-finite flag
-    assert img["by_unit"]["trainer"]["item"] == 9
+    # the trainer reads the non-finite flag, then every loss term and the total in one copy
+    assert img["by_unit"]["trainer"]["item"] == 1 and img["by_unit"]["trainer"]["d2h"] == 1

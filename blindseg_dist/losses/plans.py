@@ -18,6 +18,10 @@ Per sample and level j (N = h * w pixels at the level, K = max_classes, P = pixe
   n_cls * P on) and 0 where the device puts the class pixels;
 - ``ids`` (K*P,) int64: the plan's class ids (real ids, then the filler pseudo-classes);
 - ``ncls`` () int64: the number of candidate classes.
+
+SDCL's anchors depend on both predictions, so only its per-pixel random keys (seed-only) are drawn
+in the loader: ``sdcl_keys`` per level, (2, N) float64 per sample (negative choice, anchor cap),
+from the image's SDCL generator in sdcl_plan's order.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from blindseg_dist.losses.cwcl import PSEUDO_BASE
 from blindseg_dist.losses.sampling import NUM_IDS, sample_seeds
 
 PLAN_KEY = "cwcl_plans"  # the batch's list of per-level plans
+SDCL_KEY = "sdcl_keys"  # the batch's list of per-level SDCL pixel keys (B, 2, N)
 STEP_KEY = "plan_step"  # the micro-batch index the plans were made for
 
 
@@ -99,21 +104,38 @@ class LoaderPlanner:
     world: int = 1
     max_classes: int = 15
     per_class: int = 50
+    cwcl: bool = True  # CWCL's plans
+    sdcl_keys: bool = False  # SDCL's per-pixel keys (sdcl_plan(keys=...))
 
     def __call__(self, batch: dict, step: int) -> dict:
         label = batch["label"]
         b = label.shape[0]
         gidx = step * self.batch_size * self.world + self.rank * b + torch.arange(b)
         plans = []
-        for j, size in enumerate(self.sizes):
+        for j, size in enumerate(self.sizes if self.cwcl else ()):
             y = level_ids(label, size)  # (B, N)
             seeds = sample_seeds(stream_seed(self.run_seed, "cwcl", j), step, gidx).tolist()
             per = [cwcl_label_plan(y[i], seeds[i], max_classes=self.max_classes, per_class=self.per_class)
                    for i in range(b)]
             plans.append({name: torch.stack([q[name] for q in per]) for name in per[0]})
-        batch[PLAN_KEY] = plans
+        if self.cwcl:
+            batch[PLAN_KEY] = plans
+        if self.sdcl_keys:
+            batch[SDCL_KEY] = [sdcl_keys(sample_seeds(stream_seed(self.run_seed, "sdcl", j), step, gidx).tolist(),
+                                         size[0] * size[1]) for j, size in enumerate(self.sizes)]
         batch[STEP_KEY] = torch.tensor(step, dtype=torch.long)
         return batch
+
+
+def sdcl_keys(seeds: list[int], n: int) -> torch.Tensor:
+    """SDCL's per-pixel keys of each image, (B, 2, N) float64: rand(N) twice from the image's
+    generator, as sdcl_plan draws them (negative choice, then anchor cap)."""
+    out = torch.empty(len(seeds), 2, n, dtype=torch.float64)
+    for i, s in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(s))
+        out[i, 0] = torch.rand(n, generator=gen, dtype=torch.float64)
+        out[i, 1] = torch.rand(n, generator=gen, dtype=torch.float64)
+    return out
 
 
 def cwcl_plan_from_loader(plan: dict, pred: torch.Tensor, size: tuple[int, int], *,

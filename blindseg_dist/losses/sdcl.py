@@ -25,12 +25,14 @@ from blindseg_dist.losses.sampling import (NUM_IDS, global_meta, ids_at, image_g
 def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
               size: tuple[int, int], *, scope: str = "image", num_negatives: int = 20,
               max_anchors_per_image: int = 1000, generator: torch.Generator | None = None,
-              seeds=None) -> dict:
+              seeds=None, keys: torch.Tensor | None = None) -> dict:
     """SDCL's sampling at embedding resolution ``size``: anchors, negatives and counts.
 
     Index math and count collectives only (no embedding is read), so the projection heads can
     be evaluated at sdcl_pixels(plan) alone; semantic_disentanglement_loss(plan=...) then
-    gives exactly the dense result.
+    gives exactly the dense result. ``keys``: the per-pixel keys (B, 2, N) float64 (negative
+    choice, anchor cap) already drawn from the images' generators (the loader's plans,
+    losses/plans.py): the same draws, without drawing them here.
     """
     check_choice(scope, SCOPES, "loss.contrastive_scope (semantic_disentanglement_loss)")
     h, w = size
@@ -39,7 +41,12 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     y = ids_at(labels, (h, w), "labels")  # (B, N)
     p = ids_at(pred, (h, w), "pred")
     pa = ids_at(pred_aug, (h, w), "pred_aug")
-    neg_keys, anc_keys = _pixel_keys(b, n, dev, generator, seeds)  # (B, N) each
+    if keys is None:
+        neg_keys, anc_keys = _pixel_keys(b, n, dev, generator, seeds)  # (B, N) each
+    elif tuple(keys.shape) != (b, 2, n):
+        raise ValueError(f"sdcl_plan: keys must be (B, 2, N) = {(b, 2, n)}, got {tuple(keys.shape)}")
+    else:
+        neg_keys, anc_keys = keys[:, 0], keys[:, 1]
     valid = y != IGNORE
     corr = (p == y) & (pa != p) & valid  # correction map M, (B, N)
     img = torch.arange(b, device=dev)[:, None].expand(b, n)

@@ -86,6 +86,7 @@ class BlindNetObjective(nn.Module):
         step: int = 0,
         global_index: torch.Tensor | None = None,  # (B,) index of each image in the global batch stream
         plans: list[dict] | None = None,  # CWCL's loader plans per level (losses/plans.py), made for `step`
+        sdcl_keys: list[torch.Tensor] | None = None,  # SDCL's per-pixel keys per level, drawn in the loader
     ) -> dict:
         w = self.w
         if global_index is None:
@@ -115,7 +116,7 @@ class BlindNetObjective(nn.Module):
                     terms[name] = v
                     weighted[name] = getattr(w, name) * v
             if w.cwcl > 0 or w.sdcl > 0:
-                self._contrastive(out, out_a, label, step, global_index, terms, weighted, plans)
+                self._contrastive(out, out_a, label, step, global_index, terms, weighted, plans, sdcl_keys)
         # float32 at least (terms of fp16/bf16 logits), but a float64 model keeps a float64 total
         # (tests/engine/test_train_step_ddp.py runs in float64)
         dtype = torch.float32
@@ -135,7 +136,8 @@ class BlindNetObjective(nn.Module):
         with record_function("blindseg/mask2former"):
             return self.m2f(out["m2f"]["class_logits"], layers, label, seeds)["total"]
 
-    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted, plans=None) -> None:
+    def _contrastive(self, out, out_a, label, step, global_index, terms, weighted, plans=None,
+                     sdcl_keys=None) -> None:
         """CWCL and SDCL averaged over the three decoder levels (sampling first when sparse; CWCL's
         finished on the device from the loader's plans when given: the same draws)."""
         w = self.w
@@ -163,7 +165,8 @@ class BlindNetObjective(nn.Module):
                         cw_plan = cwcl_plan_from_loader(plans[j], pred, size)
                     else:
                         cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds)
-                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds)
+                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds,
+                                         keys=None if sdcl_keys is None else sdcl_keys[j])
                                if w.sdcl > 0 else None)
                     n = size[0] * size[1]
                     read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []

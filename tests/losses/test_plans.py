@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from blindseg_dist.data.stream import make_train_loader
-from blindseg_dist.losses import cwcl_plan, sample_seeds
-from blindseg_dist.losses.plans import (PLAN_KEY, STEP_KEY, LoaderPlanner, cwcl_label_plan,
+from blindseg_dist.losses import cwcl_plan, sample_seeds, sdcl_plan
+from blindseg_dist.losses.plans import (PLAN_KEY, SDCL_KEY, STEP_KEY, LoaderPlanner, cwcl_label_plan,
                                         cwcl_plan_from_loader, stream_seed)
 from blindseg_dist.model import build_model
 from blindseg_dist.model.objective import BlindNetObjective, LossWeights, projection_sizes
@@ -26,7 +26,7 @@ def _pred(label: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("workers,start", [(0, 0), (2, 3)])
 def test_loader_plans_draw_what_cwcl_plan_draws(train_shards, workers, start):
-    planner = LoaderPlanner(SEED, SIZES, B, rank=RANK, world=WORLD, per_class=20)
+    planner = LoaderPlanner(SEED, SIZES, B, rank=RANK, world=WORLD, per_class=20, sdcl_keys=True)
     loader = make_train_loader(train_shards, batch_size=B, crop_size=64, num_workers=workers, seed=SEED,
                                rank=RANK, world_size=WORLD, start_step=start, planner=planner)
     g = torch.Generator().manual_seed(0)
@@ -44,6 +44,18 @@ def test_loader_plans_draw_what_cwcl_plan_draws(train_shards, workers, start):
             got = cwcl_plan_from_loader(batch[PLAN_KEY][j], pred, size, per_class=20)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (k, j)
             classes += int(batch[PLAN_KEY][j]["ncls"].sum())
+            # SDCL: the loader's per-pixel keys give sdcl_plan's draws
+            pred_aug = _pred(label, g)
+            sd_seeds = sample_seeds(stream_seed(SEED, "sdcl", j), k, gidx)
+            for scope in ("image", "global"):
+                want = sdcl_plan(label, pred, pred_aug, size, scope=scope, num_negatives=3, seeds=sd_seeds)
+                got = sdcl_plan(label, pred, pred_aug, size, scope=scope, num_negatives=3, seeds=sd_seeds,
+                                keys=batch[SDCL_KEY][j])
+                assert want.keys() == got.keys()
+                for name, v in want.items():
+                    vs, gs = (v, got[name]) if isinstance(v, tuple) else ((v,), (got[name],))
+                    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                               for a, b in zip(vs, gs)), (k, j, scope, name)
     assert classes > 0  # real classes were sampled, not only filler groups
 
 
@@ -80,14 +92,15 @@ def test_objective_with_loader_plans_equals_without():
     label = torch.randint(0, 19, (B, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2)
     label[:, :16, :16] = torch.randint(0, 19, (B, 4, 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
     step = 5
-    batch = LoaderPlanner(SEED, sizes, B)({"label": label}, step)
+    batch = LoaderPlanner(SEED, sizes, B, sdcl_keys=True)({"label": label}, step)
     results = []
-    for plans in (None, batch[PLAN_KEY]):
+    for plans, keys in ((None, None), (batch[PLAN_KEY], batch[SDCL_KEY])):
         obj.zero_grad()
-        out = obj(image, label, image_aug, step=step, global_index=step * B + torch.arange(B), plans=plans)
+        out = obj(image, label, image_aug, step=step, global_index=step * B + torch.arange(B), plans=plans,
+                  sdcl_keys=keys)
         out["total"].backward()
-        results.append((out["terms"]["cwcl"].detach(), [p.grad.clone() for p in obj.parameters()
-                                                         if p.grad is not None]))
-    assert float(results[0][0]) > 0
+        results.append((torch.stack([out["terms"]["cwcl"], out["terms"]["sdcl"]]).detach(),
+                        [p.grad.clone() for p in obj.parameters() if p.grad is not None]))
+    assert float(results[0][0][0]) > 0
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

@@ -22,7 +22,7 @@ time, per-run loss logs) and prints mean +- std per arm and the paired gain over
 its standard error (std of the per-seed differences / sqrt(n)). Resumable: rerun the same command;
 finished runs are skipped (ablate), finished evaluations too.
 
-    python bench/dg_effect.py                      # the published setting (see docs/EFFECT.md)
+    python bench/dg_effect.py                      # the reported setting (docs/BENCHMARKS.md)
     python bench/dg_effect.py --tiny --out /tmp/x  # seconds-scale smoke run (tests/test_benches.py)
 """
 from __future__ import annotations

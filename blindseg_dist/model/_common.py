@@ -16,8 +16,38 @@ __all__ = ["Backbone", "ChannelsLastIN", "instance_norm", "load_state_dict_file"
 
 
 def instance_norm(channels: int) -> nn.InstanceNorm2d:
-    """The BlindNet IN layer: no affine parameters, no running statistics, eps 1e-5."""
-    return nn.InstanceNorm2d(channels, eps=1e-5, affine=False, track_running_stats=False)
+    """The BlindNet IN layer: no affine parameters, no running statistics, eps 1e-5. Its output
+    passes through ``_ContiguousGrad`` (a forward hook), see there."""
+    norm = nn.InstanceNorm2d(channels, eps=1e-5, affine=False, track_running_stats=False)
+    norm.register_forward_hook(_contiguous_grad_hook)
+    return norm
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on the incoming gradient in the contiguous (NCHW) layout.
+
+    torch's instance_norm returns a wrong input gradient when the batch holds ONE sample and the
+    gradient reaching its output is in the channels_last layout (CPU, float32 and float64; a batch
+    of two or more, or an NCHW gradient, is right). That layout is what an NHWC consumer sends back:
+    the permute of ``ChannelsLastIN`` (ViT "embed" / "block<i>" points, NHWC timm stages) or a
+    ``model.channels_last`` network. One sample per rank is an ordinary split of a global batch
+    (e.g. 2+1+1 over 3 ranks), so without this the gradient upstream of an IN point, e.g. the ViT
+    patch embedding's, would differ from the 1-process one (tests/model/test_backbones.py)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_grad_hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+    """Forward hook of ``instance_norm`` layers: route the output through ``_ContiguousGrad``."""
+    if torch.is_grad_enabled() and output.requires_grad:
+        return _ContiguousGrad.apply(output)
+    return None
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:

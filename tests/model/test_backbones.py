@@ -192,3 +192,33 @@ def test_grad_checkpointing_same_gradients(name: str) -> None:
     # The recomputation in backward does not update BN running statistics a second time.
     for (n, a), b in zip(plain.named_buffers(), ckpt.buffers()):
         torch.testing.assert_close(a, b, msg=n)
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_in_gradient_of_one_sample_is_its_share_of_the_batch(nhwc: bool) -> None:
+    """The gradient an IN layer passes back for a sample does not depend on what else is in the
+    batch: samples run one at a time give the rows of the batch gradient, also when the gradient
+    reaching the IN output is channels_last (an NHWC consumer: ChannelsLastIN, model.channels_last),
+    where torch's instance_norm alone is wrong for a batch of one (a 2+1+1 split over 3 ranks)."""
+    from blindseg_dist.model._common import ChannelsLastIN, instance_norm
+
+    norm = ChannelsLastIN(8) if nhwc else instance_norm(8)
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 5, 6, 8) if nhwc else (3, 8, 5, 6)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    if not nhwc:
+        w = w.contiguous(memory_format=torch.channels_last)  # the gradient of the output is NHWC
+
+    def grad(lo: int, hi: int) -> torch.Tensor:
+        xi = x[lo:hi].clone().requires_grad_()
+        norm(xi).backward(w[lo:hi])
+        return xi.grad
+
+    xr = x.clone().requires_grad_()  # the IN written out, as the reference
+    xc = xr.permute(0, 3, 1, 2) if nhwc else xr
+    y = (xc - xc.mean((2, 3), keepdim=True)) * torch.rsqrt(xc.var((2, 3), unbiased=False, keepdim=True) + 1e-5)
+    (y.permute(0, 2, 3, 1) if nhwc else y).backward(w)
+    torch.testing.assert_close(grad(0, 3), xr.grad)
+    torch.testing.assert_close(torch.cat([grad(0, 2), grad(2, 3)]), xr.grad)
+    torch.testing.assert_close(torch.cat([grad(i, i + 1) for i in range(3)]), xr.grad)

@@ -212,3 +212,33 @@ def test_meta_device_count_is_close_to_fvcore_and_zero_bytes() -> None:
     assert b == {"stage0": 2 * 1200 + 2 * 1000 + 12 * 1000, "stage1": 2 * 1200 + 2 * 1000 + 12 * 1000 / 4,
                  "stage2": 2 * 1200 + 14 * 1000 / 4, "stage3": (2 * 1200 + 14 * 1000) / 4}
     assert zero_memory_bytes(10, world=2, optimizer="sgd", precision="no")["stage0"] == 4 * 10 + 4 * 10 + 4 * 10
+
+
+def test_patch_embedding_gradient_of_a_split_batch_is_the_batch_gradient() -> None:
+    """With the IN point "embed" right after the patch embedding, the gradients of sub-batches of
+    2, 1 and 1 samples add up to the gradient of the batch of 4 (each rank of a 2+1+1 split sees
+    one sub-batch): the IN's gradient for a batch of one is right although it reaches the IN in
+    the NHWC layout of the token column."""
+    torch.manual_seed(0)
+    b = build_backbone("timm:vit_small_patch14_dinov2", timm_kwargs=dict(TINY, depth=2, img_size=56),
+                       vit=VIT_OPTS).double().train()
+    assert b.in_points[0] == "embed"
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 56, 56, generator=g, dtype=torch.float64)
+    probes = [torch.randn(4, 16, 14, 14, generator=g, dtype=torch.float64),
+              torch.randn(4, 16, 4, 4, generator=g, dtype=torch.float64)]
+
+    def grads(lo: int, hi: int) -> dict[str, torch.Tensor]:
+        b.zero_grad(set_to_none=True)
+        feats, _ = b(x[lo:hi])
+        sum((f * p[lo:hi]).sum() for f, p in zip((feats[0], feats[3]), probes)).backward()
+        return {n: p.grad.clone() for n, p in b.named_parameters() if p.grad is not None}
+
+    full = grads(0, 4)
+    parts = [grads(lo, hi) for lo, hi in ((0, 2), (2, 3), (3, 4))]
+    assert "vit.patch_embed.proj.weight" in full
+    # atol from the largest gradient: tensors that an IN makes (mathematically) gradient-free, such as
+    # the patch embedding's bias, differ only by round-off
+    atol = 1e-10 * max(float(v.abs().max()) for v in full.values())
+    for n, want in full.items():
+        torch.testing.assert_close(sum(p[n] for p in parts), want, rtol=1e-9, atol=atol, msg=n)

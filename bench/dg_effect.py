@@ -22,7 +22,7 @@ time, per-run loss logs) and prints mean +- std per arm and the paired gain over
 its standard error (std of the per-seed differences / sqrt(n)). Resumable: rerun the same command;
 finished runs are skipped (ablate), finished evaluations too.
 
-    python bench/dg_effect.py                      # the published setting (see docs/EFFECT.md)
+    python bench/dg_effect.py                      # the reported setting (docs/BENCHMARKS.md)
     python bench/dg_effect.py --tiny --out /tmp/x  # seconds-scale smoke run (tests/test_benches.py)
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-corruptions", action="store_true",
                     help="skip the corrupted held-out sets (unseen domains and clean source only)")
     ap.add_argument("--collect", action="store_true",
-                    help="train nothing: evaluate and report the runs that finished (missing ones are listed)")
+                    help="train nothing: evaluate and report the runs that reached their last step (others are listed)")
     ap.add_argument("--tiny", action="store_true", help="smoke setting: 4 frames of 32x64 per domain, crop 32, "
                     "1 step, 2 seeds, 1 corruption (only for checking the script)")
     args = ap.parse_args(argv)
@@ -227,27 +227,35 @@ def summarise(rows: list[dict], arms: list[str], groups: list[str]) -> dict:
     return out
 
 
+def _cell(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}")
+
+
 def print_table(summary: dict, arms: list[str], groups: list[str], setting: dict) -> None:
-    names = {"unseen": "unseen mean", "corruption": "corrupt. mean", "source": "source (clean)"}
-    head = f"{'arm':<12}" + "".join(f"{names[g]:>16}{'gain vs base':>18}" for g in groups)
+    names = {"unseen": "unseen mean", "corruption": "corruption mean", "source": "source (clean)"}
+    head = f"{'arm':<12}{'n':>3}" + "".join(f"{names[g]:>17}{'gain vs baseline':>26}" for g in groups)
     print(head)
     print("-" * len(head))
     for a in arms:
-        line = f"{a:<12}"
+        line = f"{a:<12}{summary[groups[0]][a]['n']:>3}"
         for g in groups:
             s = summary[g][a]
-            line += f"{s['mean']:>9.2f} ± {s['std']:<5.2f}"
-            if "paired_gain" in s:
-                pg = s["paired_gain"]
-                line += f"{pg['gain']:>+9.2f} ± {pg['se']:<5.2f}({pg['z']:+.1f}se)"[:18].rjust(18)
+            line += f"{_cell(s['mean'], s['std']):>17}"
+            pg = s.get("paired_gain")
+            if pg is None or not pg["n"]:
+                line += " " * 26
+            elif pg["n"] < 2:
+                line += f"{pg['gain']:+.2f} (1 seed)".rjust(26)
             else:
-                line += " " * 18
+                line += f"{pg['gain']:+.2f} ± {pg['se']:.2f} ({pg['z']:+.1f} se)".rjust(26)
         print(line)
-    print(f"mIoU (%), mean ± std over {setting['seeds']} paired seeds; gain = mean of per-seed differences "
-          "± its standard error (std/sqrt(n)), (z in standard errors)")
+    print(f"mIoU (%), mean ± std over the n seeds of each arm (seed list {setting['seed_list']}); gain = mean of the "
+          "per-seed differences to the baseline ± its standard error (std / sqrt(n)), and that mean in standard errors")
+    span = "" if setting["span_s"] is None else f" (first run to last evaluation: {setting['span_s'] / 60:.1f} min)"
     print(f"setting: {setting['steps']} steps, batch {setting['batch']}, crop {setting['crop']}, frames "
           f"{setting['size'][0]}x{setting['size'][1]}, {setting['train_images']} source training frames, init "
-          f"{setting['init']}; {setting['runs']} runs in {setting['wall_s'] / 60:.1f} min on {setting['cpus']} CPUs")
+          f"{setting['init']}; {setting['runs']} runs, this invocation {setting['wall_s'] / 60:.1f} min{span} "
+          f"on {setting['cpus']} CPUs")
 
 
 def plot(summary_t: dict, rows: list[dict], arms: list[str], targets: list[str], path: Path, title: str) -> None:
@@ -278,7 +286,9 @@ def plot(summary_t: dict, rows: list[dict], arms: list[str], targets: list[str],
     ax.set_xticks(x, cols, rotation=30, ha="right")
     ax.set_ylabel("mIoU (%), mean ± std over seeds")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, top * 1.18)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=len(arms), loc="upper center")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -313,9 +323,12 @@ def main(argv=None) -> int:
     plan = plan_runs("demo", entries, args.seeds, out, [*base, f"run.seed={BASE_SEED}"])
     # seed-major order: the arms of one seed finish together, so a stopped run leaves complete pairs
     plan = sorted(plan, key=lambda r: (r.seed_index, entries.index(r.entry)))
-    if args.collect:
-        missing = [str(r.run_dir) for r in plan if not (r.run_dir / "eval.json").is_file()]
-        plan = [r for r in plan if (r.run_dir / "eval.json").is_file()]
+    if args.collect:  # runs with eval.json, or with their final checkpoint (ablate evaluates it, no training)
+        from blindseg_dist.tools.ablate import _final_checkpoint
+
+        done = [r for r in plan if (r.run_dir / "eval.json").is_file() or _final_checkpoint(r, "demo")[0] is not None]
+        missing = [str(r.run_dir) for r in plan if r not in done]
+        plan = done
         if missing:
             print(f"[dg_effect] --collect: {len(missing)} run(s) not finished, left out: {missing}", flush=True)
     results, status = execute_plan(plan, "demo", parallel=args.parallel, desc="dg_effect")
@@ -338,6 +351,11 @@ def main(argv=None) -> int:
     groups = ["unseen", *(["corruption"] if corrupt else []), SOURCE]
     summary = summarise(rows, arm_names, groups)
     n_train = json.loads((Path(train) / "manifest.json").read_text()).get("num_samples")
+    # the experiment's span over all its invocations (a resumed or collected grid): first run
+    # folder's config.yaml to the last evaluation written
+    starts = [(r.run_dir / "config.yaml").stat().st_mtime for r in plan if (r.run_dir / "config.yaml").is_file()]
+    ends = [p.stat().st_mtime for r in plan for p in r.run_dir.glob("eval*.json")]
+    span = (max(ends) - min(starts)) if starts and ends else None
     setting = {"steps": args.steps, "batch": args.batch, "crop": args.crop, "size": list(args.size),
                "images_per_domain": args.images_per_domain, "train_images": n_train,
                "eval_images_per_unseen_domain": args.eval_images or args.images_per_domain,
@@ -346,15 +364,17 @@ def main(argv=None) -> int:
                "seed_list": [BASE_SEED + i for i in range(args.seeds)], "arms": {a: v for a, v in arms},
                "unseen": list(UNSEEN), "corruptions": list(corrupt), "severity": SEVERITY,
                "runs": len(plan), "collect_only": args.collect, "parallel": args.parallel, "threads_per_run": 1, "cpus": os.cpu_count(),
-               "wall_s": time.perf_counter() - t0, "machine": platform.platform(), "tiny": args.tiny,
+               "wall_s": time.perf_counter() - t0, "span_s": span, "machine": platform.platform(), "tiny": args.tiny,
                "overrides": base, "command": "python bench/dg_effect.py " + " ".join(argv or sys.argv[1:])}
     record = {"setting": setting, "summary": summary, "rows": rows, "runs": runs, "status": status}
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(results_path, record, indent=1)
     png = Path(args.png) if args.png else results_path.with_suffix(".png")
+    seeds_per_arm = ", ".join(f"{a} {summary['unseen'][a]['n']}" for a in arm_names)
     plot(summary, rows, arm_names, [SOURCE, *UNSEEN], png,
-         f"{args.steps} steps, crop {args.crop}, init {init}, {args.seeds} seeds per arm")
+         f"{args.steps} steps, crop {args.crop}, frames {args.size[0]}x{args.size[1]}, init {init}; "
+         f"seeds per arm: {seeds_per_arm}")
     print_table(summary, arm_names, groups, setting)
     print(f"[dg_effect] {results_path}, {png}")
     return 1 if status["failed"] else 0

@@ -105,12 +105,12 @@ def measure(backbone: str, head: str, crop: int, batch: int, warmup: int, steps:
 
 def table(rows: list[dict]) -> str:
     head = ("backbone", "head", "params (M)", "head (M)", "trained (M)", "GFLOPs 512^2", "GFLOPs 1024x2048 sw",
-            "step (s)", "matcher share")
+            "step s (mean / min)", "matcher share")
     lines = [head]
     for r in rows:
         lines.append((r["backbone"], r["head"], f"{r['params_inference'] / 1e6:.1f}", f"{r['params_head'] / 1e6:.1f}",
                       f"{r['params_trained'] / 1e6:.1f}", f"{r['gflops_512']:.1f}",
-                      f"{r['gflops_1024x2048_sliding']:.0f}", f"{r['step_s']:.2f}",
+                      f"{r['gflops_1024x2048_sliding']:.0f}", f"{r['step_s']:.1f} / {min(r['step_s_all']):.1f}",
                       "-" if r["matcher_share"] is None else f"{100 * r['matcher_share']:.1f}%"))
     widths = [max(len(str(x[i])) for x in lines) for i in range(len(head))]
     out = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in lines]
@@ -128,8 +128,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "m2f_heads.json"))
+    ap.add_argument("--table", metavar="JSON", nargs="+", help="print the table of earlier results and exit")
     ap.add_argument("--one", nargs=2, metavar=("BACKBONE", "HEAD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())["rows"]]))
+        return
     if args.one:
         print(json.dumps(measure(*args.one, args.crop, args.batch, args.warmup, args.steps, args.threads)))
         return

@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding-window inference: CROP,STRIDE or CROP_H,CROP_W,STRIDE_H,STRIDE_W px (default: whole image)")
     s.set_defaults(func=cmd_eval)
 
-    from .tools.corrupt import speed_table
+    from .corruptions import speed_table
 
     s = sub.add_parser(
         "corrupt", help="an evaluation set under the imagecorruptions corruptions: one shard set per corruption "

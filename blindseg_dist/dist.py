@@ -34,9 +34,12 @@ Single-process paths count nothing.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +50,8 @@ __all__ = [
     "world_size",
     "is_distributed",
     "barrier",
+    "broadcast_object",
+    "gloo_group",
     "all_reduce_sum",
     "all_reduce_count",
     "gather_sizes",
@@ -85,6 +90,26 @@ def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, timeout_s: float) -> Iterator[None]:
+    """This process as ``rank`` of a gloo process group of ``world`` ranks for the block (the
+    rendezvous from MASTER_ADDR / MASTER_PORT); destroyed on exit (launcher.run_gloo)."""
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable value) on every rank; ``obj`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def comm_stats() -> dict[str, dict[str, int]]:

@@ -3,18 +3,15 @@
 A leaf module (standard library only): the config, the command line, the trainer and the launcher
 all import it, and it imports none of them.
 
-Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after writing a checkpoint); 1 an error;
-2 a config or usage error, a missing file, a shard location that cannot be read or whose backend
-is missing; 3 stopped after run.max_nonfinite non-finite losses in a row (checkpoint written);
-4 a collective failed: another rank died or hung longer than run.dist_timeout_s.
+The exit codes, per command and launcher, are tabled in docs/OPERATIONS.md, "Exit codes".
 """
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_COLLECTIVE = 4
+EXIT_OK = 0  # finished, or stopped by SIGTERM/SIGINT after writing a checkpoint
+EXIT_ERROR = 1  # an error
+EXIT_CONFIG = 2  # a config or usage error, a missing or unreadable input
+EXIT_NONFINITE = 3  # run.max_nonfinite non-finite losses in a row (checkpoint written)
+EXIT_COLLECTIVE = 4  # a collective failed: another rank died or hung longer than run.dist_timeout_s
 
 EXIT_PRIORITY = (EXIT_CONFIG, EXIT_NONFINITE, EXIT_ERROR, EXIT_COLLECTIVE)
 """A run's exit code from its ranks' codes: the first of these present (launcher.run_exit_code)."""

@@ -16,7 +16,6 @@ launch --multi_gpu --num_processes N``: :func:`launch_env` sets that variable in
 """
 from __future__ import annotations
 
-import datetime
 import os
 import queue as queue_mod
 import signal
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from . import dist, runtime_env
@@ -99,14 +97,10 @@ def _gloo_entry(fn: Callable, rank: int, world: int, port: int, out, args: tuple
         torch.set_num_threads(1)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
-        tdist.init_process_group("gloo", rank=rank, world_size=world,
-                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
-        try:
+        with dist.gloo_group(rank, world, collective_timeout_s):
             if (dist.rank(), dist.world_size()) != (rank, world):
                 raise RuntimeError(f"rank {rank} of {world} sees itself as rank {dist.rank()} of {dist.world_size()}")
             out.put((rank, "ok", fn(rank, world, *args)))
-        finally:
-            tdist.destroy_process_group()
     except BaseException:  # report, never hang the parent
         out.put((rank, "error", traceback.format_exc()))
 

@@ -96,3 +96,12 @@ def test_adapters_bench_counts_trained_state_and_activations(tmp_path):
     acts = {m: r["activation_bytes_512_per_view"] for m, r in rows.items()}
     assert acts["frozen"] < acts["lora"] < acts["full"] and acts["frozen"] < acts["rein"] < acts["full"]
     assert full["checkpoint_bytes"] > 2 * rows["rein"]["checkpoint_bytes"]
+
+
+def test_startup_bench_measures_the_cli_and_the_config(tmp_path):
+    res = tmp_path / "startup.json"
+    out = _run(["bench/startup.py", "--repeats", "1", "--out", str(res)], timeout=300)
+    r = json.loads(res.read_text())["results"]["this checkout"]
+    assert r["config_loads_torch"] is False and r["library_lines"] > 1000 and r["library_files"] > 10
+    assert r["min_help_s"] > 0 and 0 < r["median_config_importtime_us"] < 1e6 * r["median_config_s"]
+    assert "| this checkout |" in out

@@ -129,6 +129,49 @@ def _attempt(fn: Callable[[], None], root: Path, errors: tuple = (OSError,)) -> 
     return None
 
 
+def _prepare_tmp(output_dir: str | Path, final: Path, tmp: Path, model_state: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the temporary folder of checkpoint ``final``, if the disk can take a checkpoint (the
+    size of the last one, else of the weights); an OSError ENOSPC naming the folder otherwise."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    previous = [p for p in list_checkpoints(output_dir) if p != final]
+    needed = folder_bytes(previous[-1]) if previous else sum(
+        v.numel() * v.element_size() for v in model_state.values())
+    free = free_bytes(root)
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left for it in {root}: {_mb(free)} free, the "
+                      f"{'last checkpoint takes' if previous else 'weights alone take'} {_mb(needed)}. "
+                      f"Free space or set run.output_dir on a larger disk, then continue with --resume")
+    tmp.mkdir()
+
+
+def _write_rank_part(tmp: Path, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any],
+                     config_yaml: str | None, meta: dict[str, Any] | None,
+                     model_metadata: dict[str, str] | None) -> None:
+    """This rank's RNG state; on rank 0 also the weights, config, training state and meta.json."""
+    torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
+    if dist.rank() == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
+                  metadata=model_metadata)
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
+        (tmp / META_FILE).write_text(json.dumps({**(meta or {}), "step": step}, indent=1))
+
+
+def _publish(output_dir: str | Path, tmp: Path, final: Path, run_id: str | None, keep_last: int,
+             protect: Sequence[Path]) -> None:
+    """Rank 0: rename ``tmp`` to ``final``, then delete this run's checkpoints beyond ``keep_last``
+    (never those in ``protect``)."""
+    atomic.replace_dir(tmp, final)
+    keep = {Path(p).resolve() for p in protect}
+    own = [p for p in list_checkpoints(output_dir) if run_id_of(p) == run_id and p.resolve() not in keep]
+    for old in own[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -149,7 +192,9 @@ def save_checkpoint(
     ``meta`` (with "run_id") goes to meta.json; keep_last then deletes only older checkpoints of
     that run id, never those in ``protect``. A checkpoint ``step`` of another run id is never replaced
     (RuntimeError on every rank, before anything is written). ``model_metadata`` goes into the
-    safetensors header of model.safetensors (a frozen backbone's source: ``frozen_metadata``)."""
+    safetensors header of model.safetensors (a frozen backbone's source: ``frozen_metadata``). Every
+    phase ends with the ranks agreeing that it worked (_agree): one rank's I/O error stops all of
+    them, the old checkpoints kept."""
     root = checkpoint_dir(output_dir)
     final = root / str(step)
     tmp = root / f".tmp-{step}"
@@ -157,43 +202,14 @@ def save_checkpoint(
     if final.is_dir() and run_id_of(final) != run_id:
         raise RuntimeError(f"checkpoint {final} was written by another run (id {run_id_of(final)}); "
                            "not replacing it")
-
-    def prepare() -> None:  # rank 0: the temporary folder, if the disk can take a checkpoint
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        previous = [p for p in list_checkpoints(output_dir) if p != final]
-        needed = folder_bytes(previous[-1]) if previous else sum(
-            v.numel() * v.element_size() for v in model_state.values())
-        free = free_bytes(root)
-        if free < needed:
-            raise OSError(errno.ENOSPC, f"No space left for it in {root}: {_mb(free)} free, the "
-                          f"{'last checkpoint takes' if previous else 'weights alone take'} {_mb(needed)}. "
-                          f"Free space or set run.output_dir on a larger disk, then continue with --resume")
-        tmp.mkdir()
-
-    def write_rank_part() -> None:
-        torch.save(rng_state(), tmp / f"rng-{dist.rank()}.pt")
-        if dist.rank() == 0:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
-                      metadata=model_metadata)
-            if config_yaml is not None:
-                (tmp / "config.yaml").write_text(config_yaml)
-            torch.save({**state, "step": step, "world_size": dist.world_size()}, tmp / STATE_FILE)
-            (tmp / META_FILE).write_text(json.dumps({**(meta or {}), "step": step}, indent=1))
-
-    def publish() -> None:
-        atomic.replace_dir(tmp, final)
-        keep = {Path(p).resolve() for p in protect}
-        own = [p for p in list_checkpoints(output_dir) if run_id_of(p) == run_id and p.resolve() not in keep]
-        for old in own[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    _agree(_attempt(prepare, root) if dist.rank() == 0 else None, step, tmp)
+    main = dist.rank() == 0
+    _agree(_attempt(lambda: _prepare_tmp(output_dir, final, tmp, model_state), root) if main else None, step, tmp)
     error = _attempt(lambda: collective_save(tmp), root) if collective_save is not None else None
-    error = error or _attempt(write_rank_part, root, (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
+    write_part = lambda: _write_rank_part(tmp, step, model_state, state, config_yaml, meta, model_metadata)  # noqa: E731
+    error = error or _attempt(write_part, root, (OSError, RuntimeError))  # not a collective: RuntimeError is I/O
     _agree(error, step, tmp)
-    _agree(_attempt(publish, root) if dist.rank() == 0 else None, step, tmp)
+    _agree(_attempt(lambda: _publish(output_dir, tmp, final, run_id, keep_last, protect), root) if main else None,
+           step, tmp)
     return final
 
 
@@ -263,8 +279,6 @@ def frozen_source(checkpoint: str | Path, pretrained: str | Path | None = None) 
     meta = weights_metadata(checkpoint)
     if FROZEN_SHA_KEY not in meta:
         return None
-    from ..config import ConfigError
-
     recorded, sha = meta[FROZEN_FILE_KEY], meta[FROZEN_SHA_KEY]
     path = Path(pretrained) if pretrained not in (None, "none") else Path(recorded)
     if not path.is_file():

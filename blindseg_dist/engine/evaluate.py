@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from .. import dist
 from ..config import EVAL_PROTOCOLS as PROTOCOLS
+from ..corruptions import EXTRA, STANDARD
+from ..data.evalset import EvalDataset, shard_indices
 from ..data.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
+from ..data.location import (RemoteOptions, has_braces, holds_shards, is_remote, load_location_manifest,
+                             local_manifest)
+from ..data.sources import OPENERS, SampleError, detect_dataset, get_source
+from .figures import confusion_figure
 
 ACDC_WINDOW = (1024, 683)  # crop, stride (px) of the acdc protocol's sliding window (Rein's ACDC test_cfg)
 SYNTHIA_MISSING = (9, 14, 16)  # terrain, truck, train: absent from SYNTHIA, excluded from mIoU16
@@ -147,8 +153,6 @@ def evaluate_dataset(
     The split (``shard_indices``) neither pads nor drops, so the W-rank matrix equals the 1-rank one
     (tests/engine/test_eval_multiprocess.py).
     """
-    from ..data.evalset import shard_indices
-
     n = len(dataset) if not max_images else min(len(dataset), max_images)
     indices = shard_indices(n, dist.rank(), dist.world_size())
     was_training = net.training
@@ -186,9 +190,6 @@ def raw_target(spec: str | Path) -> tuple[str, str] | None:
     """(dataset, root) when an evaluation target is a raw dataset folder: ``DATASET:PATH`` with a
     dataset of data.sources (e.g. ``cityscapes:/data/cityscapes``), or a local folder without shards
     whose layout is a dataset's (data.sources.detect_dataset); None for shards and remote locations."""
-    from ..data.location import has_braces, holds_shards, is_remote
-    from ..data.sources import OPENERS, detect_dataset
-
     s = str(spec)
     head, sep, rest = s.partition(":")
     if sep and head in OPENERS:  # dataset names are no URL schemes
@@ -211,8 +212,6 @@ class StrictSource:
         self.source, self.items = source, source.items
 
     def load_pair(self, item):
-        from ..data.sources import SampleError
-
         try:
             image, label, unknown = self.source.decode(item)
         except SampleError as e:
@@ -225,8 +224,6 @@ class StrictSource:
 
 
 def _manifest_dataset(path: str | Path) -> str:
-    from ..data.location import load_location_manifest
-
     raw = raw_target(path)
     if raw is not None:
         return raw[0]
@@ -266,9 +263,6 @@ resolve_protocol = target_protocol  # the former name of target_protocol, kept f
 def build_eval_dataset(path: str | Path, protocol: str, remote=None):
     """The EvalDataset of a target; Mapillary protocols resize/crop/pad inside the dataset.
     ``remote``: data.location.RemoteOptions for URL targets (retries, timeout, cache)."""
-    from ..data.evalset import EvalDataset
-    from ..data.sources import get_source
-
     proto = protocol if protocol.startswith("mapillary") else None
     raw = raw_target(path)
     if raw is not None:  # the readers of `blindseg shard`, with its default split
@@ -280,8 +274,6 @@ def origin_id(spec: str | Path) -> str:
     """One spelling of an evaluation set's location, to tell whether a target is the clean set a corrupted
     family was made from: ``DATASET:/abs/root`` for a raw folder, the absolute path of a local shard
     folder, the location itself for a URL or pattern."""
-    from ..data.location import has_braces, is_remote
-
     raw = raw_target(spec)
     if raw is not None:
         return f"{raw[0]}:{Path(raw[1]).resolve()}"
@@ -294,8 +286,6 @@ def corruption_family(path: str | Path) -> list[dict] | None:
     """The sets of a `blindseg corrupt` output folder ([{corruption, severity, path, corrupted_from}], in the
     package's order of corruptions, then by severity), or None when ``path`` is not such a folder (a local
     folder without shards of its own whose sub-folders hold shard sets whose manifests name a corruption)."""
-    from ..data.location import has_braces, holds_shards, is_remote, local_manifest
-
     s = str(path)
     if is_remote(s) or has_braces(s) or raw_target(s) is not None:
         return None
@@ -310,8 +300,6 @@ def corruption_family(path: str | Path) -> list[dict] | None:
                          "corrupted_from": m.get("corrupted_from")})
     if not sets:
         return None
-    from ..tools.corrupt import EXTRA, STANDARD
-
     order = {n: i for i, n in enumerate(STANDARD + EXTRA)}
     return sorted(sets, key=lambda r: (order.get(r["corruption"], len(order)), r["corruption"], r["severity"]))
 
@@ -432,8 +420,6 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
     A target that is a `blindseg corrupt` output folder (a corrupted family) is evaluated set by set, as
     targets ``<name>/<corruption>-<severity>`` with the family's protocol; corruption_report groups them
     (logged here too)."""
-    from ..data.location import RemoteOptions
-
     remote = RemoteOptions.from_config(data_cfg)
     targets, families = expand_targets(dict(eval_cfg.targets))
     protocols = dict(eval_cfg.protocols)
@@ -456,8 +442,6 @@ def evaluate_targets(net: nn.Module, eval_cfg, device, logger=None, step: int = 
 
 def log_results(logger, results: dict[str, dict], step: int) -> None:
     """mIoU (and mIoU16) per target, IoU per class, and a per-class markdown table to TensorBoard."""
-    from .figures import confusion_figure
-
     for name, res in results.items():
         scalars = {f"miou/{name}": res["miou"]}
         scalars.update({f"{k}/{name}": res[k] for k in ("aacc", "macc", "fwiou") if k in res and res[k] == res[k]})

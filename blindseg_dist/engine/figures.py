@@ -1,4 +1,5 @@
-"""Figures a person looks at: the confusion matrix of a target (PNG and TensorBoard) and image panels."""
+"""Figures a person looks at, rendering only: the confusion matrix of a target (PNG and TensorBoard)
+and panels stacked into one image (the demo's prediction panels are built in tools/demo.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import atomic
 from ..data.labels import CLASS_NAMES
 
 
@@ -44,8 +46,6 @@ def figure_to_array(fig) -> np.ndarray:
 def save_confusion_png(cm, path: str | Path, title: str = "") -> Path:
     """The confusion-matrix figure as a PNG (written atomically)."""
     import matplotlib.pyplot as plt
-
-    from .. import atomic
 
     fig = confusion_figure(cm, title)
     with atomic.replacing(path) as tmp:
@@ -117,57 +117,3 @@ def titled_grid(sections: Sequence[tuple[str, Sequence[str], Sequence[tuple[str,
             parts += [row, np.full((gap, width, 3), 255, np.uint8)]
         parts.pop()  # no gap under the last row
     return np.ascontiguousarray(np.concatenate(parts, axis=0))
-
-
-def stack_panels(panels: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
-    """Panels (uint8 HWC) one under the other, left-aligned, padded white to the widest."""
-    width = max(p.shape[1] for p in panels)
-    rows = []
-    for i, p in enumerate(panels):
-        pad = np.full((p.shape[0], width - p.shape[1], 3), 255, np.uint8)
-        rows.append(np.concatenate([p, pad], axis=1))
-        if i < len(panels) - 1:
-            rows.append(np.full((gap, width, 3), 255, np.uint8))
-    return np.concatenate(rows, axis=0)
-
-
-TRAIN_COLUMNS = ("input", "augmented view", "ground truth", "prediction")
-TARGET_COLUMNS = ("input", "ground truth", "prediction")
-
-
-def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_size: int, seed: int = 0,
-                      n_train: int = 2) -> np.ndarray:
-    """The panel a person looks at after a run (titled_grid): ``n_train`` training crops as the trainer
-    sees them (input | augmented view | ground truth | prediction; the augmented column only when the
-    loader makes a second view), then the first frame of each target (input | ground truth | prediction,
-    full resolution, the row named after the target), predicted by ``net`` in eval mode."""
-    import torch
-
-    from ..data.labels import colorize
-    from ..data.stream import make_train_loader
-    from .evaluate import build_eval_dataset, predict_logits, target_protocol
-    from .logging import denormalize
-
-    was_training = net.training
-    net.eval()
-    loader = make_train_loader(train_shards, batch_size=n_train, crop_size=crop_size, num_workers=0, seed=seed)
-    batch = next(iter(loader))
-    with torch.no_grad():
-        n = min(n_train, batch["image"].shape[0])
-        pred = predict_logits(net, batch["image"][:n], batch["label"].shape[-2:]).argmax(1).cpu().numpy()
-        aug = batch.get("image_aug")
-        train_rows = [(f"training crop {i + 1}",
-                       [denormalize(batch["image"][i]), *([denormalize(aug[i])] if aug is not None else []),
-                        colorize(batch["label"][i].numpy()), colorize(pred[i])]) for i in range(n)]
-        target_rows = []
-        for name, path in targets.items():
-            item = build_eval_dataset(path, target_protocol(name, path))[0]
-            logits = predict_logits(net, item["image"][None], item["label"].shape)
-            target_rows.append((name, [denormalize(item["image"]), colorize(item["label"].numpy()),
-                                       colorize(logits.argmax(1)[0].cpu().numpy())]))
-    net.train(was_training)
-    cols = TRAIN_COLUMNS if aug is not None else tuple(c for c in TRAIN_COLUMNS if c != "augmented view")
-    sections = [(f"training crops as the trainer sees them ({crop_size} px)", cols, train_rows)]
-    if target_rows:
-        sections.append(("first frame of each evaluation target (full resolution)", TARGET_COLUMNS, target_rows))
-    return titled_grid(sections)

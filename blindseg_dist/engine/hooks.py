@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .. import atomic, dist
+from ..data.location import load_location_manifest
 from . import records
 from .evaluate import format_table
 from .logging import log_images
@@ -339,8 +340,6 @@ class BestCheckpointHook(Hook):
 
 def stream_record(manifest_dir: str | Path, keys: list[list[str]], net: torch.nn.Module, rank: int) -> dict:
     """What a rank streamed (sample keys per micro-batch, their shards) and a hash of its weights."""
-    from ..data.location import load_location_manifest
-
     shard_of = {s["key"]: s["shard"] for s in (load_location_manifest(str(manifest_dir)) or {}).get("samples", [])}
     h = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):

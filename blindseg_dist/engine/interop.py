@@ -35,6 +35,10 @@ import torch
 from torch import Tensor
 
 from .. import atomic
+from ..config import load_config, model_kwargs, save_config, to_dict
+from ..model import build_model
+from ..model.backbones import ResNetBackbone
+from .checkpoint import MODEL_FILE, frozen_source, load_model_weights
 
 __all__ = ["InteropError", "to_released", "from_released", "released_state_dict", "load_released_file",
            "map_released_weights", "import_checkpoint", "export_checkpoint", "RULES"]
@@ -197,9 +201,6 @@ def map_released_weights(released: dict[str, Tensor], own: dict[str, Tensor],
 
 
 def _config_model(config: str | Path, overrides: list[str] | None = None):
-    from ..config import load_config, model_kwargs
-    from ..model import build_model
-
     cfg = load_config(config, overrides)
     torch.manual_seed(cfg.run.seed)
     net = build_model(**{**model_kwargs(cfg), "pretrained": None})
@@ -213,10 +214,6 @@ def import_checkpoint(file: str | Path, config: str | Path, out: str | Path, *,
     starts training from. The network is built from ``config`` (backbone, classes, heads);
     unknown / missing keys are refused unless ``allow_missing`` covers them."""
     from safetensors.torch import save_file
-
-    from ..config import save_config, to_dict
-    from ..model.backbones import ResNetBackbone
-    from .checkpoint import MODEL_FILE
 
     out = Path(out)
     if (out / MODEL_FILE).exists():
@@ -246,10 +243,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, module_prefix:
     """`blindseg export-checkpoint`: our checkpoint -> the released format, ``{"state_dict"
     (module.-prefixed released names), "epoch": 0, "mean_iu": 0.0, "command", "blindseg"}``, which
     the released valid.py / train.py ``--snapshot`` load (no optimizer: restore it fresh)."""
-    from .checkpoint import load_model_weights
-
-    from .checkpoint import frozen_source
-
     out = Path(out)
     if frozen_source(checkpoint) is not None:  # trained tensors only: rebuild the whole network
         from ..tools.evaluate_cli import load_checkpoint_model

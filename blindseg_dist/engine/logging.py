@@ -7,7 +7,10 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..data.labels import colorize
+from ..data.views import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError
+from .figures import figure_to_array
 
 
 def make_trackers(log_with, log_dir: Path, purge_step: int | None = None) -> list:
@@ -75,8 +78,6 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_figure(tag, figure, step, close=False)
         if self.others:
-            from .figures import figure_to_array
-
             arr = figure_to_array(figure)
             for t in self.others:
                 if hasattr(t, "log_images"):
@@ -111,8 +112,6 @@ PANEL_TAG = "train/input_augmented_truth_prediction"
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """ImageNet-normalized (3, H, W) float -> (H, W, 3) uint8 RGB."""
-    from ..data.views import IMAGENET_MEAN, IMAGENET_STD
-
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
@@ -127,8 +126,6 @@ def image_panel(batch: dict, logits, max_images: int = 2) -> np.ndarray:
     has no augmented view (baseline).
     """
     import torch.nn.functional as F
-
-    from ..data.labels import colorize
 
     if isinstance(logits, dict):
         logits = logits["logits"]

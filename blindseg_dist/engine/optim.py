@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import Config, OptimConfig
+from ..model.freeze import layer_ids
 
 POS_EMBED_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "relative_position_bias_table",
                    "absolute_pos_embed", "rel_pos")
@@ -67,8 +68,6 @@ def _no_decay(name: str, p: nn.Parameter, kinds: list[str]) -> bool:
 
 def _encoder(module: nn.Module) -> tuple[str, dict[str, int], int] | None:
     """(name prefix of the backbone in ``module``, its layer ids, n groups), or None without one."""
-    from ..model.freeze import layer_ids
-
     for name, sub in module.named_modules():
         if name.rsplit(".", 1)[-1] == "backbone" and hasattr(sub, "layer_groups"):
             try:

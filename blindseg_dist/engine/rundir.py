@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, get_value
+from .. import dist
+from ..config import Config, ConfigError, get_value, load_config
 from . import checkpoint as ckpt
 
 RESUME_KEYS = ("world_size", "data.batch_size", "optim.grad_accum", "optim.lr", "optim.poly_power",
@@ -52,15 +53,6 @@ def new_run_dir(name: str, root: str | Path = "runs") -> Path:
         k += 1
         out = base.with_name(f"{base.name}-{k}")
     return out
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's value on every rank (a no-op on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def find_resume_checkpoint(path: str | Path) -> Path:
@@ -93,7 +85,7 @@ def plan_run(cfg: Config, resume: bool | str, world: int, allow_changed: tuple[s
         if src is not None:
             out = src.parent.parent
         else:
-            out = (_latest_run(cfg.run.name) if resume else None) or _broadcast(new_run_dir(cfg.run.name))
+            out = (_latest_run(cfg.run.name) if resume else None) or dist.broadcast_object(new_run_dir(cfg.run.name))
     else:
         out = Path(given)
     if src is None and resume:
@@ -101,11 +93,11 @@ def plan_run(cfg: Config, resume: bool | str, world: int, allow_changed: tuple[s
     _check_folder(out, src, resume)
     cfg.run.output_dir = str(out)
     if src is None:
-        return RunPlan(out, None, _broadcast(uuid.uuid4().hex))
+        return RunPlan(out, None, dist.broadcast_object(uuid.uuid4().hex))
     meta = checkpoint_meta(src)
     _check_resume(cfg, src, meta, world, allow_changed)
     in_place = src.parent.parent.resolve() == out.resolve()
-    run_id = meta.get("run_id") if in_place and meta.get("run_id") else _broadcast(uuid.uuid4().hex)
+    run_id = meta.get("run_id") if in_place and meta.get("run_id") else dist.broadcast_object(uuid.uuid4().hex)
     return RunPlan(out, src, run_id)
 
 
@@ -133,8 +125,6 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
     f = path / ckpt.META_FILE
     if f.is_file():
         return json.loads(f.read_text())
-    from ..config import load_config
-
     state = torch.load(path / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
     meta: dict[str, Any] = {"step": int(state["step"]), "world_size": int(state.get("world_size", 1))}
     if (path / "config.yaml").is_file():

@@ -22,13 +22,8 @@ Engines (docs/OPERATIONS.md, "Engines"), one training step for both:
 Exit codes (errors.py): a rank that fails prints its error; on 2+ processes the others name that
 rank and its error and exit with its code.
 
-Testing hooks (environment variables, read once; tests/engine/test_faults.py uses them):
-BLINDSEG_FAULT_RANK (default 0) is the rank they act on; BLINDSEG_FAULT_NAN="1,3" makes the loss
-non-finite at those step attempts (0-based, skipped attempts count); BLINDSEG_FAULT_EXIT=k ends
-the process with os._exit(17) at attempt k; BLINDSEG_FAULT_HANG=k makes it sleep forever there;
-BLINDSEG_FAULT_RAISE=k raises a RuntimeError there (an error of that rank's own work);
-BLINDSEG_FAULT_SETUP=1 raises a RuntimeError during set-up, before the model is built
-(BLINDSEG_FAULT_SETUP=missing: a FileNotFoundError there).
+Fault injection for the tests (environment variables): engine/faults.py, installed at set-up only
+when its variables are set.
 """
 from __future__ import annotations
 
@@ -47,16 +42,17 @@ import yaml
 
 from .. import dist
 from ..config import Config, model_kwargs, save_config, to_dict
-from ..data.stream import train_loader_from_config
-from ..data.workers import shutdown_workers
+from ..data.stream import smallest_frame, train_loader_from_config
+from ..data.workers import die_with_parent, shutdown_workers
 from ..errors import EXIT_COLLECTIVE, EXIT_NONFINITE, ConfigError, exit_code
-from ..model import build_model
 from ..losses.plans import PLAN_KEY, SDCL_KEY, STEP_KEY, LoaderPlanner
-from ..model.objective import BlindNetObjective, projection_sizes
+from ..model import build_model
 from ..model.backbones import check_backbone
+from ..model.objective import BlindNetObjective, projection_sizes
 from ..model.pretrained import check_pretrained
 from ..model.syncbn import convert_sync_batchnorm
 from . import checkpoint as ckpt
+from . import faults
 from .accelerator import make_accelerator
 from .evaluate import evaluate_targets, selection_target
 from .hooks import (BestCheckpointHook, CheckpointHook, EvalHook, Hook, ImageHook, LogHook, MetricsFileHook,
@@ -64,7 +60,6 @@ from .hooks import (BestCheckpointHook, CheckpointHook, EvalHook, Hook, ImageHoo
 from .logging import RunLogger
 from .optim import build_optimizer
 from .rundir import plan_run, resume_values
-
 
 
 class _StopFlag:
@@ -100,39 +95,6 @@ class _StopFlag:
 
     def __exit__(self, *exc) -> None:
         self.restore()
-
-
-class _Faults:
-    """The testing hooks of the module docstring (inactive unless their variables are set)."""
-
-    def __init__(self, rank: int) -> None:
-        env = os.environ.get
-        on = rank == int(env("BLINDSEG_FAULT_RANK", "0"))
-        self.nan = {int(v) for v in env("BLINDSEG_FAULT_NAN", "").split(",") if v.strip()} if on else set()
-        self.exit_at = int(env("BLINDSEG_FAULT_EXIT")) if on and env("BLINDSEG_FAULT_EXIT") else None
-        self.hang_at = int(env("BLINDSEG_FAULT_HANG")) if on and env("BLINDSEG_FAULT_HANG") else None
-        self.raise_at = int(env("BLINDSEG_FAULT_RAISE")) if on and env("BLINDSEG_FAULT_RAISE") else None
-
-    @staticmethod
-    def at_setup(rank: int) -> None:
-        what = os.environ.get("BLINDSEG_FAULT_SETUP")
-        if what and rank == int(os.environ.get("BLINDSEG_FAULT_RANK", "0")):
-            error = FileNotFoundError if what == "missing" else RuntimeError
-            raise error(f"injected fault: rank {rank} raises during set-up")
-
-    def before_step(self, attempt: int, rank: int) -> None:
-        if attempt == self.exit_at:
-            print(f"[fault] rank {rank}: exiting abruptly at step attempt {attempt}", flush=True)
-            os._exit(17)
-        if attempt == self.raise_at:
-            raise RuntimeError(f"injected fault: rank {rank} raises at step attempt {attempt}")
-        if attempt == self.hang_at:
-            print(f"[fault] rank {rank}: hanging at step attempt {attempt}", flush=True)
-            while True:
-                time.sleep(60)
-
-    def loss(self, loss: torch.Tensor, attempt: int) -> torch.Tensor:
-        return loss * float("nan") if attempt in self.nan else loss
 
 
 class TrainLoop(abc.ABC):
@@ -257,8 +219,6 @@ class Trainer(TrainLoop):
                  hooks: list[Hook] | None = None) -> None:
         stop = _StopFlag().install()  # from now on SIGTERM/SIGINT stop the run after its next step
         if os.environ.get("TORCHELASTIC_RUN_ID"):  # a launcher that dies (kill -9) sends us SIGTERM: checkpoint, exit
-            from ..data.workers import die_with_parent
-
             die_with_parent(signal.SIGTERM)
         try:
             self._setup(cfg, resume, allow_changed, hooks)
@@ -296,7 +256,7 @@ class Trainer(TrainLoop):
         self.config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
         if resume and resume_from is None and self.is_main:
             print(f"[train] --resume: no checkpoint under {self.out_dir / 'checkpoints'}; starting from step 0")
-        _Faults.at_setup(self.rank)
+        faults.install(self)  # testing only: nothing unless BLINDSEG_FAULT_* is set
         rng = self._build_model(resume_from)
         self._build_stream(resume_from, rng)
         self.register_hooks(default_hooks(self) if hooks is None else hooks)
@@ -304,8 +264,6 @@ class Trainer(TrainLoop):
     def _check_data(self, cfg: Config) -> None:
         """What only the launch knows: the world size (BatchNorm needs 2+ images per step across
         ranks: the ASPP image pooling has one value per image and channel) and the frames' sizes."""
-        from ..data.stream import smallest_frame
-
         if cfg.data.batch_size * self.world < 2:
             raise ConfigError(f"config key 'data.batch_size': value {cfg.data.batch_size} on {self.world} process: "
                               "BatchNorm in training needs at least 2 images per step over all processes; use "
@@ -399,7 +357,6 @@ class Trainer(TrainLoop):
             ckpt.set_rng_state(rng)
         elif resume_from is not None and self.is_main:
             print(f"[train] checkpoint {resume_from} has no RNG state for rank {self.rank}; continuing with fresh RNG")
-        self.faults = _Faults(self.rank)
         self.attempt, self.nonfinite_in_a_row, self.images_seen, self.grad_norm = 0, 0, 0, None
         self.last: StepOutput | None = None
         self.objective.train()
@@ -422,7 +379,6 @@ class Trainer(TrainLoop):
         After each micro-batch's forward, every rank learns whether any loss is non-finite or any
         rank got SIGTERM/SIGINT (one tiny all-reduce of two flags), so all skip or stop at the same
         step and none waits in a collective the others never enter."""
-        self.faults.before_step(self.attempt, self.rank)
         sums: dict[str, float] = {}
         skip = stop = False
         for m in range(self.micro):
@@ -434,7 +390,7 @@ class Trainer(TrainLoop):
             no_sync = not last and self.world > 1 and not self.deepspeed
             with self.acc.no_sync(self.objective) if no_sync else contextlib.nullcontext():
                 out = self._forward(batch, m)
-                loss = self.faults.loss(out["total"], self.attempt)
+                loss = out["total"]
                 flag = torch.tensor([float(not torch.isfinite(loss)), float(self.signal.requested)])
                 flag = dist.all_reduce_sum(flag, tag="control")
                 stop = stop or bool(flag[1] > 0)
@@ -443,7 +399,7 @@ class Trainer(TrainLoop):
                     break
                 self.acc.backward(loss)  # DDP: loss / micro; DeepSpeed: the engine scales and steps
             self._accumulate(sums, out, batch)
-        self.attempt += 1
+        self.attempt += 1  # step attempts so far, skipped ones included
         if skip:
             self._skip(stop)
             return False

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..config import PROJ_LEVELS
 from .backbones import Backbone, build_backbone, check_backbone
 from .deeplab import AuxHead, DeepLabV3PlusDecoder, ProjectionHead, init_weights, upsample
+from .freeze import freeze_encoder
 from .mask2former import M2F_DEFAULT_PROJ_LEVELS, M2F_LEVELS
 
 __all__ = ["SegNet", "build_model", "count_parameters", "PROJ_LEVELS", "DEFAULT_PROJ_LEVELS", "DECODE_HEADS",
@@ -158,6 +159,16 @@ class SegNet(nn.Module):
         }
 
 
+def _freeze(net: SegNet, adapter: str, freeze_backbone: bool, freeze_blocks: int) -> None:
+    """model.freeze_backbone / model.freeze_blocks on ``net``'s encoder (model/freeze.py); with an
+    adapter the encoder is frozen already, and freeze_blocks is refused."""
+    if adapter != "none" and freeze_blocks:
+        raise ValueError(f"model.freeze_blocks={freeze_blocks} with model.adapter={adapter}: an adapter freezes the "
+                         "whole encoder already; set model.freeze_blocks=0")
+    if adapter == "none" and (freeze_backbone or freeze_blocks):  # an adapter froze the encoder already
+        freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)
+
+
 def build_model(
     backbone: str = "resnet50",
     *,
@@ -183,8 +194,8 @@ def build_model(
     backbone: "resnet18/34/50/101" (torchvision, exact IN placement) or "timm:<name>".
     pretrained: local ImageNet state dict for the backbone (.pth/.pt/.safetensors); never downloads.
     aux / proj_heads: build the training-only auxiliary head / the three projection heads.
-    channels_last: keep weights and activations in NHWC memory format.
-    grad_checkpointing: recompute backbone stages (ViT: every block) in backward to save memory.
+    channels_last / grad_checkpointing: NHWC weights and activations / recompute the backbone stages
+        (ViT: every block) in backward to save memory.
     proj_levels: the three features the projection heads read (PROJ_LEVELS; Mask2Former: the backbone
         levels and M2F_LEVELS); () = the head's default (``default_proj_levels``).
     decode_head: "deeplabv3plus" | "mask2former" (model/mask2former.py; ``mask2former``: its options
@@ -197,7 +208,7 @@ def build_model(
     freeze_backbone / freeze_blocks: requires_grad=False on the whole encoder / on its stem and first
         k blocks (model/freeze.py); frozen tensors get no optimizer state and no gradient all-reduce.
     """
-    check_backbone(backbone)
+    check_backbone(backbone)  # a ConfigError naming model.backbone
     proj_levels = tuple(proj_levels) or default_proj_levels(decode_head)
     net = SegNet(
         build_backbone(backbone, output_stride=output_stride, pretrained=pretrained,
@@ -207,22 +218,10 @@ def build_model(
                                                              decoder_levels=(0, 1, 2, 3) if decode_head == "mask2former"
                                                              else (0, 3))}),
         num_classes,
-        aux=aux,
-        proj_heads=proj_heads,
-        proj_dim=proj_dim,
-        channels_last=channels_last,
-        proj_levels=proj_levels,
-        decode_head=decode_head,
-        mask2former=mask2former,
+        aux=aux, proj_heads=proj_heads, proj_dim=proj_dim, channels_last=channels_last,
+        proj_levels=proj_levels, decode_head=decode_head, mask2former=mask2former,
     )
-    adapter = (vit or {}).get("adapter", "none")
-    if adapter != "none" and freeze_blocks:
-        raise ValueError(f"model.freeze_blocks={freeze_blocks} with model.adapter={adapter}: an adapter freezes the "
-                         "whole encoder already; set model.freeze_blocks=0")
-    if adapter == "none" and (freeze_backbone or freeze_blocks):  # an adapter froze the encoder already
-        from .freeze import freeze_encoder
-
-        freeze_encoder(net.backbone, None if freeze_backbone else freeze_blocks)
+    _freeze(net, (vit or {}).get("adapter", "none"), freeze_backbone, freeze_blocks)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net

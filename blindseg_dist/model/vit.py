@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._common import Backbone, ChannelsLastIN, instance_norm, load_state_dict_file, preview_keys
 from .adapters import ADAPTERS, Rein, apply_lora
-from .backbones import Backbone, _ChannelsLastIN, _preview, instance_norm, load_state_dict_file
+from .freeze import freeze_encoder
 
 __all__ = ["ViTBackbone", "is_vit", "VIT_FAMILIES", "DEFAULT_IN_POINTS"]
 
@@ -132,6 +133,30 @@ class ViTBackbone(Backbone):
         self.lora_targets: list[str] = []
         vit = timm.create_model(name, pretrained=False, **kwargs)  # weights: load_pretrained, local files only
         self.arch = name
+        self._take_vit(vit, blocks)
+        self.depth = len(vit.blocks)
+        self.embed_dim = vit.embed_dim
+        self.patch = int(vit.patch_embed.patch_size[0])
+        self.num_prefix = int(vit.num_prefix_tokens)
+        self.strides = (4, 8, 16, output_stride)
+        self.channels = (pyramid_channels,) * 4
+        self.output_stride = output_stride
+        self.in_points = tuple(self._check_in_points(in_points))
+        self._build_pyramid(pyramid_channels, consumers or {})
+        self.grad_checkpointing = grad_checkpointing
+        self.pretrained_report: dict[str, Any] | None = None
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+        self.adapter = adapter
+        self.rein: Rein | None = None
+        if adapter != "none":
+            self._attach_adapter(adapter, rein or {}, lora or {})
+
+    def _take_vit(self, vit: nn.Module, blocks: Sequence[int] | None) -> None:
+        """Keep the timm ``vit`` as ``self.vit`` with what the pyramid needs: the tapped blocks
+        (model.vit_blocks, checked), the final norm as ``tap_norm``; classifier pieces and the
+        blocks after the last tap removed."""
+        name = self.arch
         depth = len(vit.blocks)
         taps = list(blocks) if blocks else _default_blocks(depth)
         if len(taps) != 4 or any(not 0 <= b < depth for b in taps) or sorted(taps) != taps:
@@ -153,17 +178,12 @@ class ViTBackbone(Backbone):
         # DeepSpeed ZeRO-3 gathers a module's parameters in its forward pre-hook.
         vit.forward = _call_inside
         self.vit = vit
-        self.depth = len(vit.blocks)
-        self.embed_dim = vit.embed_dim
-        self.patch = int(vit.patch_embed.patch_size[0])
-        self.num_prefix = int(vit.num_prefix_tokens)
-        self.strides = (4, 8, 16, output_stride)
-        self.channels = (pyramid_channels,) * 4
-        self.output_stride = output_stride
-        self.in_points = tuple(self._check_in_points(in_points))
+
+    def _build_pyramid(self, pyramid_channels: int, consumers: dict[str, Any]) -> None:
+        """The pyramid levels something reads, and the IN layers of ``self.in_points``."""
         # A level nothing reads is not built (its parameters would get no gradient: DDP stops). The
         # decoder reads levels 0 and 3; ``consumers`` says what else the network uses (build_model).
-        used = self.used_levels(**(consumers or {}))
+        used = self.used_levels(**consumers)
         self.levels = nn.ModuleList(
             _PyramidLevel(self.embed_dim, round(math.log2(self.patch / s)), pyramid_channels) if i in used
             else nn.Identity() for i, s in enumerate(self.strides)
@@ -171,22 +191,11 @@ class ViTBackbone(Backbone):
         self.built = tuple(i in used for i in range(4))
         self.in_channels = tuple(self.embed_dim if not p.startswith("p") else pyramid_channels for p in self.in_points)
         self.in_norms = nn.ModuleList(
-            _ChannelsLastIN(c) if not p.startswith("p") else instance_norm(c) for p, c in zip(self.in_points, self.in_channels)
+            ChannelsLastIN(c) if not p.startswith("p") else instance_norm(c) for p, c in zip(self.in_points, self.in_channels)
         )
-        self.grad_checkpointing = grad_checkpointing
-        self.pretrained_report: dict[str, Any] | None = None
-        if pretrained is not None:
-            self.load_pretrained(pretrained)
-        self.adapter = adapter
-        self.rein: Rein | None = None
-        if adapter != "none":
-            self._attach_adapter(adapter, rein or {}, lora or {})
-
     def _attach_adapter(self, adapter: str, rein: dict[str, Any], lora: dict[str, Any]) -> None:
         """Freeze the encoder for real (model/freeze.py: no gradient, eval mode) and add the adapter
         (model/adapters.py), after the pretrained weights are in (LoRA's SVD init reads them)."""
-        from .freeze import freeze_encoder
-
         if adapter not in ADAPTERS:
             raise ValueError(f"model.adapter: {adapter!r} is not one of {list(ADAPTERS)}")
         freeze_encoder(self, None)
@@ -355,7 +364,7 @@ class ViTBackbone(Backbone):
         _log.info("pretrained %s: loaded %d tensors", path, report["loaded"])
         if missing or unexpected:
             _log.warning("%s: %d missing keys (left at random init): %s; %d unexpected keys (ignored): %s",
-                         path, len(missing), _preview(missing), len(unexpected), _preview(unexpected))
+                         path, len(missing), preview_keys(missing), len(unexpected), preview_keys(unexpected))
         self.pretrained_report = report
         return report
 

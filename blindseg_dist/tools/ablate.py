@@ -315,6 +315,22 @@ def _map_runs(fn, items: Sequence, parallel: int):
         yield from pool.map(fn, items)
 
 
+def _run_one(run: PlannedRun, config: str | None, processes: int) -> tuple[str, str, int, float]:
+    """Evaluate the run's final checkpoint when it exists (and eval.targets are set), else train it
+    (`blindseg train --resume`); returns ("evaluated" | "trained", log file name, exit code, seconds)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    final, cfg = _final_checkpoint(run, config)
+    if final is not None and cfg.eval.targets:
+        done, logname = "evaluated", "eval.log"
+        cmd = _eval_command(final, cfg, run.run_dir / "eval.json", processes)
+    else:
+        done, logname = "trained", "train.log"
+        cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
+                                "--resume", *run.overrides], processes=processes)
+    rc, seconds = _run_logged(cmd, run.run_dir / logname)
+    return done, logname, rc, seconds
+
+
 def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, processes: int = 1,
                  desc: str = "ablation", parallel: int = 1) -> tuple[dict[Path, dict], dict[str, list[str]]]:
     """Train and evaluate every planned run that has no RUN/eval.json yet (each an ordinary
@@ -343,16 +359,7 @@ def execute_plan(plan: Sequence[PlannedRun], config: str | None = None, *, proce
         if eval_json.is_file():
             state, seconds = "skipped", 0.0
         else:
-            run.run_dir.mkdir(parents=True, exist_ok=True)
-            final, cfg = _final_checkpoint(run, config)
-            if final is not None and cfg.eval.targets:
-                done, logname = "evaluated", "eval.log"
-                cmd = _eval_command(final, cfg, eval_json, processes)
-            else:
-                done, logname = "trained", "train.log"
-                cmd = blindseg_command(["train", "--config", run.config or config, "--output-dir", str(run.run_dir),
-                                        "--resume", *run.overrides], processes=processes)
-            rc, seconds = _run_logged(cmd, run.run_dir / logname)
+            done, logname, rc, seconds = _run_one(run, config, processes)
             state = done if rc == 0 and eval_json.is_file() else "failed"
             if state == "failed":
                 why = f"exit code {rc}" if rc else "no eval.json written"

@@ -26,47 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import atomic
+from ..corruptions import (EXTRA, SECONDS_PER_IMAGE, SECONDS_PER_IMAGE_1024X2048, SEVERITIES,  # noqa: F401
+                           STANDARD, speed_table)
 
-STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-            "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-            "jpeg_compression")  # the 15 of the benchmark (``all``), in the package's order
-EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")  # the package's 4 held-out ("validation") ones
-SEVERITIES = (1, 2, 3, 4, 5)
 _SEEDED = ("impulse_noise", "glass_blur")  # take a `seed` argument instead of numpy's global RNG
 PACKAGE = "imagecorruptions-imaug"  # the distribution that provides the `imagecorruptions` module
 
-# CPU seconds per image at severity 3, one thread of a 2-core CPU, on a 192x384 RGB frame (the demo's size)
-# and on a 1024x2048 one (Cityscapes): `python bench/corruption_speed.py [--size 1024x2048]`
-# (bench/results/corruption_speed.json, corruption_speed_1024x2048.json).
-SECONDS_PER_IMAGE = {
-    "gaussian_noise": 0.0132, "shot_noise": 0.0214, "impulse_noise": 0.0091, "defocus_blur": 0.0100,
-    "glass_blur": 0.0391, "motion_blur": 0.0156, "zoom_blur": 0.1375, "snow": 0.0179, "frost": 0.0183,
-    "fog": 0.0166, "brightness": 0.0456, "contrast": 0.0042, "elastic_transform": 0.0255, "pixelate": 0.0009,
-    "jpeg_compression": 0.0013, "speckle_noise": 0.0073, "gaussian_blur": 0.0081, "spatter": 0.0119,
-    "saturate": 0.0573,
-}
-SECONDS_PER_IMAGE_1024X2048 = {
-    "gaussian_noise": 0.3088, "shot_noise": 0.4439, "impulse_noise": 0.1379, "defocus_blur": 0.1440,
-    "glass_blur": 0.9611, "motion_blur": 0.6876, "zoom_blur": 3.5831, "snow": 0.7026, "frost": 0.0786,
-    "fog": 0.1807, "brightness": 1.9576, "contrast": 0.1142, "elastic_transform": 1.5982, "pixelate": 0.0198,
-    "jpeg_compression": 0.0167, "speckle_noise": 0.2363, "gaussian_blur": 0.2399, "spatter": 0.5383,
-    "saturate": 2.4393,
-}
-
-
 class CorruptionError(ValueError):
     """A corruption or severity that the package does not have (`blindseg corrupt` exits 2)."""
-
-
-def speed_table() -> str:
-    """The help's table: each corruption, whether `all` takes it, CPU seconds per image at 192x384 and 1024x2048."""
-    lines = [f"  {'corruption':<20}{'in all':>7}{'192x384':>10}{'1024x2048':>11}"]
-    for name in (*STANDARD, *EXTRA):
-        lines.append(f"  {name:<20}{'yes' if name in STANDARD else '':>7}{SECONDS_PER_IMAGE[name]:>10.3f}"
-                     f"{SECONDS_PER_IMAGE_1024X2048[name]:>11.2f}")
-    total = [sum(d[n] for n in STANDARD) for d in (SECONDS_PER_IMAGE, SECONDS_PER_IMAGE_1024X2048)]
-    lines.append(f"  {'all (15)':<27}{total[0]:>10.3f}{total[1]:>11.2f}")
-    return "\n".join(lines)
 
 
 def parse_corruptions(spec: str | list[str]) -> list[str]:
@@ -206,6 +173,21 @@ def _complete(folder: Path, record: dict) -> bool:
     return all(m.get(k) == v for k, v in record.items())
 
 
+def _update_index(index_path: Path, origin: str, package: str, sets: list[dict]) -> None:
+    """``out_dir/corruptions.json``: the sets of ``origin`` listed before, with ``sets`` added or replaced."""
+    try:
+        old = json.loads(index_path.read_text()).get("sets", [])
+    except (OSError, ValueError):
+        old = []
+    merged = {(r["corruption"], r["severity"]): r for r in old if r.get("corrupted_from") == origin}
+    for r in sets:
+        merged[(r["corruption"], r["severity"])] = {k: v for k, v in r.items() if k != "written"} | \
+            {"corrupted_from": origin, "path": set_name(r["corruption"], r["severity"])}
+    atomic.write_json(index_path, {"corrupted_from": origin, "corruption_package": package,
+                                   "sets": sorted(merged.values(), key=lambda r: (r["corruption"], r["severity"]))},
+                      indent=1)
+
+
 MARKER = "corruption.json"  # what a set folder is being written from (so a rerun never finishes another request's set)
 
 
@@ -274,18 +256,7 @@ def corrupt_dataset(data: str, out_dir: str | os.PathLike, corruptions, severiti
                 print(f"[corrupt] {n}/{len(todo)}: {c} severity {s} already complete in {folder}", flush=True)
         sets.append({"corruption": c, "severity": s, "path": str(folder), "num_samples": manifest["num_samples"],
                      "skipped": len(manifest.get("skipped", [])), "written": written})
-    index_path = out / "corruptions.json"
-    try:
-        old = json.loads(index_path.read_text()).get("sets", [])
-    except (OSError, ValueError):
-        old = []
-    merged = {(r["corruption"], r["severity"]): r for r in old if r.get("corrupted_from") == origin}
-    for r in sets:
-        merged[(r["corruption"], r["severity"])] = {k: v for k, v in r.items() if k != "written"} | \
-            {"corrupted_from": origin, "path": set_name(r["corruption"], r["severity"])}
-    atomic.write_json(index_path, {"corrupted_from": origin, "corruption_package": package,
-                                   "sets": sorted(merged.values(), key=lambda r: (r["corruption"], r["severity"]))},
-                      indent=1)
+    _update_index(out / "corruptions.json", origin, package, sets)
     summary = {"sets": sets, "seconds": time.time() - start, "num_frames": len(keys)}
     if progress:
         print(f"[corrupt] {len(sets)} sets of {len(keys)} frames ({sum(r['written'] for r in sets)} written, "

@@ -1,5 +1,5 @@
 """`blindseg demo`: synth -> shard -> train on the source domain with N CPU processes -> eval on the
-held-out source frames and every unseen domain -> a printed table and DIR/report.json.
+held-out source frames and every unseen domain -> a printed table, prediction panels and DIR/report.json.
 """
 from __future__ import annotations
 
@@ -7,14 +7,28 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 import yaml
+from PIL import Image
 
 from .. import atomic
-from ..config import find_config, load_config, load_yaml
+from ..config import Config, find_config, load_config, load_yaml
+from ..data.labels import colorize
+from ..data.shards import write_shards
+from ..data.sources import get_source
+from ..data.stream import make_train_loader
+from ..data.synth import generate
+from ..engine.checkpoint import list_checkpoints
+from ..engine.evaluate import build_eval_dataset, predict_logits, target_protocol
+from ..engine.figures import titled_grid
+from ..engine.logging import RunLogger, denormalize
 from ..errors import ConfigError
 from ..launcher import blindseg_command, launch_env
-from .evaluate_cli import confusion_png
+from .evaluate_cli import confusion_png, load_checkpoint_model
+from .report import print_report
 
 
 def demo_config_path() -> Path:
@@ -29,15 +43,44 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
         raise SystemExit(f"[demo] {what} failed with exit code {proc.returncode}")
 
 
+TRAIN_COLUMNS = ("input", "augmented view", "ground truth", "prediction")
+TARGET_COLUMNS = ("input", "ground truth", "prediction")
+
+
+def prediction_panels(net, train_shards: str, targets: dict[str, str], *, crop_size: int, seed: int = 0,
+                      n_train: int = 2) -> np.ndarray:
+    """The panel a person looks at after a run (figures.titled_grid): ``n_train`` training crops as the
+    trainer sees them (input | augmented view | ground truth | prediction; the augmented column only when
+    the loader makes a second view), then the first frame of each target (input | ground truth |
+    prediction, full resolution, the row named after the target), predicted by ``net`` in eval mode."""
+    was_training = net.training
+    net.eval()
+    loader = make_train_loader(train_shards, batch_size=n_train, crop_size=crop_size, num_workers=0, seed=seed)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        n = min(n_train, batch["image"].shape[0])
+        pred = predict_logits(net, batch["image"][:n], batch["label"].shape[-2:]).argmax(1).cpu().numpy()
+        aug = batch.get("image_aug")
+        train_rows = [(f"training crop {i + 1}",
+                       [denormalize(batch["image"][i]), *([denormalize(aug[i])] if aug is not None else []),
+                        colorize(batch["label"][i].numpy()), colorize(pred[i])]) for i in range(n)]
+        target_rows = []
+        for name, path in targets.items():
+            item = build_eval_dataset(path, target_protocol(name, path))[0]
+            logits = predict_logits(net, item["image"][None], item["label"].shape)
+            target_rows.append((name, [denormalize(item["image"]), colorize(item["label"].numpy()),
+                                       colorize(logits.argmax(1)[0].cpu().numpy())]))
+    net.train(was_training)
+    cols = TRAIN_COLUMNS if aug is not None else tuple(c for c in TRAIN_COLUMNS if c != "augmented view")
+    sections = [(f"training crops as the trainer sees them ({crop_size} px)", cols, train_rows)]
+    if target_rows:
+        sections.append(("first frame of each evaluation target (full resolution)", TARGET_COLUMNS, target_rows))
+    return titled_grid(sections)
+
+
 def write_demo_panels(ckpt: Path, train_shards: str, targets: dict[str, str], png: Path, tb_dir: Path, cfg) -> Path:
     """DIR/panels.png and the TensorBoard image ``demo/panels`` (at the final step): training crops
     (input | augmented view | ground truth | prediction) and the first frame of every target."""
-    from PIL import Image
-
-    from ..engine.figures import prediction_panels
-    from ..engine.logging import RunLogger
-    from .evaluate_cli import load_checkpoint_model
-
     _, net = load_checkpoint_model(ckpt)
     panel = prediction_panels(net, train_shards, targets, crop_size=cfg.data.crop_size, seed=cfg.run.seed)
     with atomic.replacing(png) as tmp:
@@ -53,10 +96,6 @@ def prepare_data(out: Path, *, domains: int, images_per_domain: int, size: tuple
     """The demo's data under ``out``: synthetic domains (synth/), the source frames split into
     training / held-out (splits/), shards (shards/source-train, shards/source-val, shards/<domain>).
     Returns (training shards, {target name: shard dir} with 'source' first, timings)."""
-    from ..data.shards import write_shards
-    from ..data.sources import get_source
-    from ..data.synth import generate
-
     timings: dict[str, float] = {}
     t = time.perf_counter()
     synth_dir = out / "synth"
@@ -88,70 +127,69 @@ def prepare_data(out: Path, *, domains: int, images_per_domain: int, size: tuple
     return str(shards / "source-train"), eval_data, timings
 
 
-def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
-             images_per_domain: int | None = None) -> dict:
-    t0 = time.perf_counter()
-    out = Path(output_dir).resolve()
-    from ..engine.checkpoint import list_checkpoints
-
-    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
-        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
-                          "or remove that folder")
-    out.mkdir(parents=True, exist_ok=True)
+def _train(out: Path, train_shards: str, steps: int | None, processes: int) -> tuple[Config, Path]:
+    """Train on ``processes`` processes with configs/demo.yaml (the resolved config is saved next to
+    the run); returns the config and the final checkpoint."""
     demo_yaml = load_yaml(demo_config_path().read_text())
-    demo = load_config(demo_config_path()).demo
-
-    # 1. data
-    train_shards, eval_data, timings = prepare_data(
-        out, domains=demo.domains, images_per_domain=images_per_domain or demo.images_per_domain,
-        size=tuple(demo.size), seed=demo.seed, val_fraction=demo.source_val_fraction,
-        samples_per_shard=demo.samples_per_shard)
-
-    # 2. training (N processes), the resolved config is saved next to the run
     run_dir = out / "run"
     cfg_file = out / "demo_train.yaml"
-    demo_yaml.setdefault("data", {})["train"] = train_shards
+    demo_yaml.setdefault("data", {})["train"] = str(train_shards)
     demo_yaml.setdefault("run", {})["output_dir"] = str(run_dir)
     if steps is not None:
         demo_yaml.setdefault("optim", {})["max_steps"] = int(steps)
     demo_yaml.setdefault("eval", {})["at_end"] = False  # evaluated below by `blindseg eval`
     cfg_file.write_text(yaml.safe_dump(demo_yaml, sort_keys=False))
     cfg = load_config(cfg_file)  # validate before starting processes
-    t = time.perf_counter()
     cmd = blindseg_command(["train", "--config", str(cfg_file)], processes=processes)
     _run(cmd, launch_env(), f"training on {processes} process(es)")
-    timings["train_s"] = time.perf_counter() - t
-    ckpt = run_dir / "checkpoints" / str(cfg.optim.max_steps)
+    return cfg, run_dir / "checkpoints" / str(cfg.optim.max_steps)
 
-    # 3. evaluation on the held-out source frames and every unseen domain
-    t = time.perf_counter()
-    eval_json = out / "eval.json"
+
+def _evaluate(ckpt: Path, eval_json: Path, tb_dir: Path, eval_data: dict[str, str], processes: int) -> None:
+    """`blindseg eval` of ``ckpt`` on the held-out source frames and every unseen domain."""
     cmd = blindseg_command(["eval", "--checkpoint", str(ckpt), "--json", str(eval_json), "--tb-dir",
-                            str(run_dir / "tb"), "--data", *[f"{k}={v}" for k, v in eval_data.items()]],
+                            str(tb_dir), "--data", *[f"{k}={v}" for k, v in eval_data.items()]],
                            processes=processes)
     _run(cmd, launch_env(), f"evaluation on {processes} process(es)")
-    timings["eval_s"] = time.perf_counter() - t
 
+
+def _timed(timings: dict[str, float], key: str, fn, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, its seconds recorded as ``timings[key]``."""
+    t = time.perf_counter()
+    result = fn(*args, **kwargs)
+    timings[key] = time.perf_counter() - t
+    return result
+
+
+def run_demo(output_dir: str | Path = "demo_output", steps: int | None = None, processes: int = 2,
+             images_per_domain: int | None = None) -> dict:
+    """The demo end to end in ``output_dir``; returns (and writes as DIR/report.json) the report."""
+    t0 = time.perf_counter()
+    out = Path(output_dir).resolve()
+    if list_checkpoints(out / "run"):  # a training run never mixes into another (engine/rundir.py)
+        raise ConfigError(f"{out / 'run'} holds the checkpoints of an earlier demo; pass a new --output-dir "
+                          "or remove that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    demo = load_config(demo_config_path()).demo
+    # 1. data (the synthetic domains, then their shards)
+    train_shards, eval_data, timings = prepare_data(
+        out, domains=demo.domains, images_per_domain=images_per_domain or demo.images_per_domain,
+        size=tuple(demo.size), seed=demo.seed, val_fraction=demo.source_val_fraction,
+        samples_per_shard=demo.samples_per_shard)
+    # 2. training (N processes), 3. evaluation on the held-out source frames and every unseen domain
+    cfg, ckpt = _timed(timings, "train_s", _train, out, train_shards, steps, processes)
+    eval_json, run_dir = out / "eval.json", out / "run"
+    _timed(timings, "eval_s", _evaluate, ckpt, eval_json, run_dir / "tb", eval_data, processes)
     # 4. what a person looks at: prediction panels (DIR/panels.png and TensorBoard)
-    panels_png = write_demo_panels(ckpt, train_shards, eval_data, out / "panels.png",
-                                   run_dir / "tb", cfg)
-
-    from .report import print_report
-
+    panels_png = write_demo_panels(ckpt, train_shards, eval_data, out / "panels.png", run_dir / "tb", cfg)
     result = json.loads(eval_json.read_text())
     timings["total_s"] = time.perf_counter() - t0
     report = {
-        "world_size": result["world_size"],
-        "targets": result["targets"],
-        "checkpoint": str(ckpt),
-        "eval_data": eval_data,
-        "config": str(run_dir / "config.yaml"),
-        "tensorboard": str(run_dir / "tb"),
-        "timings": timings,
-        "panels": str(panels_png),
+        "world_size": result["world_size"], "targets": result["targets"], "checkpoint": str(ckpt),
+        "eval_data": eval_data, "config": str(run_dir / "config.yaml"), "tensorboard": str(run_dir / "tb"),
+        "timings": timings, "panels": str(panels_png),
         "confusion_figures": {k: str(confusion_png(eval_json, k)) for k in eval_data},
-        "source": "source",
-        "unseen": [k for k in eval_data if k != "source"],
+        "source": "source", "unseen": [k for k in eval_data if k != "source"],
     }
     atomic.write_json(out / "report.json", report, indent=1)
     print_report(report)

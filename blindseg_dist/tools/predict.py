@@ -16,6 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.labels import CLASS_NAMES, NUM_CLASSES, colorize
+from ..data.views import normalize, to_unit_float
+from ..engine.evaluate import make_predictor
+from .evaluate_cli import load_checkpoint_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MIN_SIDE = 8  # smaller images are skipped (the network downsamples by 16; 1x1 breaks its pooling)
@@ -61,19 +68,52 @@ def overlay(image: np.ndarray, mask_rgb: np.ndarray, alpha: float) -> np.ndarray
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def _predict_image(net, predict, f: Path, dev: torch.device) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(RGB image, trainId prediction (H, W) uint8, None), or (image or None, None, why it is skipped)."""
+    try:
+        with Image.open(f) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, None, f"cannot read it: {e}"
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        return rgb, None, f"{w}x{h} px, smaller than {MIN_SIDE} px on a side"
+    x = normalize(to_unit_float(rgb))[None].to(dev)  # (1, 3, H, W)
+    try:
+        with torch.no_grad():
+            return rgb, predict(net, x, (h, w)).argmax(1)[0].to(torch.uint8).cpu().numpy(), None
+    except (RuntimeError, ValueError) as e:
+        return rgb, None, f"prediction failed: {str(e).splitlines()[0]}"
+
+
+def _write_outputs(out: Path, name: Path, rgb: np.ndarray, pred: np.ndarray, alpha: float) -> None:
+    """OUT/masks, OUT/overlays and OUT/labels of one image."""
+    mask = colorize(pred)
+    for sub, arr in (("masks", mask), ("overlays", overlay(rgb, mask, alpha)), ("labels", pred)):
+        dst = out / sub / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(dst)
+
+
+def _report(summary: dict, files: list[Path], pixels: np.ndarray) -> None:
+    """Print what was written, the most predicted classes and the skipped images."""
+    done, seconds, out, skipped = summary["images"], summary["seconds"], Path(summary["out"]), summary["skipped"]
+    frac = pixels / max(1, pixels.sum())
+    top = [(CLASS_NAMES[i], float(frac[i])) for i in np.argsort(-frac)[:5] if frac[i] > 0]
+    print(f"[predict] {done} image(s) in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
+          f"masks {out / 'masks'}, overlays {out / 'overlays'}, trainIds {out / 'labels'}")
+    print("[predict] most predicted classes: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in top))
+    for item in skipped:
+        print(f"[predict] skipped {item['image']}: {item['reason']}", file=sys.stderr)
+    if skipped:
+        print(f"[predict] {len(skipped)} of {len(files)} image(s) skipped (listed above)", file=sys.stderr)
+
+
 def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, *, alpha: float = 0.5,
                    sliding_window: list[int] | None = None, device: str | None = None,
                    progress: bool = True) -> dict:
     """Predict every image of ``images`` with ``checkpoint``; returns a summary dict ("skipped":
     [{"image", "reason"}] for the images that could not be read or predicted)."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from ..data.labels import CLASS_NAMES, NUM_CLASSES, colorize
-    from ..data.views import normalize, to_unit_float
-    from ..engine.evaluate import make_predictor
-    from .evaluate_cli import load_checkpoint_model
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha {alpha}: must be in [0, 1]")
     files = list_images(images, exclude=out)
@@ -87,41 +127,15 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     skipped: list[dict[str, str]] = []
     t0 = time.perf_counter()
     for f in tqdm(files, desc="predict", unit="img", disable=not progress):
-        try:
-            with Image.open(f) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            skipped.append({"image": str(f), "reason": f"cannot read it: {e}"})
-            continue
-        h, w = rgb.shape[:2]
-        if min(h, w) < MIN_SIDE:
-            skipped.append({"image": str(f), "reason": f"{w}x{h} px, smaller than {MIN_SIDE} px on a side"})
-            continue
-        x = normalize(to_unit_float(rgb))[None].to(dev)  # (1, 3, H, W)
-        try:
-            with torch.no_grad():
-                pred = predict(net, x, (h, w)).argmax(1)[0].to(torch.uint8).cpu().numpy()  # (H, W)
-        except (RuntimeError, ValueError) as e:
-            skipped.append({"image": str(f), "reason": f"prediction failed: {str(e).splitlines()[0]}"})
+        rgb, pred, why = _predict_image(net, predict, f, dev)
+        if why is not None:
+            skipped.append({"image": str(f), "reason": why})
             continue
         pixels += np.bincount(pred.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
-        mask = colorize(pred)
-        for sub, arr in (("masks", mask), ("overlays", overlay(rgb, mask, alpha)), ("labels", pred)):
-            dst = out / sub / names[f]
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(dst)
-    seconds = time.perf_counter() - t0
-    done = len(files) - len(skipped)
+        _write_outputs(out, names[f], rgb, pred, alpha)
     frac = pixels / max(1, pixels.sum())
-    top = [(CLASS_NAMES[i], float(frac[i])) for i in np.argsort(-frac)[:5] if frac[i] > 0]
-    summary = {"images": done, "skipped": skipped, "seconds": seconds, "out": str(out),
-               "checkpoint": str(checkpoint),
+    summary = {"images": len(files) - len(skipped), "skipped": skipped, "seconds": time.perf_counter() - t0,
+               "out": str(out), "checkpoint": str(checkpoint),
                "class_fraction": {CLASS_NAMES[i]: float(frac[i]) for i in range(NUM_CLASSES)}}
-    print(f"[predict] {done} image(s) in {seconds:.1f} s ({done / max(seconds, 1e-9):.2f} img/s); "
-          f"masks {out / 'masks'}, overlays {out / 'overlays'}, trainIds {out / 'labels'}")
-    print("[predict] most predicted classes: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in top))
-    for item in skipped:
-        print(f"[predict] skipped {item['image']}: {item['reason']}", file=sys.stderr)
-    if skipped:
-        print(f"[predict] {len(skipped)} of {len(files)} image(s) skipped (listed above)", file=sys.stderr)
+    _report(summary, files, pixels)
     return summary

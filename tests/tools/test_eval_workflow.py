@@ -82,7 +82,7 @@ def test_eval_errors_name_the_raw_folder(tmp_path, capsys):
 
 
 def test_prediction_panels_show_training_crops_and_each_target(tmp_path):
-    from blindseg_dist.engine.figures import prediction_panels
+    from blindseg_dist.tools.demo import prediction_panels
     from blindseg_dist.tools.evaluate_cli import load_checkpoint_model
 
     shards = make_shards(tmp_path / "data", images=2)

@@ -59,7 +59,7 @@ _FROM_HOST_DATA = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 # the objective's calls, wrapped by name: unit of attribution for each
 UNITS = {"sample_seeds": "seeds", "cwcl_plan": "cwcl", "class_wise_contrastive_loss": "cwcl",
          "cwcl_plan_from_loader": "cwcl",
-         "sdcl_plan": "sdcl", "semantic_disentanglement_loss": "sdcl", "segmentation_loss": "ce",
+         "sdcl_plan": "sdcl", "sdcl_image_plans": "sdcl", "semantic_disentanglement_loss": "sdcl", "segmentation_loss": "ce",
          "covariance_losses": "cml+ccl", "cwcl_pixels": "cwcl", "sdcl_pixels": "sdcl"}
 
 

@@ -13,7 +13,7 @@ the contrastive losses share); contrastive names the contrastive API together.
 from blindseg_dist.losses.cwcl import class_wise_contrastive_loss, cwcl_pixels, cwcl_plan, sample_class_anchors
 from blindseg_dist.losses.pixels import PixelRows
 from blindseg_dist.losses.sampling import sample_seeds
-from blindseg_dist.losses.sdcl import sdcl_pixels, sdcl_plan, semantic_disentanglement_loss
+from blindseg_dist.losses.sdcl import sdcl_image_plans, sdcl_pixels, sdcl_plan, semantic_disentanglement_loss
 from blindseg_dist.losses.covariance import covariance_losses, covariance_matching_loss, cross_covariance_loss
 from blindseg_dist.losses.segmentation import segmentation_loss
 
@@ -28,6 +28,7 @@ __all__ = [
     "sample_class_anchors",
     "cwcl_plan",
     "cwcl_pixels",
+    "sdcl_image_plans",
     "sdcl_plan",
     "sdcl_pixels",
     "PixelRows",

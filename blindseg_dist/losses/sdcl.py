@@ -5,6 +5,11 @@ the whole global batch, only those rows moved, with gradient).
 
 Per image, the generator is drawn from in this order (and nothing else): negative keys rand(N),
 anchor-cap keys rand(N); all float64 on the CPU, then moved to the data's device.
+
+The "image" scope samples every level of a step at once (sdcl_image_plans) with fixed-shape tensor
+ops and ONE read of a few counts by the host (two on several ranks: the anchor cap's key exchange
+needs each rank's anchor count first); the draws are the ones of the per-level description above,
+element for element (docs/GPU_STEP.md, "Host synchronisations").
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from blindseg_dist.config import CONTRASTIVE_SCOPES as SCOPES
 from blindseg_dist.data.labels import IGNORE
 from blindseg_dist.losses.pixels import check_choice, check_embeddings, connected_zero, info_nce, math_dtype, take
 from blindseg_dist.losses.sampling import (NUM_IDS, global_meta, ids_at, image_generators, keep_smallest, quotas,
-                                           rand_keys, rank_bounds, rank_in_group)
+                                           rand_keys, rank_bounds)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -35,6 +40,10 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     losses/plans.py): the same draws, without drawing them here.
     """
     check_choice(scope, SCOPES, "loss.contrastive_scope (semantic_disentanglement_loss)")
+    if scope == "image":
+        return sdcl_image_plans(labels, pred, pred_aug, [size], num_negatives=num_negatives,
+                                max_anchors_per_image=max_anchors_per_image, generator=generator,
+                                seeds=[seeds], keys=[keys])[0]
     h, w = size
     b = labels.shape[0]
     n, dev = h * w, labels.device
@@ -52,11 +61,8 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     img = torch.arange(b, device=dev)[:, None].expand(b, n)
     gt_hist = torch.bincount((img * NUM_IDS + y)[valid], minlength=b * NUM_IDS)
     gt_hist = gt_hist.view(b, NUM_IDS)  # (B, 256) ground-truth pixels per image and class
-    if scope == "global":
-        return _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, (h, w),
-                                 num_negatives, max_anchors_per_image, generator, seeds)
-    return _sdcl_plan_image(y, pa, neg_keys, anc_keys, corr, gt_hist, valid, img, (h, w), num_negatives,
-                            max_anchors_per_image)
+    return _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, (h, w),
+                             num_negatives, max_anchors_per_image, generator, seeds)
 
 
 def _pixel_keys(b: int, n: int, dev: torch.device, generator, seeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,49 +74,136 @@ def _pixel_keys(b: int, n: int, dev: torch.device, generator, seeds) -> tuple[to
     return keys[0], keys[1]
 
 
-def _sdcl_plan_image(y, pa, neg_keys, anc_keys, corr, gt_hist, valid, img, size, num_negatives,
-                     max_anchors_per_image) -> dict:
-    """SDCL "image" sampling: classes with num_negatives ground-truth pixels in the image keep
-    their anchors (capped over the global batch), negatives = the num_negatives smallest keys of
-    ground-truth class c in the image, per (image, class) that keeps anchors."""
-    b, dev = y.shape[0], y.device
-    b_global = int(dist.all_reduce_count([b], tag="sdcl", device=dev)[0])
-    class_ok = gt_hist >= num_negatives  # (B, 256)
-    is_anchor = corr & class_ok.gather(1, pa)
-    ab, ap, n_global = _cap_anchors(is_anchor, anc_keys, max_anchors_per_image * b_global)
-    ac = pa[ab, ap]  # (A,) anchor class
-    plan = {"scope": "image", "size": size, "batch": b, "num_negatives": num_negatives,
-            "anchors": (ab, ap), "anchor_class": ac, "num_anchors_global": n_global}
-    # groups (image, class) that keep anchors; 20 smallest negative keys of GT c in b
-    need = torch.unique(ab * NUM_IDS + ac)  # (G,) ascending
-    need_mask = torch.zeros(b * NUM_IDS, dtype=torch.bool, device=dev)
-    need_mask[need] = True
-    grp = img * NUM_IDS + y  # (B, N); ignore pixels never needed (class_ok false)
-    cand = torch.nonzero(need_mask[grp.flatten()] & valid.flatten()).flatten()
-    order, rank = rank_in_group(neg_keys.flatten()[cand], grp.flatten()[cand],
-                                b * NUM_IDS)
-    plan["negatives"] = cand[order[rank < num_negatives]].view(-1, num_negatives)  # (G, K)
-    plan["groups"] = need
-    return plan
+def sdcl_image_plans(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
+                     sizes: list[tuple[int, int]], *, num_negatives: int = 20, max_anchors_per_image: int = 1000,
+                     generator: torch.Generator | None = None, seeds=None, keys=None) -> list[dict]:
+    """SDCL "image" sampling of several levels (one plan per size in ``sizes``), each equal to what the
+    per-level description in sdcl_plan draws: classes with num_negatives ground-truth pixels in the image
+    keep their anchors; the anchor cap keeps the max_anchors_per_image * B_global smallest anchor keys of
+    the global batch; per (image, class) that keeps anchors, the negatives are the num_negatives smallest
+    negative keys among the image's ground-truth pixels of that class.
+
+    Built for a GPU: masks, histograms, the cap's threshold and the per-group ranks are fixed-shape
+    tensor ops; the host reads ONE small tensor for all levels (anchor and group counts, the id ranges
+    that ids_at would check), which sizes the index tensors (nonzero_static). On several ranks the cap
+    first needs every rank's anchor count (one more read): each rank then sends its smallest
+    min(n_r, cap) keys, as before. ``seeds`` and ``keys``: per level (a list), as in sdcl_plan.
+    """
+    b, dev, k = labels.shape[0], labels.device, num_negatives
+    seeds = list(seeds) if seeds is not None else [None] * len(sizes)
+    keys = list(keys) if keys is not None else [None] * len(sizes)
+    levels = [_level_state(labels, pred, pred_aug, size, k, generator, lvl_seeds, lvl_keys)
+              for size, lvl_seeds, lvl_keys in zip(sizes, seeds, keys)]
+    bounds = [torch.stack(torch.aminmax(t)) if t.numel() else torch.zeros(2, dtype=t.dtype, device=dev)
+              for t in (labels, pred, pred_aug)]
+    if dist.is_distributed():
+        _cap_thresholds_distributed(levels, b, max_anchors_per_image, dev)
+    else:
+        for lv in levels:
+            cap = max_anchors_per_image * b
+            lv["keep"] = _keep_below(lv, cap, torch.kthvalue(lv["ak"], cap).values if 0 < cap < lv["ak"].numel()
+                                     else None)
+            lv["n_global"] = lv["keep"].sum()
+    img = torch.arange(b, device=dev)[:, None]
+    counts = []
+    for lv in levels:
+        lv["need_mask"] = torch.zeros(b * NUM_IDS, dtype=torch.long, device=dev).index_add_(
+            0, (img * NUM_IDS + lv["pa"]).flatten(), lv["keep"].flatten().long()) > 0  # groups keeping anchors
+        n_global = lv["n_global"]
+        if not torch.is_tensor(n_global):
+            n_global = torch.full((), n_global, dtype=torch.long, device=dev)
+        counts += [lv["keep"].sum(), lv["need_mask"].sum(), n_global]
+    read = torch.cat([torch.stack(counts).long(), torch.cat(bounds).long()]).tolist()  # the host read
+    for (lo, hi), name in zip(zip(read[-6::2], read[-5::2]), ("labels", "pred", "pred_aug")):
+        if lo < 0 or hi > IGNORE:
+            raise ValueError(f"{name} holds ids outside [0, {IGNORE}] (min {lo}, max {hi}); use "
+                             f"train ids with {IGNORE} as ignore")
+    plans = []
+    for j, lv in enumerate(levels):
+        n_keep, n_groups, n_global = read[3 * j: 3 * j + 3]
+        n = lv["size"][0] * lv["size"][1]
+        flat_a = torch.nonzero_static(lv["keep"].flatten(), size=n_keep).flatten()  # (b, pixel) order
+        need = torch.nonzero_static(lv["need_mask"], size=n_groups).flatten()  # ascending (image, class)
+        plans.append({"scope": "image", "size": lv["size"], "batch": b, "num_negatives": k,
+                      "anchors": (flat_a // n, flat_a % n), "anchor_class": lv["pa"].flatten()[flat_a],
+                      "num_anchors_global": n_global, "groups": need,
+                      "negatives": _group_negatives(lv, need, b, k)})
+    return plans
 
 
-def _cap_anchors(is_anchor: torch.Tensor, anc_keys: torch.Tensor, cap: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Anchor cap, split-independent: keep the globally smallest ``cap`` anchor keys. Each rank
-    sends its local smallest min(n_local, cap) keys (the global smallest are among them).
-    -> (image, pixel) of the kept anchors and the global count of kept anchors."""
-    ab, ap = torch.nonzero(is_anchor, as_tuple=True)
-    ak = anc_keys[ab, ap]
-    local_small = ak if ak.numel() <= cap else torch.topk(ak, cap, largest=False).values
-    gathered = dist.all_gather_detached(local_small, tag="sdcl")
+def _level_state(labels, pred, pred_aug, size, k, generator, seeds, keys) -> dict:
+    """One level's fixed-shape sampling state: ids at the level, keys, correction map, anchors (before
+    the cap) and their cap keys (+inf elsewhere). Ids are clamped into [0, 255] so that nothing here
+    fails on a bad id; the caller checks their range with its one host read."""
+    (h, w), b, dev = size, labels.shape[0], labels.device
+    n = h * w
+    y, p, pa = (ids_at(t, (h, w), name, check=False).clamp(0, IGNORE)
+                for t, name in ((labels, "labels"), (pred, "pred"), (pred_aug, "pred_aug")))
+    if keys is None:
+        neg_keys, anc_keys = _pixel_keys(b, n, dev, generator, seeds)
+    elif tuple(keys.shape) != (b, 2, n):
+        raise ValueError(f"sdcl_plan: keys must be (B, 2, N) = {(b, 2, n)}, got {tuple(keys.shape)}")
+    else:
+        neg_keys, anc_keys = keys[:, 0], keys[:, 1]
+    valid = y != IGNORE
+    corr = (p == y) & (pa != p) & valid  # correction map M, (B, N)
+    grp = (torch.arange(b, device=dev)[:, None] * NUM_IDS + y).flatten()  # (B*N,) (image, GT class)
+    gt_hist = torch.zeros(b * NUM_IDS, dtype=torch.long, device=dev).index_add_(
+        0, grp, valid.flatten().long()).view(b, NUM_IDS)  # GT pixels per image and class
+    is_anchor = corr & (gt_hist >= k).gather(1, pa)
+    return {"size": (h, w), "pa": pa, "valid": valid, "grp": grp, "neg_keys": neg_keys,
+            "is_anchor": is_anchor, "ak": torch.where(is_anchor, anc_keys, torch.inf).flatten()}
+
+
+def _keep_below(lv: dict, cap: int, thr: torch.Tensor | None) -> torch.Tensor:
+    """The kept anchors (B, N): those of key <= thr (thr None: all of them; cap 0: none)."""
     if cap == 0:
-        keep, n_global = torch.zeros_like(ak, dtype=torch.bool), 0
-    elif gathered.numel() >= cap:  # identical decision on every rank
-        thr = torch.kthvalue(gathered, cap).values
-        keep, n_global = ak <= thr, int((gathered <= thr).sum())
-    else:  # no rank was truncated: everybody keeps everything
-        keep, n_global = torch.ones_like(ak, dtype=torch.bool), gathered.numel()
-    return ab[keep], ap[keep], n_global
+        return torch.zeros_like(lv["is_anchor"])
+    if thr is None:
+        return lv["is_anchor"]
+    return lv["is_anchor"] & (lv["ak"] <= thr).view_as(lv["is_anchor"])
+
+
+def _cap_thresholds_distributed(levels: list[dict], b: int, max_anchors_per_image: int,
+                                dev: torch.device) -> None:
+    """The anchor cap over the global batch (every level): keep the globally smallest cap keys. One
+    gather of (B, anchors per level) per rank, read by the host, sizes the exchange of each rank's
+    local smallest min(n_r, cap) keys (the global smallest are among them); the cap's threshold is
+    then the cap-th smallest gathered key, the same on every rank."""
+    local = torch.stack([torch.full((), b, dtype=torch.long, device=dev)]
+                        + [lv["is_anchor"].sum() for lv in levels])
+    rows = dist.all_gather_detached(local[None], tag="sdcl", sizes=[1] * dist.world_size()).tolist()
+    cap = max_anchors_per_image * sum(r[0] for r in rows)
+    for j, lv in enumerate(levels):
+        send = [min(r[1 + j], cap) for r in rows]
+        mine = send[dist.rank()]
+        local_small = torch.topk(lv["ak"], mine, largest=False).values  # finite: mine <= n_r
+        gathered = dist.all_gather_detached(local_small, tag="sdcl", sizes=send)
+        if cap > 0 and sum(send) >= cap:  # identical decision on every rank
+            thr = torch.kthvalue(gathered, cap).values
+            lv["keep"], lv["n_global"] = _keep_below(lv, cap, thr), (gathered <= thr).sum()
+        else:  # no rank was truncated (or cap 0): everybody keeps everything (nothing)
+            lv["keep"], lv["n_global"] = _keep_below(lv, cap, None), sum(send)
+
+
+def _group_negatives(lv: dict, need: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """(G, K) flat pixel indices: per group of ``need`` (ascending image * 256 + class), the k ground-truth
+    pixels of that class in that image with the smallest negative keys, in key order. Every pixel is
+    ranked in its group with two sorts (key, then stable by group) and written to a (groups, k) table;
+    pixels outside the needed groups rank in one spare group."""
+    n_all = lv["grp"].numel()
+    dev = lv["grp"].device
+    spare = b * NUM_IDS
+    need_mask = torch.zeros(spare + 1, dtype=torch.bool, device=dev)
+    need_mask[need] = True
+    gkey = torch.where(need_mask[lv["grp"]] & lv["valid"].flatten(), lv["grp"], spare)
+    order = torch.argsort(lv["neg_keys"].flatten())
+    order = order[torch.sort(gkey[order], stable=True).indices]  # by (group, key)
+    g_sorted = gkey[order]
+    rank = torch.arange(n_all, device=dev) - torch.searchsorted(g_sorted, g_sorted)
+    table = torch.zeros(spare + 1, k + 1, dtype=torch.long, device=dev)
+    table[g_sorted, rank.clamp(max=k)] = order  # column k collects the ranks >= k (dropped)
+    return table[need, :k]
 
 
 def _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, size, num_negatives,
@@ -251,22 +344,20 @@ def semantic_disentanglement_loss(emb_aug: torch.Tensor, emb: torch.Tensor,
 def _image_scope(emb_aug, anc: torch.Tensor, pos: torch.Tensor, plan: dict, dt: torch.dtype
                  ) -> tuple[torch.Tensor, dict]:
     """Each anchor against the num_negatives negatives of its class in its own image -> (sum over
-    the local anchors, details)."""
+    the local anchors, details). Fixed shapes, no loop over images: the anchor's group bank is gathered
+    ((A, K, D)), or, when the batch holds fewer groups than the embedding has channels, every anchor is
+    scored against every group's negatives ((A, G*K), the cheaper product) and its own are picked."""
     (ab, _), ac, k = plan["anchors"], plan["anchor_class"], plan["num_negatives"]
-    b, dev = emb_aug.shape[0], emb_aug.device
     need, bank_idx = plan["groups"], plan["negatives"]  # (G,), (G, K)
     bank = take(emb_aug, bank_idx, dt)  # (G, K, D) with grad
     slot = torch.searchsorted(need, ab * NUM_IDS + ac)  # (A,) group of each anchor
-    bounds = torch.searchsorted(need, torch.arange(b + 1, device=dev) * NUM_IDS).tolist()
-    local_sum = anc.new_zeros(())
-    for i in torch.unique(ab).tolist():  # per image: (A_i, G_i*K), not (A, G*K)
-        a_i = torch.nonzero(ab == i).flatten()
-        lo, hi = bounds[i], bounds[i + 1]
-        sims = anc[a_i] @ bank[lo:hi].reshape(-1, bank.shape[-1]).T  # (A_i, G_i*K)
-        neg = sims.view(a_i.numel(), hi - lo, k)[
-            torch.arange(a_i.numel(), device=dev), slot[a_i] - lo]  # (A_i, K)
-        local_sum = local_sum + info_nce(pos[a_i], neg).sum()
-    return local_sum, {"negatives": bank_idx, "groups": need}
+    g, d = bank.shape[0], bank.shape[-1]
+    if g < d:
+        sims = (anc @ bank.reshape(-1, d).T).view(anc.shape[0], g, k)  # (A, G, K)
+        neg = sims[torch.arange(anc.shape[0], device=anc.device), slot]  # (A, K)
+    else:
+        neg = torch.bmm(bank[slot], anc[:, :, None])[..., 0]  # (A, K)
+    return info_nce(pos, neg).sum(), {"negatives": bank_idx, "groups": need}
 
 
 def _global_scope(emb_aug, anc: torch.Tensor, pos: torch.Tensor, plan: dict, dt: torch.dtype

@@ -22,6 +22,7 @@ from ..losses import (
     cwcl_plan,
     sample_seeds,
     sdcl_pixels,
+    sdcl_image_plans,
     sdcl_plan,
     segmentation_loss,
     semantic_disentanglement_loss,
@@ -146,36 +147,25 @@ class BlindNetObjective(nn.Module):
             pred_aug = out_a["logits_q"].argmax(1)
         cwcl_vals, sdcl_vals = [], []
         levels = len(out["embeds"] if out["embeds"] is not None else out["proj_inputs"])
+        sd_seeds_all = [sample_seeds(_stream_seed(self.run_seed, "sdcl", j), step, global_index)
+                        for j in range(levels)]
+        sd_plans = None
+        if w.sdcl > 0 and w.contrastive_scope == "image" and out["embeds"] is None:
+            # every level's SDCL sampling at once: one host read for the step (losses/sdcl.py)
+            with record_function("blindseg/sampling"):
+                sd_plans = sdcl_image_plans(label, pred, pred_aug,
+                                            [tuple(f.shape[-2:]) for f in out["proj_inputs"]],
+                                            seeds=sd_seeds_all, keys=sdcl_keys)
         for j in range(levels):
             cw_seeds = sample_seeds(_stream_seed(self.run_seed, "cwcl", j), step, global_index)
-            sd_seeds = sample_seeds(_stream_seed(self.run_seed, "sdcl", j), step, global_index)
+            sd_seeds = sd_seeds_all[j]
             if out["embeds"] is not None:
                 emb, emb_a = out["embeds"][j], out_a["embeds"][j]
                 cw_plan = sd_plan = None
             else:
-                f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
-                size = tuple(f.shape[-2:])
-                with record_function("blindseg/sampling"):
-                    if w.cwcl <= 0:
-                        cw_plan = None
-                    elif plans is not None:
-                        if plans[j]["pix"].shape[-1] != size[0] * size[1]:
-                            raise ValueError(f"the loader's CWCL plan of level {j} is for "
-                                             f"{plans[j]['pix'].shape[-1]} pixels, the level has {size}")
-                        cw_plan = cwcl_plan_from_loader(plans[j], pred, size)
-                    else:
-                        cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds)
-                    sd_plan = (sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds,
-                                         keys=None if sdcl_keys is None else sdcl_keys[j])
-                               if w.sdcl > 0 else None)
-                    n = size[0] * size[1]
-                    read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
-                    read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
-                    pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
-                with record_function("blindseg/heads"):
-                    emb_a = self._embed_at(j, f_a, pix)
-                    with torch.no_grad():  # original-view embeddings are only used detached
-                        emb = self._embed_at(j, f, pix)
+                sd_plan = sd_plans[j] if sd_plans is not None else None
+                emb, emb_a, cw_plan, sd_plan = self._sparse_level(j, out, out_a, label, pred, pred_aug, cw_seeds,
+                                                                  sd_seeds, sd_plan, plans, sdcl_keys)
             if w.cwcl > 0:
                 with record_function("blindseg/cwcl"):
                     cwcl_vals.append(class_wise_contrastive_loss(
@@ -193,6 +183,37 @@ class BlindNetObjective(nn.Module):
         if sdcl_vals:
             terms["sdcl"] = torch.stack(sdcl_vals).mean()
             weighted["sdcl"] = w.sdcl * terms["sdcl"]
+
+    def _sparse_level(self, j, out, out_a, label, pred, pred_aug, cw_seeds, sd_seeds, sd_plan, plans,
+                      sdcl_keys):
+        """Level j with sparse heads: the CWCL plan (from the loader's plan when given) and the SDCL plan
+        (``sd_plan`` when already made for every level), then both views' embeddings at the union of
+        the pixels the plans read -> (emb, emb_a, cw_plan, sd_plan)."""
+        w = self.w
+        f, f_a = out["proj_inputs"][j], out_a["proj_inputs"][j]  # (B, C, h, w)
+        size = tuple(f.shape[-2:])
+        with record_function("blindseg/sampling"):
+            if w.cwcl <= 0:
+                cw_plan = None
+            elif plans is not None:
+                if plans[j]["pix"].shape[-1] != size[0] * size[1]:
+                    raise ValueError(f"the loader's CWCL plan of level {j} is for "
+                                     f"{plans[j]['pix'].shape[-1]} pixels, the level has {size}")
+                cw_plan = cwcl_plan_from_loader(plans[j], pred, size)
+            else:
+                cw_plan = cwcl_plan(label, pred, size, seeds=cw_seeds)
+            if sd_plan is None and w.sdcl > 0:
+                sd_plan = sdcl_plan(label, pred, pred_aug, size, scope=w.contrastive_scope, seeds=sd_seeds,
+                                    keys=None if sdcl_keys is None else sdcl_keys[j])
+            n = size[0] * size[1]
+            read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
+            read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
+            pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
+        with record_function("blindseg/heads"):
+            emb_a = self._embed_at(j, f_a, pix)
+            with torch.no_grad():  # original-view embeddings are only used detached
+                emb = self._embed_at(j, f, pix)
+        return emb, emb_a, cw_plan, sd_plan
 
     def _embed_at(self, level: int, feats: torch.Tensor, pix: torch.Tensor) -> PixelRows:
         """The projection of ``feats`` (B, C, h, w) at the sorted flat pixels ``pix`` only, as

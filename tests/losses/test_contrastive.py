@@ -422,3 +422,38 @@ def test_pixel_rows_give_the_dense_map_values_and_gradients(scope):
     assert g_dense[unread].abs().max() == 0  # the pixels PixelRows leaves out carry no gradient
     with pytest.raises(ValueError, match="PixelRows"):
         PixelRows(rows_a, pix[:-1], (b, d, h, w))
+
+
+@pytest.mark.parametrize("d", [4, 64])  # 64 > groups: the (A, G*K) product; 4: the gathered banks
+def test_sdcl_image_loss_matches_naive_loop_in_both_products(d):
+    y, p, pa = _sdcl_batch(4, hw=16, classes=5)
+    emb_aug, emb = _emb(3, d, 16, 16, seed=12)
+    seeds = sample_seeds(2, 7, range(3))
+    got = semantic_disentanglement_loss(emb_aug, emb, y, p, pa, scope="image", num_negatives=10,
+                                        max_anchors_per_image=20, seeds=seeds)
+    want, anchors = naive_sdcl(emb_aug, emb, y, p, pa, seeds, "image", 10, 20)
+    assert len(anchors) == 60  # the cap binds
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, emb_aug)[0], torch.autograd.grad(want, emb_aug)[0],
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_sdcl_image_plans_of_every_level_at_once_equal_the_per_level_plans():
+    from blindseg_dist.losses import sdcl_image_plans, sdcl_plan
+
+    y, p, pa = _sdcl_batch(5, hw=32, classes=4)
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    seeds = [sample_seeds(9, 1, range(3)) + j for j in range(3)]
+    kw = dict(num_negatives=6, max_anchors_per_image=15)
+    together = sdcl_image_plans(y, p, pa, sizes, seeds=seeds, **kw)
+    for j, size in enumerate(sizes):
+        alone = sdcl_plan(y, p, pa, size, scope="image", seeds=seeds[j], **kw)
+        assert together[j]["num_anchors_global"] == alone["num_anchors_global"]
+        for key in ("anchor_class", "groups", "negatives"):
+            assert torch.equal(together[j][key], alone[key]), key
+        assert all(torch.equal(a, b) for a, b in zip(together[j]["anchors"], alone["anchors"]))
+    assert together[0]["num_anchors_global"] == 45  # the cap binds at the finest level
+    bad = y.clone()
+    bad[1, 2, 3] = 300
+    with pytest.raises(ValueError, match=r"labels holds ids outside \[0, 255\] \(min 0, max 300\)"):
+        sdcl_image_plans(bad, p, pa, sizes, seeds=seeds, **kw)

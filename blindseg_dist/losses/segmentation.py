@@ -32,11 +32,12 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, *, scope: str 
                          "(B, H, W) (upsample the logits to the label size first)")
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     labels = labels.long()
-    n_valid = int((labels != ignore_index).sum())
     if scope == "reference":
-        if n_valid == 0:
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        # the mean over valid pixels as sum / count, the count kept on the device (no host read); with
+        # no valid pixel the sum is a 0 that is still a function of the logits
+        n_valid = (labels != ignore_index).sum()
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / n_valid.clamp(min=1)
+    n_valid = int((labels != ignore_index).sum())
     n_global = dist.all_reduce_count([n_valid], tag="seg", device=logits.device)[0]
     ce_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return dist.global_mean(ce_sum, n_global) + logits.sum() * 0.0

@@ -208,7 +208,10 @@ class BlindNetObjective(nn.Module):
             n = size[0] * size[1]
             read = [cwcl_pixels(cw_plan, n)] if cw_plan is not None else []
             read += [sdcl_pixels(sd_plan)] if sd_plan is not None else []
-            pix = torch.unique(torch.cat(read))  # flat indices into B*h*w
+            # sorted flat indices into B*h*w, repeats kept: a pixel both losses read is embedded twice
+            # (the heads are per pixel, so both rows are equal and the losses read the first), which
+            # costs a few rows and saves unique's host read
+            pix = torch.sort(torch.cat(read)).values
         with record_function("blindseg/heads"):
             emb_a = self._embed_at(j, f_a, pix)
             with torch.no_grad():  # original-view embeddings are only used detached

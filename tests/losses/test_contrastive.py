@@ -380,8 +380,9 @@ def test_bad_arguments_raise_clear_errors():
         class_wise_contrastive_loss(emb_aug, emb, y + 300, y)
 
 
+@pytest.mark.parametrize("repeats", [False, True])  # True: the objective's sorted union, repeats kept
 @pytest.mark.parametrize("scope", ["image", "global"])
-def test_pixel_rows_give_the_dense_map_values_and_gradients(scope):
+def test_pixel_rows_give_the_dense_map_values_and_gradients(scope, repeats):
     """PixelRows (the embeddings only at the plan's pixels, what the sparse heads pass) give the
     dense map's loss, and the dense map's gradient at those pixels (it is zero elsewhere)."""
     from blindseg_dist.losses import PixelRows, cwcl_pixels, cwcl_plan, sdcl_pixels, sdcl_plan
@@ -396,8 +397,10 @@ def test_pixel_rows_give_the_dense_map_values_and_gradients(scope):
     seeds = sample_seeds(5, 2, range(b))
     cw = cwcl_plan(labels, pred, (h, w), pixels_per_class=10, seeds=seeds)
     sd = sdcl_plan(labels, pred, pred_aug, (h, w), scope=scope, num_negatives=5, seeds=seeds)
-    pix = torch.unique(torch.cat([cwcl_pixels(cw, h * w), sdcl_pixels(sd)]))
-    assert 0 < pix.numel() < b * h * w  # sparse: some pixels are never read
+    read = torch.cat([cwcl_pixels(cw, h * w), sdcl_pixels(sd)])
+    pix = torch.sort(read).values if repeats else torch.unique(read)
+    assert 0 < torch.unique(pix).numel() < b * h * w  # sparse: some pixels are never read
+    assert (pix.numel() > torch.unique(pix).numel()) == repeats
 
     def losses(emb_aug, emb):
         return (class_wise_contrastive_loss(emb_aug, emb, labels, pred, scope=scope, tau=TAU,
@@ -416,7 +419,8 @@ def test_pixel_rows_give_the_dense_map_values_and_gradients(scope):
     for s_val, d_val in zip(sparse, dense):
         assert d_val > 0
         torch.testing.assert_close(s_val, d_val, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(g_rows, g_dense[pix], rtol=1e-10, atol=1e-14)
+    g_pix = torch.zeros(b * h * w, d, dtype=g_rows.dtype).index_add_(0, pix, g_rows)  # a repeat's rows summed
+    torch.testing.assert_close(g_pix[pix], g_dense[pix], rtol=1e-10, atol=1e-14)
     unread = torch.ones(b * h * w, dtype=torch.bool)
     unread[pix] = False
     assert g_dense[unread].abs().max() == 0  # the pixels PixelRows leaves out carry no gradient

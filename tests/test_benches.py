@@ -78,6 +78,16 @@ def test_dg_effect_tiny_paired_rows_table_and_chart(tmp_path):
     losses = {run["arm"]: run["losses"] for run in r["runs"]}
     assert "loss/cwcl/last" in losses["all four"] and "loss/cwcl/last" not in losses["baseline"]
     assert "gain vs base" in out and Path(res.with_suffix(".png")).read_bytes()[:4] == b"\x89PNG"
+    # the curve across settings (bench/dg_effect_curve.py): a second setting, here the same result as if
+    # it had run 2 steps, adds its rows after the first; the gains are each setting's paired gains
+    r2 = dict(r, setting={**s, "steps": 2})
+    (tmp_path / "dg2.json").write_text(json.dumps(r2))
+    _run(["bench/dg_effect_curve.py", str(tmp_path / "dg2.json"), str(res), "--out", str(tmp_path / "curve.json")])
+    rows = json.loads((tmp_path / "curve.json").read_text())["rows"]
+    arms = ["baseline", "two-view CE", "all four"]
+    assert [(x["steps"], x["arm"]) for x in rows] == [(1, a) for a in arms] + [(2, a) for a in arms]
+    assert abs(rows[2]["unseen_gain"] - u["all four"]["paired_gain"]["gain"]) < 1e-9 and rows[0]["unseen_gain"] is None
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_adapters_bench_counts_trained_state_and_activations(tmp_path):

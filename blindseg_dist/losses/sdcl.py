@@ -50,12 +50,7 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     y = ids_at(labels, (h, w), "labels")  # (B, N)
     p = ids_at(pred, (h, w), "pred")
     pa = ids_at(pred_aug, (h, w), "pred_aug")
-    if keys is None:
-        neg_keys, anc_keys = _pixel_keys(b, n, dev, generator, seeds)  # (B, N) each
-    elif tuple(keys.shape) != (b, 2, n):
-        raise ValueError(f"sdcl_plan: keys must be (B, 2, N) = {(b, 2, n)}, got {tuple(keys.shape)}")
-    else:
-        neg_keys, anc_keys = keys[:, 0], keys[:, 1]
+    neg_keys, anc_keys = _level_keys(keys, b, n, dev, generator, seeds)  # (B, N) each
     valid = y != IGNORE
     corr = (p == y) & (pa != p) & valid  # correction map M, (B, N)
     img = torch.arange(b, device=dev)[:, None].expand(b, n)
@@ -63,6 +58,16 @@ def sdcl_plan(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.Tensor,
     gt_hist = gt_hist.view(b, NUM_IDS)  # (B, 256) ground-truth pixels per image and class
     return _sdcl_plan_global(y, p, pa, neg_keys, anc_keys, corr, gt_hist, valid, (h, w),
                              num_negatives, max_anchors_per_image, generator, seeds)
+
+
+def _level_keys(keys, b: int, n: int, dev: torch.device, generator, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level's (negative-choice, anchor-cap) keys, (B, N) each: the loader's ``keys`` (B, 2, N) when
+    given, else drawn here from the images' generators."""
+    if keys is None:
+        return _pixel_keys(b, n, dev, generator, seeds)
+    if tuple(keys.shape) != (b, 2, n):
+        raise ValueError(f"sdcl_plan: keys must be (B, 2, N) = {(b, 2, n)}, got {tuple(keys.shape)}")
+    return keys[:, 0], keys[:, 1]
 
 
 def _pixel_keys(b: int, n: int, dev: torch.device, generator, seeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,12 +144,7 @@ def _level_state(labels, pred, pred_aug, size, k, generator, seeds, keys) -> dic
     n = h * w
     y, p, pa = (ids_at(t, (h, w), name, check=False).clamp(0, IGNORE)
                 for t, name in ((labels, "labels"), (pred, "pred"), (pred_aug, "pred_aug")))
-    if keys is None:
-        neg_keys, anc_keys = _pixel_keys(b, n, dev, generator, seeds)
-    elif tuple(keys.shape) != (b, 2, n):
-        raise ValueError(f"sdcl_plan: keys must be (B, 2, N) = {(b, 2, n)}, got {tuple(keys.shape)}")
-    else:
-        neg_keys, anc_keys = keys[:, 0], keys[:, 1]
+    neg_keys, anc_keys = _level_keys(keys, b, n, dev, generator, seeds)
     valid = y != IGNORE
     corr = (p == y) & (pa != p) & valid  # correction map M, (B, N)
     grp = (torch.arange(b, device=dev)[:, None] * NUM_IDS + y).flatten()  # (B*N,) (image, GT class)

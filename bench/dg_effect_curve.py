@@ -4,7 +4,9 @@ method beat the baseline?").
 
 Every input is one dg_effect.py result JSON (one setting: steps, init, seeds, arms). The table has one
 row per (setting, arm): mean unseen mIoU, the paired gain over that setting's baseline with its standard
-error, the same on the corrupted and the clean held-out source frames. The chart draws the unseen gain
+error, the same on the corrupted and the clean held-out source frames, and, for the arms with extra
+losses, their paired gain over two-view CE on the unseen domains: what the losses add once the second
+view is there (the gain over the baseline is the second view's part plus that). The chart draws the unseen gain
 with +-1 standard error against the steps, one line per (init, arm), so the whole curve is shown, not
 its best point.
 
@@ -19,8 +21,20 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("unseen", "corruption", "source")
+TWO_VIEW = "two-view CE"
+
+
+def paired_gain(arm: dict, ref: dict) -> tuple[float | None, float | None]:
+    """Mean and standard error of the per-seed differences arm - ref ({seed: mIoU} each)."""
+    seeds = sorted(set(arm) & set(ref))
+    d = np.array([arm[k] - ref[k] for k in seeds])
+    if len(d) == 0:
+        return None, None
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
 
 
 def settings_rows(paths: list[Path]) -> list[dict]:
@@ -36,13 +50,16 @@ def settings_rows(paths: list[Path]) -> list[dict]:
                 pg = r["summary"].get(g, {}).get(arm, {}).get("paired_gain")
                 row[f"{g}_gain"] = pg["gain"] if pg else None
                 row[f"{g}_se"] = pg["se"] if pg else None
+            two = r["summary"]["unseen"].get(TWO_VIEW)
+            row["unseen_over_two_view"], row["unseen_over_two_view_se"] = (
+                paired_gain(u["per_seed"], two["per_seed"]) if two and arm not in ("baseline", TWO_VIEW) else (None, None))
             rows.append(row)
     rows.sort(key=lambda x: (x["init"], x["steps"]))
     return rows
 
 
 def _gain(row: dict, g: str) -> str:
-    v, se = row[f"{g}_gain"], row[f"{g}_se"]
+    v, se = row[f"{g}_gain" if g in GROUPS else g], row[f"{g}_se"]
     if v is None:
         return "-"
     if se is None or math.isnan(se):
@@ -52,14 +69,15 @@ def _gain(row: dict, g: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'init':<8}{'steps':>6}  {'arm':<12}{'n':>3}{'unseen mIoU':>16}{'unseen gain':>16}"
-            f"{'corruption gain':>18}{'source gain':>16}")
+            f"{'corruption gain':>18}{'source gain':>16}{'unseen over two-view':>22}")
     print(head)
     print("-" * len(head))
     for r in rows:
         mean = f"{r['unseen_mean']:.2f}" + ("" if math.isnan(r["unseen_std"]) else f" ± {r['unseen_std']:.2f}")
         print(f"{r['init']:<8}{r['steps']:>6}  {r['arm']:<12}{r['seeds']:>3}{mean:>16}{_gain(r, 'unseen'):>16}"
-              f"{_gain(r, 'corruption'):>18}{_gain(r, 'source'):>16}")
-    print("mIoU (%); gain: mean of the per-seed differences to the same setting's baseline ± its standard error")
+              f"{_gain(r, 'corruption'):>18}{_gain(r, 'source'):>16}{_gain(r, 'unseen_over_two_view'):>22}")
+    print("mIoU (%); gain: mean of the per-seed differences to the same setting's baseline (last column: to its "
+          "two-view CE arm) ± its standard error")
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -87,6 +87,8 @@ def test_dg_effect_tiny_paired_rows_table_and_chart(tmp_path):
     arms = ["baseline", "two-view CE", "all four"]
     assert [(x["steps"], x["arm"]) for x in rows] == [(1, a) for a in arms] + [(2, a) for a in arms]
     assert abs(rows[2]["unseen_gain"] - u["all four"]["paired_gain"]["gain"]) < 1e-9 and rows[0]["unseen_gain"] is None
+    over_two = [u["all four"]["per_seed"][k] - u["two-view CE"]["per_seed"][k] for k in u["baseline"]["per_seed"]]
+    assert abs(rows[2]["unseen_over_two_view"] - sum(over_two) / 2) < 1e-9 and rows[1]["unseen_over_two_view"] is None
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 

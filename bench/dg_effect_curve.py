@@ -91,15 +91,19 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["arm"] != "baseline" and r["unseen_gain"] is not None:
             lines.setdefault((r["init"], r["arm"]), []).append(r)
-    for (init, arm), pts in sorted(lines.items()):
+    for i, ((init, arm), pts) in enumerate(sorted(lines.items())):
         pts.sort(key=lambda x: x["steps"])
-        xs = [p["steps"] for p in pts]
+        shift = 1 + 0.025 * (i - (len(lines) - 1) / 2)  # side by side at a shared step count
+        xs = [p["steps"] * shift for p in pts]
         ys = [p["unseen_gain"] for p in pts]
         es = [0.0 if p["unseen_se"] is None or math.isnan(p["unseen_se"]) else p["unseen_se"] for p in pts]
         ax.errorbar(xs, ys, yerr=es, marker="o" if init == "random" else "s", capsize=3,
                     linestyle="-" if init == "random" else "--", label=f"{arm} ({init} init)")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
+    steps = sorted({r["steps"] for r in rows})
+    ax.set_xticks(steps, [str(v) for v in steps])
+    ax.minorticks_off()
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("unseen mIoU gain over the baseline (pts, ±1 s.e.)")
     ax.legend(fontsize=7)

@@ -127,8 +127,8 @@ def sdcl_image_plans(labels: torch.Tensor, pred: torch.Tensor, pred_aug: torch.T
     for j, lv in enumerate(levels):
         n_keep, n_groups, n_global = read[3 * j: 3 * j + 3]
         n = lv["size"][0] * lv["size"][1]
-        flat_a = torch.nonzero_static(lv["keep"].flatten(), size=n_keep).flatten()  # (b, pixel) order
-        need = torch.nonzero_static(lv["need_mask"], size=n_groups).flatten()  # ascending (image, class)
+        flat_a = _true_indices(lv["keep"].flatten(), n_keep)  # (b, pixel) order
+        need = _true_indices(lv["need_mask"], n_groups)  # ascending (image, class)
         plans.append({"scope": "image", "size": lv["size"], "batch": b, "num_negatives": k,
                       "anchors": (flat_a // n, flat_a % n), "anchor_class": lv["pa"].flatten()[flat_a],
                       "num_anchors_global": n_global, "groups": need,
@@ -153,6 +153,16 @@ def _level_state(labels, pred, pred_aug, size, k, generator, seeds, keys) -> dic
     is_anchor = corr & (gt_hist >= k).gather(1, pa)
     return {"size": (h, w), "pa": pa, "valid": valid, "grp": grp, "neg_keys": neg_keys,
             "is_anchor": is_anchor, "ak": torch.where(is_anchor, anc_keys, torch.inf).flatten()}
+
+
+def _true_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The ascending indices of the ``count`` True entries of a 1-d mask, with ``count`` known on the host:
+    ``nonzero_static`` (no read of its own); PyTorch builds without its CUDA kernel (before 2.6) take a
+    stable sort instead (the same indices)."""
+    try:
+        return torch.nonzero_static(mask, size=count).flatten()
+    except NotImplementedError:
+        return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
 
 
 def _keep_below(lv: dict, cap: int, thr: torch.Tensor | None) -> torch.Tensor:

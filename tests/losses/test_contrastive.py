@@ -461,3 +461,23 @@ def test_sdcl_image_plans_of_every_level_at_once_equal_the_per_level_plans():
     bad[1, 2, 3] = 300
     with pytest.raises(ValueError, match=r"labels holds ids outside \[0, 255\] \(min 0, max 300\)"):
         sdcl_image_plans(bad, p, pa, sizes, seeds=seeds, **kw)
+
+
+def test_sdcl_image_plans_without_nonzero_static_take_the_same_pixels(monkeypatch):
+    """PyTorch before 2.6 has no CUDA kernel for nonzero_static: the stable-sort fallback picks the same
+    anchors and groups."""
+    from blindseg_dist.losses import sdcl_image_plans
+
+    y, p, pa = _sdcl_batch(6, hw=16, classes=4)
+    kw = dict(num_negatives=6, max_anchors_per_image=10, seeds=[sample_seeds(3, 2, range(3))])
+    want = sdcl_image_plans(y, p, pa, [(16, 16)], **kw)[0]
+
+    def missing(*a, **k):
+        raise NotImplementedError("Could not run 'aten::nonzero_static' with arguments from the 'CUDA' backend")
+
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    got = sdcl_image_plans(y, p, pa, [(16, 16)], **kw)[0]
+    assert want["anchors"][0].numel() > 0 and want["groups"].numel() > 0
+    for key in ("anchor_class", "groups", "negatives"):
+        assert torch.equal(got[key], want[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(got["anchors"], want["anchors"]))

@@ -117,3 +117,42 @@ def test_startup_bench_measures_the_cli_and_the_config(tmp_path):
     assert r["config_loads_torch"] is False and r["library_lines"] > 1000 and r["library_files"] > 10
     assert r["min_help_s"] > 0 and 0 < r["median_config_importtime_us"] < 1e6 * r["median_config_s"]
     assert "| this checkout |" in out
+
+
+def test_loss_grads_splits_the_objective_gradient_by_term(train_shards, tmp_path):
+    """bench/loss_grads.py: the per-term gradients add up to the objective's (so its weights are the
+    objective's), CML/CCL reach the encoder only, and the script writes its table and JSON."""
+    import torch
+
+    from bench import loss_grads as lg
+    from blindseg_dist.config import load_config, model_kwargs
+    from blindseg_dist.data.stream import train_loader_from_config
+    from blindseg_dist.model import build_model
+    from blindseg_dist.model.objective import BlindNetObjective
+
+    sets = [f"data.train={train_shards}", "data.crop_size=32", "data.batch_size=2", "run.threads=1"]
+    cfg = load_config("demo", [*sets, *lg.ALL_FOUR, "data.num_workers=0", "model.backbone=resnet18"])
+    torch.manual_seed(0)
+    net = build_model(**model_kwargs(cfg)).train()
+    objective = BlindNetObjective(net, cfg.loss, run_seed=cfg.run.seed)
+    enc = list(net.backbone.parameters())
+    dec = [p for p in net.parameters() if all(p is not q for q in enc)]
+    batch = next(iter(train_loader_from_config(cfg)))
+    torch.manual_seed(1)  # dropout: the same draws in both forwards (the losses seed per image and step)
+    res = lg.batch_gradients(objective, batch, 0, {"encoder": enc, "decoder": dec})
+    assert set(res) == set(lg.TERMS)
+    torch.manual_seed(1)
+    total = objective(batch["image"], batch["label"], batch["image_aug"], step=0,
+                      global_index=torch.arange(2))["total"]
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, enc)])
+    got = sum(r["grad"]["encoder"] for r in res.values())
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert abs(sum(r["value"] for r in res.values()) - float(total.detach())) < 1e-4 * abs(float(total.detach()))
+    for name in ("cml", "ccl"):
+        assert float(res[name]["grad"]["decoder"].abs().max()) == 0 and float(res[name]["grad"]["encoder"].norm()) > 0
+    out = tmp_path / "lg.json"
+    text = _run(["bench/loss_grads.py", "--set", *sets, "model.backbone=resnet18", "--batches", "2",
+                 "--checkpoint", "init", "--label", "start", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["label"] == "start" and row["terms"]["seg"]["batches"] == 2
+    assert abs(row["terms"]["seg"]["ratio_encoder"] - 1) < 1e-6 and "| start | cml |" in text

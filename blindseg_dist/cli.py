@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
     _library_logging()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is one of the exit-2 errors
         code = exit_code(e)
         if code != EXIT_CONFIG:
@@ -503,6 +503,18 @@ def main(argv: list[str] | None = None) -> int:
         what = "config error: " if isinstance(e, ConfigError) else ""
         print(f"blindseg {args.command}: {what}{e}", file=sys.stderr)
         return code
+    close_process_group()
+    return rc
+
+
+def close_process_group() -> None:
+    """Destroy the process group of a command's ranks once it has returned normally. Left to the
+    interpreter's exit, gloo's worker threads can abort a rank that finished its work (SIGABRT,
+    "terminate called without an active exception", pytorch/pytorch#190489), and the launcher then
+    reports the whole run as failed. Not on errors: the ranks may be stuck in a collective there."""
+    tdist = sys.modules.get("torch.distributed")  # only if the command imported it (--help stays light)
+    if tdist is not None and tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def gloo_group(rank: int, world: int, timeout_s: float) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a command run inside may have closed it (cli.close_process_group)
+            dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any) -> Any:

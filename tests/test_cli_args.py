@@ -1,4 +1,6 @@
 """Command-line parsing: key=value overrides may stand anywhere, other stray words are errors."""
+import os
+
 import pytest
 
 from blindseg_dist.cli import _parse, build_parser
@@ -17,3 +19,20 @@ def test_a_stray_word_is_still_an_error(capsys):
     assert e.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a subcommand without overrides takes none
         _parse(build_parser(), ["flops", "--config", "demo", "--bogus"])
+
+
+def test_a_command_that_returns_closes_its_process_group(tmp_path):
+    """cli.main destroys the process group after a normal return (left to interpreter exit, gloo's
+    threads can abort a finished rank), and dist.gloo_group tolerates a group already closed."""
+    import torch.distributed as tdist
+
+    from blindseg_dist import cli, dist
+    from blindseg_dist.launcher import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    with dist.gloo_group(0, 1, 60):
+        assert tdist.is_initialized()
+        assert cli.main(["synth", str(tmp_path / "s"), "--domains", "1", "--images-per-domain", "1",
+                         "--size", "32x64"]) == 0
+        assert not tdist.is_initialized()
+    assert not tdist.is_initialized()

@@ -15,9 +15,8 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
 class PixelRows:
     """An embedding map given only at some pixels: the (P, D) rows at the sorted flat indices
     ``pix`` into B*h*w of a (B, D, h, w) map (an index may repeat; its first row is read). The
-    losses accept it wherever they accept the
-    dense map, and read only the pixels their plan chose (cwcl_pixels / sdcl_pixels), so no
-    zero-filled dense map, and no dense zero gradient, is built (docs/METHOD.md, "Sparse
+    losses accept it wherever they accept the dense map, and read only the pixels their plan chose
+    (cwcl_pixels / sdcl_pixels), so no zero-filled dense map, and no dense zero gradient, is built (docs/METHOD.md, "Sparse
     projection heads")."""
 
     def __init__(self, rows: torch.Tensor, pix: torch.Tensor, shape: tuple[int, int, int, int]):
